@@ -1,0 +1,3 @@
+"""Commands: filled in by its owner."""
+
+COMMANDS: list = []

@@ -1,0 +1,173 @@
+"""The one typed configuration, validated once at start and read by every layer.
+
+A config file in ``configs/`` is a Ray Serve config (``serve deploy`` accepts it); the
+application's ``args`` are an ``AppConfig``. ``load_serve_file`` reads such a file.
+Numbers that size deployments live in those YAML files, never in code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _default_weights_dir() -> Path:
+    return Path(os.environ.get("PHOTOENHANCE_WEIGHTS", "~/.cache/photoenhance/weights")).expanduser()
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("PHOTOENHANCE_DATA", "~/.local/share/photoenhance")).expanduser()
+
+
+class WeightsConfig(_Section):
+    dir: Path = Field(default_factory=_default_weights_dir, description="Weights folder.")
+    source: Literal["official", "synthetic", "auto"] = Field(
+        "auto",
+        description="official: refuse to start without the checked official files; "
+        "synthetic: generate random weights of `profile` if absent; "
+        "auto: official when present, else synthetic with a loud warning.",
+    )
+    profile: Literal["tiny", "full"] = Field("tiny", description="Synthetic weights profile.")
+
+
+class EngineConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    half: bool = Field(True, description="fp16 on CUDA; the CPU always runs fp32.")
+    channels_last: bool = True
+    compile: bool = Field(False, description="torch.compile the networks (CUDA only).")
+    tile: int = Field(512, ge=32, description="Default upsampler tile size (input pixels).")
+    tile_pad: int = Field(10, ge=0)
+    pre_pad: int = Field(0, ge=0)
+    memory_budget_mb: int = Field(
+        2048, ge=64, description="Activation memory one forward may use; sets chunk sizes."
+    )
+    det_threshold: float = Field(0.97, gt=0, lt=1)
+    det_max_side: int = Field(1024, ge=64, description="Detection runs on images resized to fit.")
+    use_parse: bool = Field(True, description="Blend pasted faces with parsing masks.")
+    torch_threads: int = Field(0, ge=0, description="0: torch's default.")
+    warmup: bool = True
+
+
+class LimitsConfig(_Section):
+    max_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="Largest accepted body.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest input (width*height).")
+    max_side: int = Field(16384, ge=16, description="Largest input width or height.")
+    max_output_pixels: int = Field(
+        200_000_000, ge=1, description="Largest output (input pixels * upscale^2)."
+    )
+
+
+class BatchingConfig(_Section):
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_batch_pixels: int = Field(
+        16_000_000, ge=1, description="Sum of input pixels in one batch; larger images run alone."
+    )
+
+
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = None
+    target_queue_depth: float = Field(
+        4.0, gt=0, description="Requests (running + queued + job backlog) per replica."
+    )
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    metrics_interval_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+    allow_scale_to_zero: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas exceeds max_replicas")
+        if self.min_replicas == 0 and not self.allow_scale_to_zero:
+            raise ValueError("min_replicas=0 needs allow_scale_to_zero: true")
+        return self
+
+
+class ModelDeploymentConfig(_Section):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1, description="-1: unbounded; beyond it: 503.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    health_check_period_s: float = Field(10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+
+
+class IngressConfig(_Section):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+
+
+class JobsConfig(_Section):
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Job state and outputs.")
+    max_upload_files: int = Field(100, ge=1)
+    max_inflight: int = Field(8, ge=1, description="Items in flight across all jobs.")
+    max_inflight_per_job: int = Field(4, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    retry_base_s: float = Field(0.5, gt=0)
+    retry_max_s: float = Field(10.0, gt=0)
+    min_free_bytes: int = Field(512 * 1024 * 1024, ge=0, description="Pause jobs below this.")
+    allow_private_urls: bool = Field(False, description="Allow loopback/private URL fetches.")
+    fetch_timeout_s: float = Field(30.0, gt=0)
+
+
+class AppConfig(_Section):
+    """Everything the application reads, as passed in a Serve config's ``args``."""
+
+    name: str = "photoenhance"
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    model: ModelDeploymentConfig = Field(default_factory=ModelDeploymentConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> AppConfig:
+        if self.model.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError("model.max_ongoing_requests must be >= batching.max_batch_size")
+        return self
+
+
+class ServeFile(BaseModel):
+    """The parts of a Ray Serve config file that ``photoenhance serve`` reads."""
+
+    model_config = ConfigDict(extra="allow")
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    app: AppConfig
+    route_prefix: str = "/"
+    raw: dict[str, Any]
+
+
+def load_serve_file(path: str | Path) -> ServeFile:
+    """Read a ``configs/*.yaml`` Serve config and validate its application's args."""
+    raw = yaml.safe_load(Path(path).read_text())
+    apps = raw.get("applications") or []
+    if len(apps) != 1:
+        raise ValueError(f"{path}: expected exactly one application, found {len(apps)}")
+    http = raw.get("http_options") or {}
+    return ServeFile(
+        http_host=http.get("host", "127.0.0.1"),
+        http_port=int(http.get("port", 8000)),
+        app=AppConfig.model_validate(apps[0].get("args") or {}),
+        route_prefix=apps[0].get("route_prefix", "/"),
+        raw=raw,
+    )

@@ -1,0 +1,114 @@
+"""The exception hierarchy. Each error carries a stable ``code`` and its HTTP ``status``.
+
+This module is the one place where errors meet status codes; ``serve_app.api.errors``
+turns any of them into the JSON error shape. Errors cross Ray process boundaries, so they
+pickle by their constructor arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class PhotoEnhanceError(Exception):
+    """Base class: a user-facing error with a code, a message and an HTTP status."""
+
+    status: ClassVar[int] = 500
+    default_code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.details = details
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.code, self.details))
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+def _rebuild(cls: type[PhotoEnhanceError], message: str, code: str, details: dict[str, Any]):
+    return cls(message, code=code, **details)
+
+
+class PayloadTooLarge(PhotoEnhanceError):
+    status = 413
+    default_code = "payload_too_large"
+
+
+class TooManyPixels(PayloadTooLarge):
+    default_code = "too_many_pixels"
+
+
+class UnsupportedMediaType(PhotoEnhanceError):
+    status = 415
+    default_code = "unsupported_media_type"
+
+
+class InvalidImage(PhotoEnhanceError):
+    status = 422
+    default_code = "invalid_image"
+
+
+class InvalidOption(PhotoEnhanceError):
+    status = 422
+    default_code = "invalid_option"
+
+
+class InvalidRequest(PhotoEnhanceError):
+    status = 400
+    default_code = "invalid_request"
+
+
+class NotFound(PhotoEnhanceError):
+    status = 404
+    default_code = "not_found"
+
+
+class Conflict(PhotoEnhanceError):
+    status = 409
+    default_code = "conflict"
+
+
+class Overloaded(PhotoEnhanceError):
+    status = 503
+    default_code = "overloaded"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(int(self.details.get("retry_after_s", 1)))}
+
+
+class NotReady(Overloaded):
+    default_code = "not_ready"
+
+
+class InsufficientStorage(PhotoEnhanceError):
+    status = 507
+    default_code = "insufficient_storage"
+
+
+class ImageTooLargeForDevice(PhotoEnhanceError):
+    """Even alone, at the smallest tile, the image does not fit the device's memory."""
+
+    status = 413
+    default_code = "too_large_for_device"
+
+
+class EngineFailure(PhotoEnhanceError):
+    status = 500
+    default_code = "engine_error"
+
+
+class WeightsError(PhotoEnhanceError):
+    """Weights are missing, corrupt or fail their checksum (raised at start-up)."""
+
+    status = 503
+    default_code = "weights_unavailable"

@@ -1,0 +1,110 @@
+"""Enhancement options: one immutable value, validated once at the edge, passed down whole.
+
+The same names are used in query strings, form fields, JSON bodies, the CLI and Python
+handles. ``resolve_options`` merges a preset (built-in or saved) under explicit values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from serve_app.errors import InvalidOption
+
+FaceModel = Literal["GFPGANv1.3", "GFPGANv1.4"]
+BgModel = Literal["auto", "none", "RealESRGAN_x2plus", "RealESRGAN_x4plus", "realesr-general-x4v3"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+FACE_MODELS: tuple[str, ...] = FaceModel.__args__  # type: ignore[attr-defined]
+BG_MODELS: tuple[str, ...] = BgModel.__args__  # type: ignore[attr-defined]
+
+
+class EnhanceOptions(BaseModel):
+    """What to do to one image. Frozen: safe to share between requests and threads."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    upscale: Literal[1, 2, 4] = Field(2, description="Output scale factor.")
+    face: bool = Field(True, description="Detect and restore faces with GFPGAN.")
+    face_model: FaceModel = "GFPGANv1.4"
+    bg_model: BgModel = Field(
+        "auto",
+        description="Background upsampler; 'auto' picks x2plus for upscale<=2, x4plus for 4; "
+        "'none' resizes the background with Lanczos.",
+    )
+    weight: float = Field(0.5, ge=0.0, le=1.0, description="GFPGAN fidelity weight.")
+    only_center_face: bool = False
+    aligned: bool = Field(False, description="Input is an aligned 512x512 face crop.")
+    format: OutputFormat | None = Field(None, description="Default: the input's, PNG with alpha.")
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
+    tile: int = Field(0, ge=0, le=4096, description="Tile size for the upsampler; 0: engine default.")
+    preset: str | None = None
+
+    @field_validator("tile")
+    @classmethod
+    def _tile_not_tiny(cls, v: int) -> int:
+        if 0 < v < 32:
+            raise ValueError("tile must be 0 (default) or at least 32")
+        return v
+
+    def resolved_bg_model(self) -> str:
+        if self.bg_model != "auto":
+            return self.bg_model
+        return "RealESRGAN_x4plus" if self.upscale == 4 else "RealESRGAN_x2plus"
+
+
+# Built-in presets: named sets of options. Saved custom presets join these at run time.
+BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "portrait": {"upscale": 2, "face": True, "face_model": "GFPGANv1.4", "weight": 0.5},
+    "photo-x4": {"upscale": 4, "face": True, "bg_model": "RealESRGAN_x4plus"},
+    "fast": {"upscale": 4, "face": False, "bg_model": "realesr-general-x4v3"},
+    "faces-only": {"upscale": 1, "face": True, "bg_model": "none"},
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Form and query values arrive as strings; booleans need an explicit vocabulary."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, str) and key in {"face", "only_center_face", "aligned"}:
+            low = value.strip().lower()
+            if low in _TRUE:
+                value = True
+            elif low in _FALSE:
+                value = False
+        elif isinstance(value, str) and key in {"upscale", "tile", "quality"}:
+            # Literal[1, 2, 4] does not coerce "4"; a non-number stays a string and fails there.
+            value = int(value) if value.strip().lstrip("-").isdigit() else value
+        if value == "" or value is None:
+            continue
+        out[key] = value
+    return out
+
+
+def resolve_options(
+    raw: Mapping[str, Any] | None = None,
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
+) -> EnhanceOptions:
+    """Validate ``raw`` (strings or typed values) into options, applying its preset first.
+
+    Raises ``InvalidOption`` (422) naming the first bad field.
+    """
+    values = _coerce(raw or {})
+    table = {**BUILTIN_PRESETS, **(presets or {})}
+    preset = values.get("preset")
+    if preset is not None:
+        if preset not in table:
+            raise InvalidOption(f"unknown preset {preset!r}; known: {sorted(table)}", field="preset")
+        values = {**table[preset], **values}
+    try:
+        return EnhanceOptions.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "options"
+        raise InvalidOption(f"{field}: {err['msg']}", field=field) from None
