@@ -82,9 +82,24 @@ class AutoscalingConfig(_Section):
     )
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
-    metrics_interval_s: float = Field(10.0, gt=0)
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Delay of the last step, 1 -> 0; None: downscale_delay_s."
+    )
+    metrics_interval_s: float = Field(
+        10.0, gt=0, description="How often replicas and handles push load figures (Serve 2.60)."
+    )
     look_back_period_s: float = Field(30.0, gt=0)
     allow_scale_to_zero: bool = False
+    hysteresis: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="Scale down only to a count that would run at most (1 - hysteresis) * "
+        "target_queue_depth per replica.",
+    )
+    backlog_weight: float = Field(
+        1.0, ge=0, description="Replica load of one job item not yet dispatched."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AutoscalingConfig:
@@ -92,6 +107,10 @@ class AutoscalingConfig(_Section):
             raise ValueError("min_replicas exceeds max_replicas")
         if self.min_replicas == 0 and not self.allow_scale_to_zero:
             raise ValueError("min_replicas=0 needs allow_scale_to_zero: true")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
         return self
 
 
@@ -124,6 +143,14 @@ class JobsConfig(_Section):
     min_free_bytes: int = Field(512 * 1024 * 1024, ge=0, description="Pause jobs below this.")
     allow_private_urls: bool = Field(False, description="Allow loopback/private URL fetches.")
     fetch_timeout_s: float = Field(30.0, gt=0)
+    local_roots: tuple[Path, ...] = Field(
+        (),
+        description="Local folders HTTP jobs may read inputs from and write outputs to, "
+        "besides <data_dir>/inputs and <data_dir>/outputs.",
+    )
+    max_json_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest JSON body of POST /v1/jobs."
+    )
 
 
 class AppConfig(_Section):

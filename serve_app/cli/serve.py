@@ -1,3 +1,80 @@
-"""Commands: filled in by its owner."""
+"""``photoenhance serve``: start (or join) Ray, deploy the application, block until a signal."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+LOGGER = logging.getLogger(__name__)
+
+
+@click.command("serve")
+@click.option(
+    "--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=Path("configs/local.yaml"), show_default=True, help="A Ray Serve config file.",
+)
+@click.option("--host", default=None, help="HTTP host (default: the config's http_options).")
+@click.option("--port", type=int, default=None, help="HTTP port (default: the config's).")
+@click.option(
+    "--address", default=None,
+    help="Ray cluster to join (default: $RAY_ADDRESS; unset: start a local Ray).",
+)
+def serve_cmd(config_path: Path, host: str | None, port: int | None, address: str | None) -> None:
+    """Deploy the application from CONFIG and serve until SIGINT/SIGTERM."""
+    import ray
+    from ray import serve
+
+    from serve_app.config import load_serve_file
+    from serve_app.deployments.app import build_app, resolve_paths
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    serve_file = load_serve_file(config_path)
+    app_spec: dict[str, Any] = serve_file.raw["applications"][0]
+    name = app_spec.get("name", "photoenhance")
+    http_options = dict(serve_file.raw.get("http_options") or {})
+    http_options["host"] = host or serve_file.http_host
+    http_options["port"] = port or serve_file.http_port
+    config = resolve_paths(serve_file.app)  # relative folders: against this directory
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    joined = address is not None
+    ray.init(address=address or "local", include_dashboard=False if not joined else None)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        LOGGER.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        start_kwargs: dict[str, Any] = {"http_options": http_options}
+        if serve_file.raw.get("proxy_location"):
+            start_kwargs["proxy_location"] = serve_file.raw["proxy_location"]
+        serve.start(**start_kwargs)
+        serve.run(build_app(config), name=name, route_prefix=serve_file.route_prefix)
+        url = f"http://{http_options['host']}:{http_options['port']}"
+        click.echo(f"PhotoEnhance is serving at {url} (config {config_path}); Ctrl-C stops it.")
+        click.echo(f"  curl -sS --data-binary @photo.jpg -H 'Content-Type: image/jpeg' "
+                   f"'{url}/v1/enhance?upscale=2' -o out.jpg")
+        while not stop.wait(1.0):
+            pass
+    finally:
+        try:
+            if joined:
+                serve.delete(name)  # leave the shared cluster's Serve to its owners
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+        click.echo("stopped.")
+
+
+COMMANDS = [serve_cmd]

@@ -1,0 +1,68 @@
+"""The JSON error shape, built in one place: ``{"error": {"code": ..., "message": ...}}``.
+
+Statuses come from ``serve_app.errors`` (each error carries its own); this module only turns
+errors into responses and installs the Starlette handlers that do so.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from serve_app.errors import EngineFailure, PhotoEnhanceError
+
+LOGGER = logging.getLogger(__name__)
+
+
+def error_payload(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return {"error": body}
+
+
+def error_response(exc: PhotoEnhanceError) -> JSONResponse:
+    return JSONResponse(
+        {"error": exc.to_dict()}, status_code=exc.status, headers=exc.headers() or None
+    )
+
+
+def as_photo_error(exc: BaseException) -> PhotoEnhanceError | None:
+    """The ``PhotoEnhanceError`` inside ``exc`` (Ray wraps remote errors), or None."""
+    if isinstance(exc, PhotoEnhanceError):
+        return exc
+    cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
+    if isinstance(cause, PhotoEnhanceError):
+        return cause
+    return None
+
+
+async def _photo_error(_: Request, exc: Exception) -> JSONResponse:
+    err = as_photo_error(exc) or EngineFailure("internal error")
+    return error_response(err)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "error"
+    code = phrase.lower().replace(" ", "_").replace("-", "_")
+    message = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else phrase
+    return JSONResponse(error_payload(code, message), status_code=status, headers=exc.headers)
+
+
+def internal_error_response() -> JSONResponse:
+    """What an unexpected exception becomes: a generic message; details go to the log."""
+    exc = EngineFailure("internal server error", code="internal_error")
+    return error_response(exc)
+
+
+EXCEPTION_HANDLERS = {PhotoEnhanceError: _photo_error, HTTPException: _http_error}

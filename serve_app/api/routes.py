@@ -1,0 +1,160 @@
+"""The HTTP API, version 1: a Starlette application over an enhancement service.
+
+The service (the ingress deployment) provides ``enhance`` and ``model_info``; this module
+only reads requests, calls it and writes responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from serve_app import __version__
+from serve_app.api.errors import EXCEPTION_HANDLERS, as_photo_error, error_response
+from serve_app.api.http import ObservedApp, read_image_request, read_json
+from serve_app.api.presets import PresetStore
+from serve_app.api.schemas import SYNTHETIC_WARNING, EnhancedImage
+from serve_app.codec import OUTPUT_FORMATS
+from serve_app.config import AppConfig
+from serve_app.deployments import metrics
+from serve_app.errors import NotFound, NotReady
+from serve_app.options import BG_MODELS, FACE_MODELS, EnhanceOptions
+
+LOGGER = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+
+Enhance = Callable[[bytes, Mapping[str, Any] | EnhanceOptions | None], Awaitable[EnhancedImage]]
+
+
+class Service(Protocol):
+    config: AppConfig
+    presets: PresetStore
+
+    async def enhance(
+        self, data: bytes, options: Mapping[str, Any] | EnhanceOptions | None = None
+    ) -> EnhancedImage: ...
+
+    async def model_info(self) -> dict[str, Any]:
+        """The model deployment's ``info()``; raises ``NotReady`` when it cannot answer."""
+        ...
+
+
+def build_asgi_app(service: Service) -> ObservedApp:
+    config = service.config
+    api = _Api(service)
+    routes: list[BaseRoute] = [
+        Route("/", api.index, methods=["GET"]),
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/readyz", api.readyz, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/v1/enhance", api.enhance, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/presets", api.list_presets, methods=["GET"]),
+        Route("/v1/presets/{name}", api.get_preset, methods=["GET"]),
+        Route("/v1/presets/{name}", api.put_preset, methods=["PUT"]),
+        Route("/v1/presets/{name}", api.delete_preset, methods=["DELETE"]),
+    ]
+    routes += _job_routes(config, service.enhance)
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
+    return ObservedApp(app)
+
+
+def _job_routes(config: AppConfig, enhance: Enhance) -> list[BaseRoute]:
+    """The jobs API, when the jobs package provides it."""
+    if importlib.util.find_spec("serve_app.api.jobs") is None:
+        return []
+    from serve_app.api.jobs import build_job_routes  # type: ignore[import-not-found]
+
+    return list(build_job_routes(config, enhance))
+
+
+class _Api:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.config = service.config
+
+    async def index(self, request: Request) -> Response:
+        page = STATIC_DIR / "index.html"
+        if page.is_file():
+            return FileResponse(page, media_type="text/html")
+        return JSONResponse({"service": "photoenhance", "version": __version__, "api": "/v1"})
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        try:
+            info = await self.service.model_info()
+        except Exception as exc:
+            err = as_photo_error(exc) or NotReady("the model deployment is not ready")
+            return error_response(err)
+        synthetic = bool(info.get("synthetic"))
+        body: dict[str, Any] = {"status": "ready", "synthetic": synthetic, "model": info}
+        headers = {}
+        if synthetic:
+            body["warning"] = SYNTHETIC_WARNING
+            headers["X-Weights-Synthetic"] = "true"
+        return JSONResponse(body, headers=headers)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
+
+    async def enhance(self, request: Request) -> Response:
+        incoming = await read_image_request(request, self.config.limits)
+        result = await self.service.enhance(incoming.data, incoming.options)
+        return Response(result.data, media_type=result.media_type, headers=result.headers())
+
+    async def models(self, request: Request) -> Response:
+        try:
+            info: dict[str, Any] | None = await self.service.model_info()
+        except Exception:
+            info = None
+        synthetic = bool(info and info.get("synthetic"))
+        body: dict[str, Any] = {
+            "ready": info is not None,
+            "synthetic": synthetic,
+            "engine": info,
+            "models": {"face": list(FACE_MODELS), "background": list(BG_MODELS)},
+            "options": EnhanceOptions().model_dump(mode="json"),
+            "formats": {"input": ["jpeg", "png", "webp", "bmp", "tiff"], "output": list(OUTPUT_FORMATS)},
+            "presets": self.service.presets.listing(),
+            "limits": self.config.limits.model_dump(mode="json"),
+            "batching": self.config.batching.model_dump(mode="json"),
+        }
+        if synthetic:
+            body["warning"] = SYNTHETIC_WARNING
+        return JSONResponse(body)
+
+    async def list_presets(self, request: Request) -> Response:
+        return JSONResponse({"presets": self.service.presets.listing()})
+
+    async def get_preset(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        for preset in self.service.presets.listing():
+            if preset["name"] == name:
+                return JSONResponse(preset)
+        raise NotFound(f"no preset named {name!r}", code="preset_not_found")
+
+    async def put_preset(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        body = await read_json(request)
+        if isinstance(body, dict) and set(body) == {"options"}:
+            body = body["options"]
+        stored, created = await asyncio.to_thread(self.service.presets.put, name, body)
+        return JSONResponse(
+            {"name": name, "builtin": False, "options": stored}, status_code=201 if created else 200
+        )
+
+    async def delete_preset(self, request: Request) -> Response:
+        await asyncio.to_thread(self.service.presets.delete, request.path_params["name"])
+        return Response(status_code=204)

@@ -1,0 +1,50 @@
+"""Values the API returns: the enhanced image (HTTP and Python handles) and its headers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SYNTHETIC_WARNING = (
+    "SYNTHETIC WEIGHTS: this server runs random-initialised weights; outputs are not real "
+    "restorations. Run `photoenhance weights fetch` for the official weights."
+)
+
+
+@dataclass(frozen=True)
+class EnhancedImage:
+    """One enhanced image as returned by ``Ingress.enhance`` and ``POST /v1/enhance``.
+
+    ``timings`` are seconds per stage: ``decode``, ``queue`` (waiting in the model replica),
+    the engine's stages, ``transfer`` (the rest of the model call) and ``encode``.
+    """
+
+    data: bytes
+    media_type: str
+    format: str
+    width: int
+    height: int
+    faces: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    synthetic: bool = False
+
+    def headers(self) -> dict[str, str]:
+        """Response headers that describe this result."""
+        out = {
+            "Server-Timing": server_timing(self.timings),
+            "X-Faces-Restored": str(self.faces),
+            "X-Image-Width": str(self.width),
+            "X-Image-Height": str(self.height),
+        }
+        if self.synthetic:
+            out["X-Weights-Synthetic"] = "true"
+            out["Warning"] = f'299 photoenhance "{SYNTHETIC_WARNING}"'
+        return out
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    """``Server-Timing`` value: each stage in milliseconds, names made token-safe."""
+    parts = []
+    for name, seconds in timings.items():
+        token = "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "stage"
+        parts.append(f"{token};dur={seconds * 1000.0:.1f}")
+    return ", ".join(parts)

@@ -1,0 +1,387 @@
+"""Image bytes in and out: probe the header, decode once, encode the result.
+
+``probe`` reads format and size from the header without decoding a pixel, so that oversized
+inputs (decompression bombs included) are refused before any memory is spent on them.
+``decode`` returns the array in OpenCV's layout (``IMREAD_UNCHANGED``: HxW gray, HxWx3 BGR,
+HxWx4 BGRA; uint8 or uint16) with EXIF orientation applied. ``encode`` writes PNG, JPEG or
+WebP. No input bytes, however broken, raise anything but a ``PhotoEnhanceError``.
+
+Format rules (also in the README):
+
+- accepted inputs: JPEG, PNG, WebP, BMP, TIFF, recognised by their magic bytes (the declared
+  content type is not trusted); the first frame of an animated or multi-page file is used;
+- kept: gray stays gray, alpha stays alpha, 16 bits stay 16 bits; CMYK, palette, YCbCr and
+  1-bit inputs become BGR (BGRA when the palette has transparency);
+- default output format: the input's when it is PNG, JPEG or WebP, otherwise PNG; PNG as
+  well when the result has alpha and the input's format is JPEG, or when it is 16-bit and
+  the format would be JPEG or WebP (only PNG keeps 16 bits);
+- an explicit ``format=jpeg`` on an image with alpha flattens it onto white; an explicit
+  ``jpeg``/``webp`` on a 16-bit image scales it to 8 bits.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from serve_app.config import LimitsConfig
+from serve_app.errors import (
+    InvalidImage,
+    InvalidOption,
+    PayloadTooLarge,
+    PhotoEnhanceError,
+    TooManyPixels,
+    UnsupportedMediaType,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+InputFormat = Literal["jpeg", "png", "webp", "bmp", "tiff"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+MEDIA_TYPES: dict[str, str] = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "bmp": "image/bmp",
+    "tiff": "image/tiff",
+}
+OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+
+# Pillow's names for the formats we accept; MPO is a multi-picture JPEG from cameras.
+_PIL_FORMATS: dict[str, tuple[str, ...]] = {
+    "jpeg": ("JPEG", "MPO"),
+    "png": ("PNG",),
+    "webp": ("WEBP",),
+    "bmp": ("BMP", "DIB"),
+    "tiff": ("TIFF",),
+}
+
+_EXIF_ORIENTATION = 0x0112
+
+# We enforce our own pixel limits (``check_pixels``) before decoding, and a broken file's
+# TIFF tags are refused or ignored by us: Pillow's warnings about either would only flood
+# the replica logs. (Filters are process-wide: ``catch_warnings`` is not thread-safe.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says, before any pixel is decoded."""
+
+    format: InputFormat
+    width: int
+    height: int
+    mode: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.format]
+
+
+@dataclass
+class DecodedImage:
+    """Pixels in OpenCV layout, after EXIF orientation."""
+
+    image: np.ndarray
+    format: InputFormat
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def has_alpha(self) -> bool:
+        return has_alpha(self.image)
+
+    @property
+    def bit_depth(self) -> int:
+        return 16 if self.image.dtype == np.uint16 else 8
+
+
+def has_alpha(image: np.ndarray) -> bool:
+    return image.ndim == 3 and image.shape[2] == 4
+
+
+# --------------------------------------------------------------------------- probing
+
+
+def sniff(data: bytes) -> InputFormat | None:
+    """The format named by the magic bytes, or None."""
+    head = data[:16]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return None
+
+
+def _describe_unsupported(data: bytes) -> str:
+    text = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if b"<svg" in text or (text.startswith(b"<?xml") and b"svg" in data[:4096].lower()):
+        return "SVG is not supported; send JPEG, PNG, WebP, BMP or TIFF"
+    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text:
+        return "HTML is not an image; send JPEG, PNG, WebP, BMP or TIFF"
+    if text.startswith(b"<"):
+        return "XML is not an image; send JPEG, PNG, WebP, BMP or TIFF"
+    if text.startswith(b"gif8"):
+        return "GIF is not supported; send JPEG, PNG, WebP, BMP or TIFF"
+    if _looks_like_text(data[:1024]):
+        return "text is not an image; send JPEG, PNG, WebP, BMP or TIFF"
+    return "not a supported image; send JPEG, PNG, WebP, BMP or TIFF"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _open(data: bytes, fmt: InputFormat) -> Image.Image:
+    """Open lazily (header only). Pillow's own bomb guard is turned into our 413."""
+    try:
+        return Image.open(io.BytesIO(data), formats=_PIL_FORMATS[fmt])
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(f"image has too many pixels ({exc})") from None
+    except Exception as exc:  # Pillow raises many kinds on broken headers.
+        raise InvalidImage(f"broken {fmt} image: {_short(exc)}") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def check_pixels(width: int, height: int, limits: LimitsConfig, upscale: int = 1) -> None:
+    """Refuse sizes beyond the limits (input side, input pixels, output pixels)."""
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"image has an empty size {width}x{height}")
+    if max(width, height) > limits.max_side:
+        raise TooManyPixels(
+            f"image is {width}x{height}; the largest side accepted is {limits.max_side}",
+            width=width, height=height, max_side=limits.max_side,
+        )
+    if width * height > limits.max_pixels:
+        raise TooManyPixels(
+            f"image is {width}x{height} = {width * height} pixels; "
+            f"the limit is {limits.max_pixels}",
+            width=width, height=height, max_pixels=limits.max_pixels,
+        )
+    out = width * height * upscale * upscale
+    if out > limits.max_output_pixels:
+        raise TooManyPixels(
+            f"output would be {out} pixels (x{upscale}); the limit is {limits.max_output_pixels}",
+            code="too_many_output_pixels",
+            width=width, height=height, upscale=upscale,
+            max_output_pixels=limits.max_output_pixels,
+        )
+
+
+def probe(data: bytes, limits: LimitsConfig, upscale: int = 1) -> ImageInfo:
+    """Format and size from the header; refuse what is not accepted. Decodes no pixels."""
+    if not data:
+        raise UnsupportedMediaType("empty body: no image", code="empty_body")
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(
+            f"body is {len(data)} bytes; the limit is {limits.max_bytes}",
+            max_bytes=limits.max_bytes,
+        )
+    fmt = sniff(data)
+    if fmt is None:
+        raise UnsupportedMediaType(_describe_unsupported(data))
+    if fmt == "png" and len(data) >= 24 and data[12:16] == b"IHDR":
+        # Check the claimed size before any parser sees the rest of the file.
+        check_pixels(int.from_bytes(data[16:20]), int.from_bytes(data[20:24]), limits, upscale)
+    with _open(data, fmt) as im:
+        width, height = im.size
+        mode = im.mode
+    check_pixels(width, height, limits, upscale)
+    return ImageInfo(format=fmt, width=width, height=height, mode=mode)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode(data: bytes, info: ImageInfo | None = None) -> DecodedImage:
+    """Decode every pixel. Call ``probe`` first: this function trusts the size.
+
+    Raises ``InvalidImage`` (422) for truncated or corrupt data, ``UnsupportedMediaType``
+    (415) for what is not an image or a pixel format we cannot represent.
+    """
+    fmt = info.format if info else sniff(data)
+    if fmt is None:
+        raise UnsupportedMediaType(_describe_unsupported(data))
+    try:
+        image = _decode(data, fmt)
+    except PhotoEnhanceError:
+        raise
+    except Exception as exc:  # never let a decoder's failure escape as a 500
+        raise InvalidImage(f"broken {fmt} image: {_short(exc)}") from None
+    if image.size == 0:
+        raise InvalidImage("image decoded to no pixels")
+    return DecodedImage(image=np.ascontiguousarray(image), format=fmt)
+
+
+def _decode(data: bytes, fmt: InputFormat) -> np.ndarray:
+    with _open(data, fmt) as im:
+        orientation = _orientation(im)
+        if _is_deep_color(im, data, fmt):
+            # Pillow cannot hold 16-bit colour; OpenCV keeps it.
+            image = _cv2_decode(data)
+        else:
+            im.load()  # raises on truncated or corrupt data
+            image = _pil_to_array(im)
+    return _apply_orientation(image, orientation)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION, 1)
+        return int(value) if value in range(1, 9) else 1
+    except Exception:  # a broken EXIF block is not worth refusing the photo
+        return 1
+
+
+def _is_deep_color(im: Image.Image, data: bytes, fmt: InputFormat) -> bool:
+    if fmt == "png":
+        # IHDR: bit depth at byte 24, colour type at 25 (2: RGB, 4: gray+alpha, 6: RGBA).
+        return len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6)
+    if fmt == "tiff":
+        bits = getattr(im, "tag_v2", {}).get(258)  # BitsPerSample
+        if isinstance(bits, tuple | list):
+            return len(bits) >= 2 and max(bits) > 8
+    return False
+
+
+def _cv2_decode(data: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise InvalidImage("image data is truncated or corrupt")
+    if image.dtype not in (np.uint8, np.uint16):
+        image = _to_uint16(image)
+    return image
+
+
+def _to_uint16(image: np.ndarray) -> np.ndarray:
+    if np.issubdtype(image.dtype, np.floating):
+        return (np.clip(image, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+    return np.clip(image, 0, 65535).astype(np.uint16)
+
+
+def _pil_to_array(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return np.asarray(im).astype(np.uint16)
+    if mode == "I":
+        return _to_uint16(np.asarray(im))
+    if mode == "F":
+        return _to_uint16(np.asarray(im))
+    if mode == "1":
+        return np.asarray(im.convert("L"))
+    if mode == "L":
+        return np.asarray(im)
+    if mode == "LA" or mode == "La":
+        gray_alpha = np.asarray(im.convert("LA"))
+        gray, alpha = gray_alpha[..., 0], gray_alpha[..., 1]
+        return np.dstack([gray, gray, gray, alpha])
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+    elif mode == "PA":
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "RGBa"):
+        return cv2.cvtColor(np.asarray(im.convert("RGBA")), cv2.COLOR_RGBA2BGRA)
+    # RGB, CMYK, YCbCr, LAB, HSV, RGBX: all become BGR.
+    return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
+
+
+def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """EXIF orientation 1..8 as Pillow's ``ImageOps.exif_transpose`` applies it."""
+    if orientation == 2:
+        return image[:, ::-1]
+    if orientation == 3:
+        return image[::-1, ::-1]
+    if orientation == 4:
+        return image[::-1, :]
+    if orientation == 5:
+        return np.swapaxes(image, 0, 1)
+    if orientation == 6:
+        return np.swapaxes(image, 0, 1)[:, ::-1]
+    if orientation == 7:
+        return np.swapaxes(image, 0, 1)[::-1, ::-1]
+    if orientation == 8:
+        return np.swapaxes(image, 0, 1)[::-1, :]
+    return image
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def output_format(requested: str | None, input_format: str, image: np.ndarray) -> OutputFormat:
+    """The format to write: see the module docstring for the rules."""
+    if requested is not None:
+        if requested not in OUTPUT_FORMATS:
+            raise InvalidOption(
+                f"format must be one of {list(OUTPUT_FORMATS)}", field="format"
+            )
+        return requested  # type: ignore[return-value]
+    fmt: OutputFormat = input_format if input_format in OUTPUT_FORMATS else "png"  # type: ignore[assignment]
+    if image.dtype == np.uint16 and fmt != "png":
+        return "png"
+    if has_alpha(image) and fmt == "jpeg":
+        return "png"
+    return fmt
+
+
+def encode(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode an OpenCV-layout array. JPEG flattens alpha onto white; JPEG/WebP are 8-bit."""
+    if fmt not in OUTPUT_FORMATS:
+        raise InvalidOption(f"format must be one of {list(OUTPUT_FORMATS)}", field="format")
+    if fmt in ("jpeg", "webp") and image.dtype == np.uint16:
+        image = (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    if fmt == "jpeg" and has_alpha(image):
+        image = _flatten_on_white(image)
+    if fmt == "png":
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+        ext = ".png"
+    elif fmt == "jpeg":
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+        ext = ".jpg"
+    else:
+        params = [cv2.IMWRITE_WEBP_QUALITY, int(quality)]
+        ext = ".webp"
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(image), params)
+    if not ok:
+        raise InvalidImage(f"could not encode the result as {fmt}", code="encode_failed")
+    return buf.tobytes()
+
+
+def _flatten_on_white(image: np.ndarray) -> np.ndarray:
+    alpha = image[..., 3:4].astype(np.float32) / 255.0
+    bgr = image[..., :3].astype(np.float32)
+    return (bgr * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)

@@ -1,0 +1,103 @@
+"""The Serve application: ``serve_app.deployments.app:build_app`` is the config's import path.
+
+``args`` are an ``AppConfig``; every deployment number (resources, concurrency, queue
+limits, replicas, autoscaling, shutdown) is read from it here, once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from serve_app.config import AppConfig, AutoscalingConfig
+
+LOGGER = logging.getLogger(__name__)
+
+APP_NAME = "photoenhance"
+
+
+def resolve_paths(config: AppConfig, base: Path | None = None) -> AppConfig:
+    """Make relative folders absolute (against ``base`` or the working directory), so that
+    replicas, whose working directory is Ray's, find the same ones."""
+    base = (base or Path.cwd()).resolve()
+
+    def absolute(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else base / p
+
+    return config.model_copy(
+        update={
+            "weights": config.weights.model_copy(update={"dir": absolute(config.weights.dir)}),
+            "jobs": config.jobs.model_copy(update={"data_dir": absolute(config.jobs.data_dir)}),
+        }
+    )
+
+
+def autoscaling_options(scaling: AutoscalingConfig, app: AppConfig) -> dict[str, Any]:
+    """Serve ``autoscaling_config`` for the model deployment.
+
+    The queue-depth policy's module (``serve_app.deployments.autoscaling``) builds it when
+    present; otherwise Serve's default policy on ``target_queue_depth`` ongoing requests.
+    """
+    if importlib.util.find_spec("serve_app.deployments.autoscaling") is not None:
+        from serve_app.deployments import autoscaling
+
+        return autoscaling.autoscaling_options(scaling)
+    options: dict[str, Any] = {
+        "min_replicas": scaling.min_replicas,
+        "max_replicas": scaling.max_replicas,
+        "target_ongoing_requests": scaling.target_queue_depth,
+        "upscale_delay_s": scaling.upscale_delay_s,
+        "downscale_delay_s": scaling.downscale_delay_s,
+        "metrics_interval_s": scaling.metrics_interval_s,
+        "look_back_period_s": scaling.look_back_period_s,
+    }
+    if scaling.initial_replicas is not None:
+        options["initial_replicas"] = scaling.initial_replicas
+    return options
+
+
+def deployment_options(config: AppConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Serve options of (model, ingress)."""
+    m = config.model
+    actor: dict[str, Any] = {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus}
+    if m.resources:
+        actor["resources"] = dict(m.resources)
+    model: dict[str, Any] = {
+        "ray_actor_options": actor,
+        "max_ongoing_requests": m.max_ongoing_requests,
+        "max_queued_requests": m.max_queued_requests,
+        "health_check_period_s": m.health_check_period_s,
+        "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
+    }
+    scaling = m.autoscaling
+    if scaling.min_replicas == scaling.max_replicas:
+        model["num_replicas"] = scaling.max_replicas
+    else:
+        model["autoscaling_config"] = autoscaling_options(scaling, config)
+
+    i = config.ingress
+    ingress: dict[str, Any] = {
+        "num_replicas": i.num_replicas,
+        "ray_actor_options": {"num_cpus": i.num_cpus},
+        "max_ongoing_requests": i.max_ongoing_requests,
+        "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
+    }
+    return model, ingress
+
+
+def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
+    """Validate ``args`` as an ``AppConfig`` and bind the ingress over the model."""
+    from serve_app.deployments.ingress import Ingress
+    from serve_app.deployments.model import Enhancer
+
+    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    config = resolve_paths(config)
+    payload = config.model_dump(mode="json")
+    model_opts, ingress_opts = deployment_options(config)
+    model = Enhancer.options(**model_opts).bind(payload)
+    return Ingress.options(**ingress_opts).bind(payload, model)

@@ -1,0 +1,195 @@
+"""The ingress deployment (CPU): HTTP and Python handles in, the model deployment behind.
+
+It checks and decodes each image once, sends the array to ``Enhancer`` through a handle,
+and encodes the result; decoding and encoding run in threads so the event loop keeps
+accepting requests. From a Ray job or driver::
+
+    from ray import serve
+    handle = serve.get_app_handle("photoenhance")
+    result = handle.enhance.remote(open("in.jpg", "rb").read(), {"upscale": 2}).result()
+    open("out." + result.format, "wb").write(result.data)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from serve_app import codec
+from serve_app.api.errors import as_photo_error
+from serve_app.api.presets import PresetStore
+from serve_app.api.routes import build_asgi_app
+from serve_app.api.schemas import EnhancedImage
+from serve_app.config import AppConfig
+from serve_app.deployments import metrics
+from serve_app.engine.types import EnhanceResult
+from serve_app.errors import (
+    EngineFailure,
+    NotReady,
+    Overloaded,
+    PhotoEnhanceError,
+    UnsupportedMediaType,
+)
+from serve_app.options import EnhanceOptions, resolve_options
+
+LOGGER = logging.getLogger(__name__)
+
+INFO_TIMEOUT_S = 5.0
+INFO_TTL_S = 2.0
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """HTTP routes (see ``serve_app.api.routes``) and the ``enhance`` handle method."""
+
+    async def __init__(self, config: dict[str, Any], model: DeploymentHandle) -> None:
+        self.config = AppConfig.model_validate(config)
+        self._model = model
+        self.presets = PresetStore(self.config.jobs.data_dir / "presets.json")
+        self._info: dict[str, Any] | None = None
+        self._info_at = 0.0
+        # The first model call from a new replica costs seconds (router set-up, first result
+        # transfer); pay it in the background, not in the first user's request.
+        self._warmup = asyncio.get_running_loop().create_task(self._warm_up())
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_asgi_app(self)
+
+    # ------------------------------------------------------------------ handle API
+
+    async def enhance(
+        self, data: bytes, options: Mapping[str, Any] | EnhanceOptions | None = None
+    ) -> EnhancedImage:
+        """Enhance one encoded image (JPEG, PNG, WebP, BMP or TIFF bytes).
+
+        ``options`` are the HTTP option names (``upscale``, ``face``, ``format``, ``preset``,
+        ...) as a mapping of strings or typed values, or an ``EnhanceOptions``. Raises a
+        ``PhotoEnhanceError`` (wrapped in Ray's ``RayTaskError`` for remote callers, and still
+        an instance of it) with the same code and status as the HTTP API.
+        """
+        try:
+            result = await self._enhance(data, options)
+        except Exception as exc:
+            err = as_photo_error(exc)
+            metrics.observe_failure(err.code if err else "internal_error")
+            raise
+        return result
+
+    async def model_info(self) -> dict[str, Any]:
+        """The model deployment's ``info()`` (cached briefly); ``NotReady`` if it cannot say."""
+        now = time.monotonic()
+        if self._info is not None and now - self._info_at < INFO_TTL_S:
+            return self._info
+        info = await self._call_model(self._model.info.remote(), INFO_TIMEOUT_S)
+        self._info, self._info_at = info, now
+        metrics.WEIGHTS_SYNTHETIC.set(1 if info.get("synthetic") else 0)
+        return info
+
+    # ------------------------------------------------------------------ internals
+
+    async def _warm_up(self) -> None:
+        tiny = np.full((8, 8, 3), 128, np.uint8)
+        opts = EnhanceOptions(upscale=1, face=False, bg_model="none")
+        for _ in range(120):
+            try:
+                await self.model_info()
+                await self._call_model(self._model.enhance.remote(tiny, opts), INFO_TIMEOUT_S * 6)
+                return
+            except Exception as exc:
+                LOGGER.debug("warm-up: model not reachable yet (%s)", exc)
+                await asyncio.sleep(1.0)
+
+    async def _enhance(
+        self, data: bytes, options: Mapping[str, Any] | EnhanceOptions | None
+    ) -> EnhancedImage:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise UnsupportedMediaType(f"expected image bytes, got {type(data).__name__}")
+        opts = (
+            options
+            if isinstance(options, EnhanceOptions)
+            else resolve_options(options or {}, presets=self.presets.custom())
+        )
+        t0 = time.perf_counter()
+        decoded = await asyncio.to_thread(self._decode, bytes(data), opts.upscale)
+        t1 = time.perf_counter()
+        result: EnhanceResult = await self._call_model(
+            self._model.enhance.remote(decoded.image, opts), self.config.ingress.request_timeout_s
+        )
+        t2 = time.perf_counter()
+        fmt = codec.output_format(opts.format, decoded.format, result.image)
+        out = await asyncio.to_thread(codec.encode, result.image, fmt, opts.quality)
+        t3 = time.perf_counter()
+
+        # The engine's stages (and its own total, renamed), queue time in the model replica,
+        # and the rest of the model call (argument and result transfer, scheduling).
+        inner = dict(result.timings)
+        engine_total = inner.pop("total", None)
+        stages = sum(inner.values())
+        if engine_total is not None:
+            inner["engine"] = engine_total
+            stages = engine_total + inner.get("queue", 0.0)
+        transfer = max((t2 - t1) - stages, 0.0)
+        timings = {"decode": t1 - t0, **inner, "transfer": transfer, "encode": t3 - t2}
+        timings["total"] = t3 - t0
+        synthetic = await self._synthetic()
+        metrics.observe_image(timings, result.faces, decoded.width * decoded.height)
+        return EnhancedImage(
+            data=out,
+            media_type=codec.MEDIA_TYPES[fmt],
+            format=fmt,
+            width=int(result.image.shape[1]),
+            height=int(result.image.shape[0]),
+            faces=int(result.faces),
+            timings=timings,
+            synthetic=synthetic,
+        )
+
+    def _decode(self, data: bytes, upscale: int) -> codec.DecodedImage:
+        info = codec.probe(data, self.config.limits, upscale)
+        return codec.decode(data, info)
+
+    async def _synthetic(self) -> bool:
+        if self._info is None:
+            try:
+                await self.model_info()
+            except PhotoEnhanceError:
+                return False
+        return bool(self._info and self._info.get("synthetic"))
+
+    async def _call_model(self, response: DeploymentResponse, timeout_s: float) -> Any:
+        """Await a model call, mapping Ray's failures onto the API's errors."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        async def wait() -> Any:
+            return await response
+
+        try:
+            return await asyncio.wait_for(wait(), timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise Overloaded(
+                f"the model did not answer within {timeout_s:g}s", code="timeout", retry_after_s=5
+            ) from None
+        except BackPressureError:
+            raise Overloaded("the model queue is full; retry later", retry_after_s=2) from None
+        except DeploymentUnavailableError:
+            raise NotReady("the model deployment is unavailable", retry_after_s=5) from None
+        except RayActorError:
+            raise Overloaded(
+                "a model replica went away; retry", code="replica_unavailable", retry_after_s=1
+            ) from None
+        except Exception as exc:
+            err = as_photo_error(exc)
+            if err is not None:
+                raise err from None
+            LOGGER.exception("model call failed")
+            raise EngineFailure("the model call failed") from None

@@ -1,0 +1,176 @@
+"""The model deployment: one ``Engine`` per replica, fed by pixel-budget micro-batches.
+
+Batching. ``@serve.batch`` with a ``batch_size_fn`` compares only that function's value with
+``max_batch_size`` (the count is no longer checked), so both limits are folded into one
+cost: an image costs ``max(N * pixels / B, 1)`` where ``N`` is ``batching.max_batch_size``
+and ``B`` is ``batching.max_batch_pixels``, and a batch may cost ``N``. So a batch holds at
+most ``N`` images and at most ``B`` pixels, and ``N`` small images close it at once. An image
+of more than ``B`` pixels alone would be refused by Serve (``RuntimeError``), so it takes
+its own path straight to the engine. One lock keeps the two paths from running the engine
+at the same time, so the device never holds two batches' activations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from serve_app.config import AppConfig
+from serve_app.engine.types import EnhanceResult
+from serve_app.errors import EngineFailure, ImageTooLargeForDevice, PhotoEnhanceError
+from serve_app.options import EnhanceOptions
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class _Work:
+    image: np.ndarray
+    options: EnhanceOptions
+    cost: float
+    enqueued: float
+
+
+def _batch_cost(items: list[_Work]) -> float:
+    return sum(item.cost for item in items)
+
+
+@serve.deployment(name="Enhancer")
+class Enhancer:
+    """Holds the engine; ``enhance`` is what the ingress and job actors call."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = AppConfig.model_validate(config)
+        from serve_app.engine import Engine  # torch loads inside the replica only
+
+        started = time.perf_counter()
+        self.engine = Engine.from_config(self.config)
+        if self.config.engine.warmup:
+            self.engine.warmup()
+        batching = self.config.batching
+        self._count = batching.max_batch_size
+        self._budget = batching.max_batch_pixels
+        self._run_batch.set_max_batch_size(self._count)
+        self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._engine_lock = asyncio.Lock()
+        self._in_flight = 0
+        self._broken: str | None = None
+        self._backlog = _backlog_probe()
+        self._load_s = time.perf_counter() - started
+        self._started_at = time.time()
+        if self.engine.synthetic:
+            LOGGER.warning(
+                "SYNTHETIC WEIGHTS in %s: outputs are not real restorations",
+                self.config.weights.dir,
+            )
+
+    # ------------------------------------------------------------------ public methods
+
+    async def enhance(self, image: np.ndarray, options: EnhanceOptions) -> EnhanceResult:
+        """Enhance one decoded image; errors belong to this caller only."""
+        now = time.perf_counter()
+        pixels = int(image.shape[0]) * int(image.shape[1])
+        work = _Work(image, options, max(self._count * pixels / self._budget, 1.0), now)
+        self._in_flight += 1
+        try:
+            if pixels > self._budget:
+                [result] = await self._run_engine([work])
+            else:
+                result = await self._run_batch(work)
+        finally:
+            self._in_flight -= 1
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def info(self) -> dict[str, Any]:
+        """Engine facts (device, profile, ``synthetic``), plus ``ready`` and batch settings."""
+        return {
+            **self.engine.info(),
+            "ready": True,
+            "load_seconds": round(self._load_s, 3),
+            "started_at": self._started_at,
+            "max_batch_size": self._count,
+            "max_batch_pixels": self._budget,
+            "batch_wait_timeout_s": self.config.batching.batch_wait_timeout_s,
+        }
+
+    def ready(self) -> bool:
+        return True
+
+    def check_health(self) -> None:
+        if self._broken:
+            raise RuntimeError(f"engine is broken: {self._broken}")
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Figures for the queue-depth policy: this replica's work and the job backlog."""
+        stats = {"in_flight": float(self._in_flight)}
+        if self._backlog is not None:
+            stats.update(await self._backlog.stats())
+        return stats
+
+    # ------------------------------------------------------------------ batching
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=_batch_cost)
+    async def _run_batch(self, works: list[_Work]) -> list[EnhanceResult | PhotoEnhanceError]:
+        return await self._run_engine(works)
+
+    async def _run_engine(self, works: list[_Work]) -> list[EnhanceResult | PhotoEnhanceError]:
+        async with self._engine_lock:
+            started = time.perf_counter()
+            results = await self._call_engine(works)
+        for work, result in zip(works, results, strict=True):
+            if isinstance(result, EnhanceResult):
+                result.timings = {"queue": started - work.enqueued, **result.timings}
+        return results
+
+    async def _call_engine(self, works: list[_Work]) -> list[EnhanceResult | PhotoEnhanceError]:
+        images = [w.image for w in works]
+        options = [w.options for w in works]
+        try:
+            results = await asyncio.to_thread(self.engine.enhance_batch, images, options)
+            if len(results) != len(works):
+                raise EngineFailure(f"engine returned {len(results)} results for {len(works)}")
+            return [_safe(r) for r in results]
+        except Exception as exc:
+            if len(works) > 1:
+                # Whatever broke the batch, run each image alone so only its culprit fails.
+                LOGGER.exception("batch of %d failed; retrying one by one", len(works))
+                return [(await self._call_engine([w]))[0] for w in works]
+            if "cuda error" in str(exc).lower():
+                self._broken = str(exc)[:200]  # check_health fails; Serve replaces the replica
+            return [_as_error(exc)]
+
+
+def _backlog_probe() -> Any:
+    """The job backlog reader of the autoscaling policy, when that module exists."""
+    if importlib.util.find_spec("serve_app.deployments.autoscaling") is None:
+        return None
+    from serve_app.deployments import autoscaling
+
+    name = getattr(autoscaling, "JOB_ACTOR_NAME", "photoenhance-jobs")
+    return autoscaling.BacklogProbe(name)
+
+
+def _safe(result: Any) -> EnhanceResult | PhotoEnhanceError:
+    if isinstance(result, EnhanceResult | PhotoEnhanceError):
+        return result
+    if isinstance(result, BaseException):
+        return _as_error(result)
+    return EngineFailure(f"engine returned {type(result).__name__}")
+
+
+def _as_error(exc: BaseException) -> PhotoEnhanceError:
+    if isinstance(exc, PhotoEnhanceError):
+        return exc
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return ImageTooLargeForDevice("the image does not fit the device's memory")
+    LOGGER.error("engine error", exc_info=exc)
+    return EngineFailure("the engine failed on this image")

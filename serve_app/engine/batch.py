@@ -1,0 +1,258 @@
+"""One micro-batch through the pipeline: detect, align, restore, parse, upsample, paste.
+
+Every stage works on all images of the batch at once. A stage that fails on the batch is
+re-run image by image, so an error stays with the image that caused it. The semantics of
+each option are those of ``upstream.Reference`` (which the equivalence tests hold us to).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import torch
+
+from serve_app.engine import detect, paste, restore, upsample
+from serve_app.engine.chunks import ItemTooLarge
+from serve_app.engine.types import EnhanceResult
+from serve_app.engine.weights import spec
+from serve_app.errors import EngineFailure, ImageTooLargeForDevice, PhotoEnhanceError
+from serve_app.options import EnhanceOptions
+
+if TYPE_CHECKING:
+    from serve_app.engine.pipeline import Engine
+
+LOGGER = logging.getLogger(__name__)
+DETECTOR = "detection_Resnet50_Final"
+PARSER = "parsing_parsenet"
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    # OpenCV releases the GIL: warps and blends of different images overlap.
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="engine-cpu")
+
+
+@dataclass
+class Job:
+    src: np.ndarray
+    opt: EnhanceOptions
+    timings: dict[str, float] = field(default_factory=dict)
+    error: PhotoEnhanceError | None = None
+    work: np.ndarray | None = None  # 8-bit BGR/BGRA image of the face path
+    bit16: bool = False
+    gray: bool = False
+    crops: list[np.ndarray] = field(default_factory=list)
+    affines: list[np.ndarray] = field(default_factory=list)
+    restored: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    background: np.ndarray | None = None
+    result: np.ndarray | None = None
+
+    @property
+    def face_path(self) -> bool:
+        return self.opt.face
+
+    @property
+    def pastes(self) -> bool:
+        return self.opt.face and not self.opt.aligned
+
+
+def _prepare(job: Job) -> None:
+    from serve_app.engine.pipeline import check_image
+    from serve_app.engine.upstream import to_8bit
+
+    job.src = check_image(job.src)
+    if not job.opt.face:
+        return
+    img = job.src
+    # With faces on, 16-bit images are processed at 8 bits (see upstream.Reference).
+    if img.dtype == np.uint16:
+        job.bit16, img = True, to_8bit(img)
+    if img.ndim == 2:
+        job.gray, img = True, cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    job.work = img
+    if job.opt.aligned:
+        job.crops = [cv2.resize(np.ascontiguousarray(img[:, :, :3]), (512, 512))]
+
+
+def _detect(engine: Engine, jobs: list[Job]) -> None:
+    todo = [j for j in jobs if j.pastes]
+    if not todo:
+        return
+    bgrs = [np.ascontiguousarray(j.work[:, :, :3]) for j in todo]
+    dets = detect.detect(engine.net(DETECTOR), bgrs, engine.cfg.det_threshold,
+                         engine.budget_mb)
+    marks = [detect.select(d, b.shape[0], b.shape[1], j.opt.only_center_face)
+             for d, b, j in zip(dets, bgrs, todo, strict=True)]
+    work = [(j, b, m) for j, b, ms in zip(todo, bgrs, marks, strict=True) for m in ms]
+    for j, crop_aff in zip([w[0] for w in work],
+                           _pool().map(lambda w: detect.align(w[1], w[2]), work), strict=True):
+        j.crops.append(crop_aff[0])
+        j.affines.append(crop_aff[1])
+
+
+def _restore(engine: Engine, jobs: list[Job]) -> None:
+    by_model: dict[str, list[Job]] = defaultdict(list)
+    for j in jobs:
+        if j.crops:
+            by_model[j.opt.face_model].append(j)
+    for model, group in by_model.items():
+        crops = [c for j in group for c in j.crops]
+        faces = restore.restore(engine.net(model), crops, engine.budget_mb, engine.dtype)
+        k = 0
+        for j in group:
+            j.restored, k = faces[k : k + len(j.crops)], k + len(j.crops)
+
+
+def _parse(engine: Engine, jobs: list[Job]) -> None:
+    group = [j for j in jobs if j.pastes and j.restored]
+    if not group or not engine.cfg.use_parse:
+        return
+    faces = [f for j in group for f in j.restored]
+    masks = restore.paste_masks(engine.net(PARSER), faces, engine.budget_mb, _pool())
+    k = 0
+    for j in group:
+        j.masks, k = masks[k : k + len(j.restored)], k + len(j.restored)
+
+
+def _bg_request(engine: Engine, j: Job) -> upsample.Request | None:
+    name = j.opt.resolved_bg_model()
+    if name == "none" or (j.opt.face and j.opt.aligned):
+        return None
+    img = j.work if j.opt.face else j.src
+    return upsample.Request(img, name, j.opt.upscale, j.opt.tile or engine.cfg.tile)
+
+
+def _upsample(engine: Engine, jobs: list[Job]) -> None:
+    reqs, owners = [], []
+    for j in jobs:
+        r = _bg_request(engine, j)
+        if r is not None:
+            reqs.append(r)
+            owners.append(j)
+        elif not (j.opt.face and j.opt.aligned):
+            img = j.work[:, :, :3] if j.opt.face else j.src
+            h, w = img.shape[:2]
+            j.background = cv2.resize(img, (w * j.opt.upscale, h * j.opt.upscale),
+                                      interpolation=cv2.INTER_LANCZOS4)
+    if not reqs:
+        return
+    names = {r.model for r in reqs}
+    nets = {n: engine.net(n) for n in names}
+    scales = {n: spec(n).scale for n in names}
+    cfg = engine.cfg
+    outs = upsample.upsample(nets, scales, reqs, tile_pad=cfg.tile_pad, pre_pad=cfg.pre_pad,
+                             budget_mb=engine.budget_mb, dtype=engine.dtype)
+    for j, out in zip(owners, outs, strict=True):
+        if isinstance(out, PhotoEnhanceError):
+            j.error = out
+        else:
+            j.background = out
+
+
+def _finish_one(j: Job) -> None:
+    opt = j.opt
+    if not opt.face:
+        j.result = j.background
+        return
+    alpha = j.work[:, :, 3] if j.work.ndim == 3 and j.work.shape[2] == 4 else None
+    if opt.aligned:
+        out = j.restored[0]
+        if opt.upscale != 1:
+            out = cv2.resize(out, (512 * opt.upscale, 512 * opt.upscale),
+                             interpolation=cv2.INTER_LANCZOS4)
+    else:
+        masks = j.masks or [_square_mask()] * len(j.restored)
+        faces = [paste.Face(r, a, m) for r, a, m in zip(j.restored, j.affines, masks, strict=True)]
+        out = paste.paste(j.background, faces, opt.upscale)
+    if j.gray:
+        out = cv2.cvtColor(out, cv2.COLOR_BGR2GRAY)
+    elif alpha is not None and out.shape[2] == 3:
+        h, w = out.shape[:2]
+        out = np.dstack([out, cv2.resize(alpha, (w, h), interpolation=cv2.INTER_LINEAR)])
+    if j.bit16:
+        out = out.astype(np.uint16) * 257
+    j.result = out
+
+
+@lru_cache(maxsize=1)
+def _square_mask() -> np.ndarray:
+    # use_parse off: a flat mask with facexlib's 10 px black border removed
+    m = np.ones((512, 512), np.float64)
+    m[:10], m[-10:], m[:, :10], m[:, -10:] = 0, 0, 0, 0
+    return m
+
+
+def _finish(engine: Engine, jobs: list[Job]) -> None:
+    list(_pool().map(_finish_one, jobs))
+
+
+_STAGES: list[tuple[str, Callable[[Engine, list[Job]], None]]] = [
+    ("detect", _detect),
+    ("restore", _restore),
+    ("parse", _parse),
+    ("upsample", _upsample),
+    ("paste", _finish),
+]
+
+
+def _as_error(exc: BaseException) -> PhotoEnhanceError:
+    if isinstance(exc, PhotoEnhanceError):
+        return exc
+    if isinstance(exc, ItemTooLarge):
+        return ImageTooLargeForDevice("a face or tile of this image does not fit the device")
+    LOGGER.exception("engine stage failed", exc_info=exc)
+    return EngineFailure(f"{type(exc).__name__}: {exc}")
+
+
+def _run_stage(engine: Engine, name: str, fn, jobs: list[Job]) -> None:
+    t0 = time.perf_counter()
+    try:
+        fn(engine, jobs)
+    except Exception as exc:
+        if len(jobs) == 1:
+            jobs[0].error = _as_error(exc)
+        else:
+            # Isolate the culprit: the same stage, image by image.
+            LOGGER.warning("stage %s failed on a batch of %d (%s); retrying one by one",
+                           name, len(jobs), exc)
+            for j in jobs:
+                _run_stage(engine, name, fn, [j])
+            return
+    dt = time.perf_counter() - t0
+    for j in jobs:
+        j.timings[name] = j.timings.get(name, 0.0) + dt
+
+
+def run(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptions]):
+    jobs = [Job(src=img, opt=opt) for img, opt in zip(images, options, strict=True)]
+    t0 = time.perf_counter()
+    for j in jobs:
+        try:
+            _prepare(j)
+        except Exception as exc:
+            j.error = _as_error(exc)
+    with torch.inference_mode():
+        for name, fn in _STAGES:
+            live = [j for j in jobs if j.error is None]
+            if live:
+                _run_stage(engine, name, fn, live)
+    total = time.perf_counter() - t0
+    out: list[EnhanceResult | PhotoEnhanceError] = []
+    for j in jobs:
+        if j.error is not None:
+            out.append(j.error)
+        else:
+            j.timings["total"] = total
+            out.append(EnhanceResult(j.result, len(j.restored) if j.pastes else int(j.opt.face),
+                                     j.timings))
+    return out

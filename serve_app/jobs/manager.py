@@ -1,0 +1,155 @@
+"""The job actor: one named, detached, restartable Ray actor per application.
+
+It owns every job's state and dispatches items through the application's ``Ingress``
+handle, so decoding, validation and encoding are exactly those of ``POST /v1/enhance``.
+Ray restarts it when its process dies (``max_restarts=-1``); a new instance, like one
+started after a whole-server restart, reads every job folder under ``jobs.data_dir`` back
+and continues the unfinished jobs from their manifests. Use ``get_manager`` to reach it:
+it creates the actor when absent and returns the running one otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from serve_app.config import AppConfig
+from serve_app.jobs.scheduler import Scheduler
+from serve_app.jobs.spec import JobSpec
+from serve_app.options import EnhanceOptions
+
+LOGGER = logging.getLogger(__name__)
+
+NAMESPACE = "photoenhance"
+INGRESS = "Ingress"
+WATCH_MAX_S = 5.0
+
+
+def jobs_dir(config: AppConfig) -> Path:
+    return Path(config.jobs.data_dir) / "jobs"
+
+
+def local_roots(config: AppConfig) -> list[Path]:
+    """Local folders that jobs submitted over HTTP may read inputs from."""
+    data = Path(config.jobs.data_dir)
+    return [data / "inputs", jobs_dir(config), *config.jobs.local_roots]
+
+
+class JobManager:
+    """The actor's class (wrapped with ``ray.remote`` by ``get_manager``)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = AppConfig.model_validate(config)
+        self.scheduler: Scheduler | None = None
+        # Start (and recover jobs) as soon as the actor runs, also after Ray restarts it:
+        # a call to itself, queued behind __init__.
+        ray.get_runtime_context().current_actor.start.remote()
+
+    async def start(self) -> dict[str, Any]:
+        if self.scheduler is None:
+            from ray import serve
+
+            handle = serve.get_deployment_handle(INGRESS, app_name=self.config.name)
+            enhance = handle.options(method_name="enhance")
+
+            async def dispatch(data: bytes, options: EnhanceOptions) -> Any:
+                return await enhance.remote(data, options)
+
+            jobs = self.config.jobs
+            scheduler = Scheduler(
+                jobs,
+                dispatch,
+                max_bytes=self.config.limits.max_bytes,
+                timeout_s=self.config.ingress.request_timeout_s + 30.0,
+                local_roots=local_roots(self.config),
+            )
+            self.scheduler = scheduler
+            resumed = scheduler.recover(jobs_dir(self.config))
+            scheduler.start()
+            if resumed:
+                LOGGER.warning("resumed %d unfinished job(s): %s", len(resumed), resumed)
+        return {"pid": os.getpid(), "jobs": len(self.scheduler.jobs)}
+
+    async def _scheduler(self) -> Scheduler:
+        await self.start()
+        assert self.scheduler is not None
+        return self.scheduler
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def create_job(self, spec: dict[str, Any]) -> dict[str, Any]:
+        scheduler = await self._scheduler()
+        job_spec = JobSpec.model_validate(spec)
+        job = await scheduler.submit(job_spec, jobs_dir(self.config) / job_spec.job_id)
+        return job.snapshot()
+
+    async def list_jobs(self, state: str | None = None) -> list[dict[str, Any]]:
+        scheduler = await self._scheduler()
+        jobs = sorted(scheduler.jobs.values(), key=lambda j: j.spec.created_at, reverse=True)
+        return [j.snapshot() for j in jobs if state is None or j.state == state]
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        return (await self._scheduler()).get(job_id).snapshot()
+
+    async def watch(self, job_id: str, timeout_s: float) -> dict[str, Any]:
+        """The job's snapshot after its next state change, or after ``timeout_s``."""
+        job = (await self._scheduler()).get(job_id)
+        await job.wait_state_change(min(timeout_s, WATCH_MAX_S))
+        return job.snapshot()
+
+    async def items(
+        self, job_id: str, offset: int, limit: int, status: str | None
+    ) -> dict[str, Any]:
+        job = (await self._scheduler()).get(job_id)
+        return await asyncio.to_thread(job.items, offset, limit, status)
+
+    async def record(self, job_id: str, index: int) -> dict[str, Any] | None:
+        job = (await self._scheduler()).get(job_id)
+        return await asyncio.to_thread(job.record, index)
+
+    async def control(self, job_id: str, action: str) -> dict[str, Any]:
+        return (await self._scheduler()).control(job_id, action).snapshot()
+
+
+def manager_name(config: AppConfig) -> str:
+    return f"{config.name}-jobs"
+
+
+_HANDLES: dict[str, Any] = {}
+
+
+def get_manager(config: AppConfig) -> Any:
+    """The job actor's handle: created (detached, restartable) if absent, else the live one."""
+    name = manager_name(config)
+    handle = _HANDLES.get(name)
+    if handle is None:
+        actor = ray.remote(JobManager).options(
+            name=name,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            max_concurrency=1000,
+            num_cpus=0,
+        )
+        handle = actor.remote(config.model_dump(mode="json"))
+        _HANDLES[name] = handle
+    return handle
+
+
+def forget_manager(config: AppConfig) -> None:
+    _HANDLES.pop(manager_name(config), None)
+
+
+def lookup_manager(config: AppConfig) -> Any | None:
+    """The running job actor, or None (never creates one)."""
+    try:
+        return ray.get_actor(manager_name(config), namespace=NAMESPACE)
+    except ValueError:
+        return None

@@ -1,0 +1,403 @@
+"""Dispatching the items of every job: bounded, prioritised, retried, recorded.
+
+One loop fills free slots: at most ``max_inflight`` items in flight across all jobs and
+``max_inflight_per_job`` within a job, taking from the highest-priority active job first
+(least recently served among equals). Bounding job traffic is what keeps interactive
+requests ahead of it: a job never has more than its slots queued at the model.
+
+Each item runs as one task: read the input, call ``dispatch`` (the ingress's ``enhance``),
+retry transient failures with exponential backoff and jitter, fail permanent ones (4xx) at
+once, then *finalize* - write the output atomically and append the manifest record - in a
+step shielded from cancellation, so an item is recorded whole or not at all.
+
+The same class runs inside the job actor and in ``python -m serve_app.jobs.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+from serve_app.config import JobsConfig
+from serve_app.errors import PhotoEnhanceError
+from serve_app.jobs import sources
+from serve_app.jobs.job import Job
+from serve_app.jobs.naming import output_name
+from serve_app.jobs.spec import ACTIVE, JOB_JSON, TERMINAL, JobSpec
+from serve_app.options import EnhanceOptions
+
+LOGGER = logging.getLogger(__name__)
+
+Dispatch = Callable[[bytes, EnhanceOptions], Awaitable[Any]]
+LIST_CHUNK = 512
+TICK_S = 0.5
+SPACE_CHECK_S = 1.0
+
+
+def unwrap(exc: BaseException) -> PhotoEnhanceError | None:
+    """The ``PhotoEnhanceError`` in ``exc``; Ray wraps remote errors and keeps it as ``cause``."""
+    if isinstance(exc, PhotoEnhanceError):
+        return exc
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, PhotoEnhanceError) else None
+
+
+def classify(exc: BaseException) -> tuple[bool, str, str]:
+    """``(transient, code, message)``: 4xx errors are permanent, everything else transient
+    (overload, timeouts, a replica or actor that died, a 5xx from a source)."""
+    err = unwrap(exc)
+    if err is not None:
+        return err.status >= 500, err.code, err.message
+    if isinstance(exc, TimeoutError):
+        return True, "timeout", "the enhancement did not finish in time"
+    name = type(exc).__name__
+    return True, "ray_error" if "Ray" in name or "Actor" in name else "internal_error", (
+        f"{name}: {str(exc)[:300]}"
+    )
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with jitter: half the capped delay fixed, half random."""
+    delay = min(cap, base * 2 ** (attempt - 1))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: JobsConfig,
+        dispatch: Dispatch,
+        *,
+        max_bytes: int,
+        timeout_s: float,
+        local_roots: list[Path] | None,
+    ) -> None:
+        self.config = config
+        self.dispatch = dispatch
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.local_roots = local_roots
+        self.jobs: dict[str, Job] = {}
+        self.inflight = 0
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._listers: dict[str, asyncio.Task[None]] = {}
+        self._space_checked: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ life
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+        for job in self.jobs.values():
+            for task in list(job.tasks):
+                task.cancel()
+        for job in self.jobs.values():
+            if job.tasks:
+                await asyncio.gather(*job.tasks, return_exceptions=True)
+            job.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ jobs
+
+    async def submit(self, spec: JobSpec, folder: Path) -> Job:
+        def create() -> Job:
+            job = Job.create(spec, folder)
+            job.storage.prepare()
+            return job
+
+        job = await asyncio.to_thread(create)
+        self._add(job)
+        return job
+
+    def recover(self, jobs_dir: Path) -> list[str]:
+        """Read back every job folder; unfinished jobs continue. Returns their ids."""
+        resumed = []
+        if not jobs_dir.is_dir():
+            return resumed
+        for folder in sorted(jobs_dir.iterdir()):
+            if folder.name in self.jobs or not (folder / JOB_JSON).is_file():
+                continue
+            try:
+                job = self.adopt(folder)
+            except Exception:
+                LOGGER.exception("cannot read job folder %s", folder)
+                continue
+            if job.state not in TERMINAL:
+                resumed.append(job.id)
+        return resumed
+
+    def adopt(self, folder: Path) -> Job:
+        """Read one job folder back; an unfinished job continues where its manifest ends."""
+        job = Job.open(folder)
+        if job.state not in TERMINAL:
+            job.storage.prepare()
+            job.storage.remove_temporaries()
+        self._add(job)
+        return job
+
+    def _add(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        if job.state in TERMINAL:
+            return
+        if not job.listed:
+            self._listers[job.id] = asyncio.get_running_loop().create_task(self._list(job))
+        self._maybe_finish(job)
+        self.wake()
+
+    def get(self, job_id: str) -> Job:
+        from serve_app.errors import NotFound
+
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}", code="job_not_found")
+        return job
+
+    def control(self, job_id: str, action: str) -> Job:
+        job = self.get(job_id)
+        if action == "resume":
+            job.storage.check_space(0, self.config.min_free_bytes)
+        job.control(action)
+        if action == "cancel":
+            self._abandon(job)
+        elif action == "resume":
+            self._maybe_finish(job)
+        self.wake()
+        return job
+
+    def _abandon(self, job: Job) -> None:
+        for task in list(job.tasks):
+            task.cancel()
+        lister = self._listers.pop(job.id, None)
+        if lister:
+            lister.cancel()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                self._fill()
+            except Exception:
+                LOGGER.exception("job scheduler pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+
+    def _fill(self) -> None:
+        per_job = self.config.max_inflight_per_job
+        while self.inflight < self.config.max_inflight:
+            candidates = [
+                j for j in self.jobs.values()
+                if j.state in ACTIVE and j.inflight < min(j.limit, per_job) and j.has_pending()
+            ]
+            if not candidates:
+                return
+            job = max(candidates, key=lambda j: (j.spec.priority, -j.last_dispatch))
+            if not self._space_ok(job):
+                continue
+            index = job.take()
+            if index is None:
+                continue
+            if job.state == "queued":
+                job.set_state("running")
+            self.inflight += 1
+            task = asyncio.get_running_loop().create_task(self._item(job, index))
+            job.tasks.add(task)
+            task.add_done_callback(job.tasks.discard)
+
+    def _space_ok(self, job: Job) -> bool:
+        """Pause the job (with a reason) when its storage falls under the floor."""
+        floor = self.config.min_free_bytes
+        now = time.monotonic()
+        if floor <= 0 or now - self._space_checked.get(job.id, 0.0) < SPACE_CHECK_S:
+            return True
+        self._space_checked[job.id] = now
+        free = job.storage.free_bytes()
+        if free is None or free >= floor:
+            return True
+        job.set_state("paused", f"low_disk: {free} bytes free, under the floor of {floor}")
+        LOGGER.warning("job %s paused: %s", job.id, job.reason)
+        return False
+
+    # ------------------------------------------------------------------ one item
+
+    async def _item(self, job: Job, index: int) -> None:
+        try:
+            outcome = await self._attempts(job, index)
+        except asyncio.CancelledError:
+            job.release(index)
+            self.inflight -= 1
+            self.wake()
+            raise
+        except Exception:
+            LOGGER.exception("job %s item %d: unexpected failure", job.id, index)
+            job.release(index)
+            self.inflight -= 1
+            self.wake()
+            return
+        # Shielded: a cancel that lands now still leaves the output and its record whole.
+        finalize = asyncio.ensure_future(self._finalize(job, index, outcome))
+        try:
+            await asyncio.shield(finalize)
+        except asyncio.CancelledError:
+            await finalize
+            raise
+
+    async def _attempts(self, job: Job, index: int) -> dict[str, Any]:
+        source, name = await asyncio.to_thread(job.inputs.get, index)
+        options = EnhanceOptions.model_validate(job.spec.options)
+        t0 = time.perf_counter()
+        attempt = 0
+        while True:
+            attempt += 1
+            stage = "fetch"
+            try:
+                t_fetch = time.perf_counter()
+                data = await sources.fetch(
+                    source,
+                    max_bytes=self.max_bytes,
+                    timeout_s=self.config.fetch_timeout_s,
+                    allow_private=self.config.allow_private_urls,
+                    local_roots=self.local_roots,
+                )
+                stage = "enhance"
+                t_enh = time.perf_counter()
+                result = await asyncio.wait_for(self.dispatch(data, options), self.timeout_s)
+                del data
+                timings = {"fetch": t_enh - t_fetch, "enhance": time.perf_counter() - t_enh}
+                return {"source": source, "name": name, "result": result, "attempts": attempt,
+                        "timings": timings, "t0": t0}
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                transient, code, message = classify(exc)
+                if not transient or attempt >= self.config.max_attempts:
+                    return {"source": source, "name": name, "attempts": attempt, "t0": t0,
+                            "error": {"code": code, "message": message, "stage": stage},
+                            "timings": {}}
+                delay = backoff(attempt, self.config.retry_base_s, self.config.retry_max_s)
+                LOGGER.info("job %s item %d: %s (%s), retry in %.2fs", job.id, index, code,
+                            message, delay)
+                await asyncio.sleep(delay)
+
+    async def _finalize(self, job: Job, index: int, outcome: dict[str, Any]) -> None:
+        try:
+            offset, ok = await asyncio.to_thread(_write_and_record, job, index, outcome)
+        except Exception:
+            LOGGER.exception("job %s item %d: cannot write its output or record", job.id, index)
+            job.release(index)
+            self.inflight -= 1
+            if job.state in ACTIVE:
+                job.set_state("paused", "storage_error: cannot write outputs; see the logs")
+            self.wake()
+            return
+        job.finish(index, ok, offset)
+        self.inflight -= 1
+        self._maybe_finish(job)
+        self.wake()
+
+    def _maybe_finish(self, job: Job) -> None:
+        if job.state in ACTIVE and job.is_complete():
+            state = job.final_state()
+            reason = "no inputs found" if job.total == 0 else None
+            job.set_state(state, reason)
+            job.close()
+            _copy_records(job)
+
+    # ------------------------------------------------------------------ listing
+
+    async def _list(self, job: Job) -> None:
+        """List ``input_prefix`` lazily, appending to ``inputs.jsonl`` in chunks; a listing cut
+        short by a restart is re-done in the same sorted order, skipping what is known."""
+        prefix = job.spec.input_prefix or ""
+        entries = sources.iter_prefix(prefix)
+        skip = len(job.inputs)
+        await asyncio.to_thread(lambda: next(itertools.islice(entries, skip, skip), None))
+        try:
+            while True:
+                chunk = await asyncio.to_thread(lambda: list(itertools.islice(entries, LIST_CHUNK)))
+                if not chunk:
+                    break
+                items = [(uri, uri) for uri in chunk]
+                await asyncio.to_thread(job.inputs.append, items)
+                job.add_items(len(items))
+                self.wake()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            LOGGER.exception("job %s: listing %s failed", job.id, prefix)
+            job.set_state("failed", f"listing failed: {exc}")
+            return
+        finally:
+            self._listers.pop(job.id, None)
+        job.listed = True
+        job.save_state()
+        job.touch(state_changed=True)
+        self._maybe_finish(job)
+        self.wake()
+
+
+def _write_and_record(job: Job, index: int, outcome: dict[str, Any]) -> tuple[int, bool]:
+    """Write the output (atomically) and append its manifest record; runs in a thread."""
+    result = outcome.get("result")
+    timings = dict(outcome["timings"])
+    record: dict[str, Any] = {
+        "index": index,
+        "source": outcome["source"],
+        "name": None,
+        "output": None,
+        "status": "failed",
+        "error": outcome.get("error"),
+        "attempts": outcome["attempts"],
+    }
+    if result is not None:
+        name = output_name(index, outcome["name"], result.format)
+        t = time.perf_counter()
+        uri = job.storage.write_atomic(name, result.data)
+        timings["write"] = time.perf_counter() - t
+        record.update(
+            name=name,
+            output=uri,
+            status="succeeded",
+            bytes=len(result.data),
+            sha256=sha256(result.data).hexdigest(),
+            crc32=zlib.crc32(result.data),
+            width=result.width,
+            height=result.height,
+            format=result.format,
+            faces=result.faces,
+        )
+    timings["total"] = time.perf_counter() - outcome["t0"]
+    record["timings"] = {k: round(v, 4) for k, v in timings.items()}
+    record["finished_at"] = round(time.time(), 3)
+    offset = job.open_writer().append(record)
+    return offset, result is not None
+
+
+def _copy_records(job: Job) -> None:
+    """For remote outputs, put the manifest and spec beside them once the job ends."""
+    if job.storage.local:
+        return
+    try:
+        for name in ("manifest.jsonl", JOB_JSON):
+            path = job.folder / name
+            if path.exists():
+                job.storage.upload(path, name)
+    except Exception:
+        LOGGER.exception("job %s: copying the manifest to %s failed", job.id, job.spec.output)

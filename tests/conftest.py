@@ -1,0 +1,187 @@
+"""Session fixtures: one local Ray, one Serve application from configs/dev.yaml.
+
+Fixtures other test modules rely on (keep the names): ``shared_data``, ``app_config``,
+``serve_args``, ``serve_url``, ``http``. The server starts on first use only, so unit tests
+that need none of them run without Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from serve_app.config import AppConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+DEV_CONFIG = ROOT / "configs" / "dev.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``: ``images/`` (real photos) and ``bad/`` (broken inputs)."""
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def serve_args(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """configs/dev.yaml's application args, with weights and data in session temp folders."""
+    raw = yaml.safe_load(DEV_CONFIG.read_text())
+    args = dict(raw["applications"][0]["args"])
+    base = tmp_path_factory.mktemp("serve")
+    args["weights"] = {**args.get("weights", {}), "dir": str(base / "weights")}
+    args["jobs"] = {**args.get("jobs", {}), "data_dir": str(base / "data")}
+    return args
+
+
+@pytest.fixture(scope="session")
+def app_config(serve_args: dict[str, Any]) -> AppConfig:
+    return AppConfig.model_validate(serve_args)
+
+
+@pytest.fixture(scope="session")
+def serve_url(serve_args: dict[str, Any]) -> Iterator[str]:
+    """Base URL of the dev application, deployed once per session on a free port."""
+    import ray
+    from ray import serve
+
+    from serve_app.deployments.app import APP_NAME, build_app
+
+    # A short temp dir: Ray's socket paths must stay under the Unix limit.
+    ray_tmp = tempfile.mkdtemp(prefix="ray-pe-")
+    port = free_port()
+    ray.init(
+        address="local",  # never join another engineer's or test run's cluster
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=ray_tmp,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        log_to_driver=os.environ.get("PHOTOENHANCE_TEST_LOGS") == "1",
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(serve_args), name=APP_NAME, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url)
+        yield url
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _wait_ready(url: str, timeout_s: float = 120.0) -> None:
+    """Until /readyz says ready (the proxy's first request also sets up its router)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=30).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not become ready in {timeout_s}s")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def http(serve_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=serve_url, timeout=120.0) as client:
+        yield client
+
+
+# ---------------------------------------------------------------------------- test images
+
+
+class Images:
+    """Small images made in memory, and the shared photos (downscaled to keep CI fast)."""
+
+    @staticmethod
+    def array(h: int = 48, w: int = 64, channels: int = 3, dtype: str = "uint8") -> Any:
+        import numpy as np
+
+        rng = np.random.default_rng(h * 1000 + w + channels)
+        top = 65535 if dtype == "uint16" else 255
+        shape = (h, w) if channels == 1 else (h, w, channels)
+        return rng.integers(0, top, size=shape, endpoint=True).astype(dtype)
+
+    @staticmethod
+    def pil_bytes(image: Any, fmt: str, **save: Any) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        image.save(buf, fmt, **save)
+        return buf.getvalue()
+
+    @staticmethod
+    def cv2_bytes(array: Any, ext: str = ".png") -> bytes:
+        import cv2
+
+        ok, buf = cv2.imencode(ext, array)
+        assert ok
+        return buf.tobytes()
+
+    @staticmethod
+    def photo(name: str, max_side: int | None = None, ext: str | None = None) -> bytes:
+        """A shared photo's bytes; re-encoded smaller when ``max_side`` is given."""
+        import cv2
+
+        path = SHARED_DATA / "images" / name
+        if max_side is None:
+            return path.read_bytes()
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        f = max_side / max(img.shape[:2])
+        if f < 1:
+            size = (max(2, round(img.shape[1] * f)), max(2, round(img.shape[0] * f)))
+            img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        return Images.cv2_bytes(img, ext or path.suffix)
+
+    @staticmethod
+    def png_header(width: int, height: int, color_type: int = 2) -> bytes:
+        """A small PNG whose IHDR claims ``width`` x ``height`` (a decompression bomb's
+        header: its IDAT would inflate to the full size, here it is a stub)."""
+        import struct
+        import zlib
+
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+        idat = zlib.compress(b"\x00" * 1024)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+    @staticmethod
+    def jpeg_claiming(width: int, height: int) -> bytes:
+        """A real small JPEG whose SOF0 frame header claims another size."""
+        import struct
+
+        data = bytearray(Images.cv2_bytes(Images.array(16, 16), ".jpg"))
+        at = data.find(b"\xff\xc0")
+        assert at > 0
+        data[at + 5:at + 9] = struct.pack(">HH", height, width)
+        return bytes(data)
+
+
+@pytest.fixture(scope="session")
+def images() -> type[Images]:
+    return Images

@@ -1,0 +1,138 @@
+"""The engine on tiny synthetic weights: layouts, sizes, options, errors, the sparse detector."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from serve_app.engine import EnhanceResult
+from serve_app.errors import InvalidImage, PhotoEnhanceError
+from serve_app.options import EnhanceOptions
+
+try:
+    from _engine_fixtures import engine, read, tiny_weights  # noqa: F401
+except ImportError:
+    from tests._engine_fixtures import engine, read, tiny_weights  # noqa: F401
+
+WHOLE = ["10045.png", "Blake_Lively.jpg", "0014.jpg", "children-alpha.png", "00017_gray.png"]
+
+
+def test_synthetic_detector_is_sparse_and_deterministic(engine):
+    from serve_app.engine import detect
+
+    imgs = [np.ascontiguousarray(read(n)[:, :, :3]) if read(n).ndim == 3 else
+            np.dstack([read(n)] * 3) for n in WHOLE]
+    net = engine.net("detection_Resnet50_Final")
+    first = detect.detect(net, imgs, 0.97, 64)
+    second = detect.detect(net, imgs, 0.97, 64)
+    for img, a, b in zip(imgs, first, second, strict=True):
+        assert 1 <= len(a) <= 2, (img.shape, a)
+        np.testing.assert_array_equal(a, b)
+        # landmarks sit on a face template: eyes level, eye distance well above 5 px
+        assert abs(a[0, 6] - a[0, 8]) < 0.5 and a[0, 7] - a[0, 5] > 20
+
+
+def test_whole_photos_keep_size_layout_and_dtype(engine):
+    imgs = [read(n, 256) for n in WHOLE]
+    res = engine.enhance_batch(imgs, [EnhanceOptions(upscale=2)] * len(imgs))
+    for img, r in zip(imgs, res, strict=True):
+        assert isinstance(r, EnhanceResult), r
+        h, w = img.shape[:2]
+        assert r.image.shape == (2 * h, 2 * w, *img.shape[2:])
+        assert r.image.dtype == img.dtype
+        assert 1 <= r.faces <= 2
+        assert {"detect", "restore", "upsample", "paste"} <= set(r.timings)
+
+
+@pytest.mark.parametrize("upscale", [1, 2, 4])
+def test_output_size_follows_upscale(engine, upscale):
+    img = read("0014.jpg", 96)
+    [r] = engine.enhance_batch([img], [EnhanceOptions(upscale=upscale)])
+    assert r.image.shape == (img.shape[0] * upscale, img.shape[1] * upscale, 3)
+
+
+def test_gray_rgba_and_16_bit_inputs(engine):
+    gray = read("00017_gray.png", 128)
+    rgba = read("children-alpha.png", 128)
+    deep = read("0014.jpg", 96).astype(np.uint16) * 257
+    for face in (True, False):
+        res = engine.enhance_batch([gray, rgba, deep], [EnhanceOptions(upscale=2, face=face)] * 3)
+        for img, r in zip([gray, rgba, deep], res, strict=True):
+            assert r.image.ndim == img.ndim and r.image.shape[2:] == img.shape[2:]
+            assert r.image.dtype == img.dtype
+    # alpha survives: a transparent region of the input stays mostly transparent
+    [r] = engine.enhance_batch([rgba], [EnhanceOptions(upscale=2, face=False, bg_model="none")])
+    assert (r.image[:, :, 3] < 128).mean() == pytest.approx((rgba[:, :, 3] < 128).mean(), abs=0.05)
+
+
+def test_aligned_faces_restore_directly(engine):
+    img = read("Adele_crop.png")
+    [r2, r1] = engine.enhance_batch(
+        [img, img], [EnhanceOptions(aligned=True, upscale=2), EnhanceOptions(aligned=True, upscale=1)]
+    )
+    assert r2.image.shape == (1024, 1024, 3) and r1.image.shape == (512, 512, 3)
+    assert r2.faces == r1.faces == 1
+
+
+def test_background_model_choices_and_face_off(engine):
+    img = read("Blake_Lively.jpg", 128)
+    opts = [EnhanceOptions(upscale=4, face=False, bg_model="realesr-general-x4v3"),
+            EnhanceOptions(upscale=2, face=False, bg_model="none"),
+            EnhanceOptions(upscale=2, bg_model="RealESRGAN_x4plus", only_center_face=True)]
+    res = engine.enhance_batch([img] * 3, opts)
+    assert [r.faces for r in res] == [0, 0, 1]
+    assert res[0].image.shape[:2] == (img.shape[0] * 4, img.shape[1] * 4)
+
+
+def test_one_bad_image_does_not_fail_the_others(engine):
+    good = read("0014.jpg", 96)
+    bad = [np.zeros((4,), np.uint8), np.zeros((8, 8, 3), np.float32), "nope", np.zeros((1, 9), np.uint8)]
+    res = engine.enhance_batch([good, *bad, good], [EnhanceOptions()] * (len(bad) + 2))
+    assert isinstance(res[0], EnhanceResult) and isinstance(res[-1], EnhanceResult)
+    for r in res[1:-1]:
+        assert isinstance(r, InvalidImage) and r.status == 422
+    np.testing.assert_array_equal(res[0].image, res[-1].image)
+
+
+def test_a_failing_stage_stays_with_its_image(engine, monkeypatch):
+    from serve_app.engine import batch
+
+    real = batch._finish_one
+
+    def flaky(job):
+        if job.src.shape[0] == 97:
+            raise RuntimeError("boom")
+        real(job)
+
+    monkeypatch.setattr(batch, "_finish_one", flaky)
+    good, odd = read("0014.jpg", 96), read("0014.jpg", 97)
+    res = engine.enhance_batch([good, odd, good], [EnhanceOptions(upscale=1)] * 3)
+    assert isinstance(res[1], PhotoEnhanceError) and res[1].code == "engine_error"
+    assert isinstance(res[0], EnhanceResult) and isinstance(res[2], EnhanceResult)
+
+
+def test_concurrent_calls_agree(engine):
+    img = read("0014.jpg", 96)
+    outs: dict[int, np.ndarray] = {}
+
+    def call(k):
+        [r] = engine.enhance_batch([img], [EnhanceOptions(upscale=2)])
+        outs[k] = r.image
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_info_and_warmup(engine):
+    engine.warmup()
+    info = engine.info()
+    assert info["synthetic"] is True and engine.synthetic
+    assert info["profile"] == "tiny" and info["device"] == "cpu" and info["dtype"] == "float32"
+    assert "GFPGANv1.4" in info["loaded_models"]

@@ -1,0 +1,189 @@
+"""The HTTP API against the dev application: real server, real requests, real files."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+# Cheap options for tests about plumbing rather than restoration.
+FAST = {"face": "false", "bg_model": "none"}
+
+
+def decode(content: bytes) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert img is not None
+    return img
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and {"code", "message"} <= set(body["error"])
+    if code:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+def test_raw_body_photo_with_faces(http, images):
+    data = images.photo("Blake_Lively.jpg", max_side=256)
+    h, w = decode(data).shape[:2]
+    r = http.post("/v1/enhance?upscale=2", content=data, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/jpeg"
+    assert decode(r.content).shape == (2 * h, 2 * w, 3)
+    assert int(r.headers["x-faces-restored"]) >= 0
+    stages = {part.split(";")[0].strip() for part in r.headers["server-timing"].split(",")}
+    assert {"decode", "queue", "transfer", "encode", "total"} <= stages
+    assert len(stages) > 5  # the engine's own stages too
+    assert r.headers["x-weights-synthetic"] == "true"
+    assert "SYNTHETIC" in r.headers["warning"]
+    assert (int(r.headers["x-image-width"]), int(r.headers["x-image-height"])) == (2 * w, 2 * h)
+
+
+@pytest.mark.parametrize("upscale", [1, 2, 4])
+def test_output_size_follows_upscale(http, images, upscale):
+    data = images.cv2_bytes(images.array(24, 40), ".png")
+    r = http.post("/v1/enhance", params={"upscale": upscale, **FAST}, content=data,
+                  headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    assert decode(r.content).shape == (24 * upscale, 40 * upscale, 3)
+
+
+def test_multipart_with_fields_and_json_options(http, images):
+    data = images.cv2_bytes(images.array(32, 32), ".png")
+    r = http.post(
+        "/v1/enhance?upscale=4",
+        files={"image": ("x.png", data, "image/png")},
+        data={"upscale": "2", "options": json.dumps({"format": "webp", "quality": 70}), **FAST},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/webp"
+    assert decode(r.content).shape[:2] == (64, 64)  # the form's upscale wins over the query
+
+
+def test_multipart_without_image_is_400(http):
+    r = http.post("/v1/enhance", files={"picture": ("x.png", b"123", "image/png")})
+    assert_error(r, 400, "missing_image")
+
+
+def test_all_options(http, images):
+    face = images.photo("Adele_crop.png", max_side=512)
+    params = {
+        "upscale": 1, "face": "true", "face_model": "GFPGANv1.3", "bg_model": "RealESRGAN_x2plus",
+        "weight": 0.7, "only_center_face": "true", "aligned": "true", "format": "jpeg",
+        "quality": 60, "tile": 64,
+    }
+    r = http.post("/v1/enhance", params=params, content=face)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/jpeg"
+    assert decode(r.content).shape == (512, 512, 3)
+    assert r.headers["x-faces-restored"] == "1"
+
+
+def test_formats_gray_alpha_and_16_bit(http, images):
+    cases = [
+        (images.cv2_bytes(images.array(20, 20, 1), ".png"), "image/png", (40, 40)),
+        (images.cv2_bytes(images.array(20, 20, 4), ".png"), "image/png", (40, 40, 4)),
+        (images.cv2_bytes(images.array(20, 20, 3), ".bmp"), "image/png", (40, 40, 3)),
+        (images.cv2_bytes(images.array(20, 20, 3), ".tiff"), "image/png", (40, 40, 3)),
+        (images.cv2_bytes(images.array(20, 20, 3), ".webp"), "image/webp", (40, 40, 3)),
+    ]
+    for data, media_type, shape in cases:
+        r = http.post("/v1/enhance", params=FAST, content=data)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == media_type
+        assert decode(r.content).shape == shape
+    deep = images.cv2_bytes(images.array(20, 20, 3, "uint16"), ".png")
+    r = http.post("/v1/enhance", params=FAST, content=deep)
+    assert decode(r.content).dtype == np.uint16
+    rgba = images.cv2_bytes(images.array(20, 20, 4), ".png")
+    r = http.post("/v1/enhance", params={**FAST, "format": "jpeg"}, content=rgba)
+    assert r.headers["content-type"] == "image/jpeg" and decode(r.content).shape == (40, 40, 3)
+
+
+def test_exif_rotation_applied(http, images):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = images.pil_bytes(Image.fromarray(images.array(20, 30)), "JPEG", exif=exif)
+    r = http.post("/v1/enhance", params={**FAST, "upscale": 1}, content=data)
+    assert decode(r.content).shape == (30, 20, 3)
+
+
+def test_large_image_takes_its_own_path(http, app_config, images):
+    # More pixels than one batch may hold: served alone instead of failing.
+    h, w = 1000, app_config.batching.max_batch_pixels // 1000 + 50
+    data = images.cv2_bytes(np.full((h, w, 3), 120, np.uint8), ".png")
+    r = http.post("/v1/enhance", params={**FAST, "upscale": 1}, content=data)
+    assert r.status_code == 200, r.text
+    assert decode(r.content).shape == (h, w, 3)
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [({"upscale": 3}, "upscale"), ({"weight": 5}, "weight"), ({"format": "gif"}, "format"),
+     ({"face": "perhaps"}, "face"), ({"colour": "red"}, "colour"), ({"preset": "nope"}, "preset")],
+)
+def test_bad_options_are_422(http, images, params, field):
+    data = images.cv2_bytes(images.array(8, 8), ".png")
+    err = assert_error(http.post("/v1/enhance", params=params, content=data), 422, "invalid_option")
+    assert err["details"]["field"] == field
+
+
+def test_models_lists_limits_and_synthetic(http, app_config):
+    body = http.get("/v1/models").json()
+    assert body["ready"] is True and body["synthetic"] is True and "warning" in body
+    assert body["limits"] == app_config.limits.model_dump(mode="json")
+    assert "GFPGANv1.4" in body["models"]["face"]
+    assert "RealESRGAN_x4plus" in body["models"]["background"]
+    assert {p["name"] for p in body["presets"]} >= {"default", "portrait"}
+    assert body["engine"]["profile"] == "tiny"
+
+
+def test_health_and_readiness(http):
+    assert http.get("/healthz").json() == {"status": "ok"}
+    r = http.get("/readyz")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ready" and body["synthetic"] is True
+    assert "SYNTHETIC" in body["warning"] and r.headers["x-weights-synthetic"] == "true"
+
+
+def test_presets_crud(http, images, app_config):
+    assert_error(http.get("/v1/presets/tiny-x1"), 404, "preset_not_found")
+    r = http.put("/v1/presets/tiny-x1", json={"upscale": 1, "face": False, "bg_model": "none"})
+    assert r.status_code == 201 and r.json()["options"]["upscale"] == 1
+    assert http.put("/v1/presets/tiny-x1", json={"options": {"upscale": 1, "face": False,
+                                                             "bg_model": "none"}}).status_code == 200
+    assert (app_config.jobs.data_dir / "presets.json").exists()
+    names = {p["name"]: p["builtin"] for p in http.get("/v1/presets").json()["presets"]}
+    assert names["tiny-x1"] is False and names["portrait"] is True
+    data = images.cv2_bytes(images.array(16, 16), ".png")
+    r = http.post("/v1/enhance?preset=tiny-x1", content=data)
+    assert decode(r.content).shape == (16, 16, 3)
+    assert_error(http.put("/v1/presets/portrait", json={"upscale": 1}), 409)
+    assert_error(http.put("/v1/presets/bad", json={"upscale": 3}), 422, "invalid_option")
+    assert_error(http.put("/v1/presets/bad", content=b"{nope"), 400, "invalid_json")
+    assert http.delete("/v1/presets/tiny-x1").status_code == 204
+    assert_error(http.delete("/v1/presets/tiny-x1"), 404)
+    assert_error(http.post("/v1/enhance?preset=tiny-x1", content=data), 422)
+
+
+def test_unknown_route_and_method(http):
+    assert_error(http.get("/v2/nothing"), 404, "not_found")
+    assert_error(http.get("/v1/enhance"), 405, "method_not_allowed")
+
+
+def test_metrics(http, images):
+    http.post("/v1/enhance", params=FAST, content=images.cv2_bytes(images.array(8, 8), ".png"))
+    http.post("/v1/enhance", content=b"not an image")
+    text = http.get("/metrics").text
+    assert 'photoenhance_http_requests_total{method="POST",route="/v1/enhance",status="200"}' in text
+    assert 'status="415"' in text
+    assert 'photoenhance_http_request_duration_seconds_bucket{' in text
+    assert 'photoenhance_stage_duration_seconds_bucket{le="0.005",stage="decode"}' in text
+    assert "photoenhance_weights_synthetic 1.0" in text
