@@ -42,10 +42,27 @@ def proc_mem(pid: int) -> dict[str, int]:
     return out
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    try:
+        while pid > 1:
+            pid = _parent(pid)
+            if pid == ancestor:
+                return True
+    except OSError:
+        return False
+    return False
+
+
 def find_pid(title: str) -> int | None:
-    """The process whose Ray title (``ray::...``) contains ``title``."""
+    """Our Ray's process whose title (``ray::...``) contains ``title`` (other Ray instances
+    on the machine may run the same application: only descendants of this process count)."""
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or not _descends_from(int(entry), os.getpid()):
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:

@@ -338,6 +338,15 @@ def test_backlog_probe_reads_and_never_blocks() -> None:
     assert dead == 42.0 and handle is None  # looked up again later
 
 
+def test_backlog_probe_names_the_apps_job_actor() -> None:
+    from serve_app.jobs.manager import NAMESPACE, manager_name
+
+    app = AppConfig.model_validate({"name": "photoenhance-scale"})
+    probe = BacklogProbe.for_app(app, timeout_s=0.5)
+    assert (probe.actor_name, probe.namespace) == (manager_name(app), NAMESPACE)
+    assert probe.timeout_s == 0.5
+
+
 def test_backlog_probe_without_ray_reports_zero() -> None:
     probe = BacklogProbe("no-such-actor", timeout_s=0.5)
     assert asyncio.run(probe.stats()) == {JOB_BACKLOG_METRIC: 0.0}

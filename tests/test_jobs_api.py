@@ -314,10 +314,11 @@ def test_killed_job_actor_resumes_and_records_each_item_once(
     import ray
 
     folder = image_folder(data_dir, "killed", 80)
-    job = submit(http, input_prefix=str(folder), options={"face": False})
+    job = submit(http, input_prefix=str(folder), max_inflight=2, options={"face": False})
     wait(http, job["job_id"], lambda s: s["done"] >= 10)
     pid = ray.get(_manager(app_config).pid.remote(), timeout=30)
     os.kill(pid, signal.SIGKILL)  # a real kill: Ray restarts the actor in a new process
+    assert len(manifest_lines(data_dir, job["job_id"])) < 80, "the job ended before the kill"
 
     snap = wait(http, job["job_id"], done, timeout=180)
     assert snap["state"] == "completed"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.config import JobsConfig
-from serve_app.errors import InvalidImage, Overloaded
+from serve_app.errors import InvalidImage, NotReady, Overloaded
 from serve_app.jobs import sources
 from serve_app.jobs.job import Job
 from serve_app.jobs.manifest import ManifestWriter, read_manifest
@@ -186,9 +186,10 @@ def test_prefix_listing_is_lazy_sorted_and_filtered(tmp_path: Path) -> None:
 
 
 def test_classify_and_backoff() -> None:
-    assert classify(InvalidImage("x"))[:2] == (False, "invalid_image")
-    assert classify(Overloaded("x"))[0] is True
-    assert classify(TimeoutError())[:2] == (True, "timeout")
+    assert classify(InvalidImage("x"))[:2] == ("permanent", "invalid_image")
+    assert classify(Overloaded("x"))[0] == "transient"
+    assert classify(NotReady("x"))[0] == "unavailable"
+    assert classify(TimeoutError())[:2] == ("transient", "timeout")
     delays = [backoff(a, 0.5, 10.0) for a in range(1, 8)]
     assert 0.25 <= delays[0] <= 0.5 and all(d <= 10.0 for d in delays)
     assert delays[4] >= 4.0  # 0.5 * 2**4 = 8, half of it fixed

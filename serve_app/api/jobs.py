@@ -93,7 +93,8 @@ class JobsApi:
 
         if ray.is_initialized():
             try:
-                mgr.get_manager(self.config)
+                handle = mgr.get_manager(self.config)
+                handle.configure.remote(self.config.model_dump(mode="json"))
             except Exception:
                 LOGGER.exception("cannot start the job actor; it starts on first use")
 

@@ -41,6 +41,9 @@ POLICY_FUNCTION = "serve_app.deployments.autoscaling:QueueDepthPolicy"
 JOB_BACKLOG_METRIC = "job_backlog"
 """Name under which model replicas report the job backlog in ``record_autoscaling_stats``."""
 
+JOB_ACTOR_NAMESPACE = "photoenhance"
+"""Namespace of the job actor (``serve_app.jobs.manager``), named ``<app name>-jobs``."""
+
 _STATE_KEY = "photoenhance"
 _EPS = 1e-9
 
@@ -254,7 +257,7 @@ class BacklogProbe:
     yields the last value read (0 before any), so the replica's metrics push is not held
     up. The actor is looked up by name, at most every ``lookup_every_s`` while absent.
 
-        self._backlog = BacklogProbe("photoenhance-jobs")   # in Enhancer.__init__
+        self._backlog = BacklogProbe.for_app(self.config)   # in Enhancer.__init__
         async def record_autoscaling_stats(self) -> dict[str, float]:
             return {"in_flight": float(self._in_flight), **await self._backlog.stats()}
     """
@@ -263,7 +266,7 @@ class BacklogProbe:
         self,
         actor_name: str,
         *,
-        namespace: str | None = None,
+        namespace: str | None = JOB_ACTOR_NAMESPACE,
         method: str = "backlog",
         timeout_s: float = 1.0,
         lookup_every_s: float = 5.0,
@@ -279,6 +282,13 @@ class BacklogProbe:
         self.read_at: float | None = None
         self._actor: Any = None
         self._looked_up_at = -math.inf
+
+    @classmethod
+    def for_app(cls, app: AppConfig, **kwargs: Any) -> BacklogProbe:
+        """The probe of this application's job actor."""
+        from serve_app.jobs.manager import NAMESPACE, manager_name
+
+        return cls(manager_name(app), namespace=NAMESPACE, **kwargs)
 
     async def stats(self) -> dict[str, float]:
         return {self.metric: await self.read()}

@@ -1,9 +1,17 @@
 """Paste restored faces into the upsampled background: FaceRestoreHelper's arithmetic.
 
 Upstream warps every face and its mask over the whole output and blends the whole image
-in float64. Here each warp covers only the face's bounding box (the rest of upstream's
-warp is exactly zero there), and the float64 blend covers the union of those boxes, so
-the cost follows the faces, not the output size.
+in float64. Here the float64 blend covers only the union of the faces' bounding boxes (the
+rest of upstream's warps is exactly zero there), so the blend's cost follows the faces, not
+the output size.
+
+The warps are not translated into the box: OpenCV computes source coordinates from absolute
+destination pixel indices (float32 in OpenCV 5's 8-bit linear kernels, 1/1024 fixed point
+in the others), so ``M[:, 2] -= (x0, y0)`` on a box-sized output rounds differently and moved
+the warped mask by up to 2.5e-4 and the face by a grey level at high-contrast edges: with
+the float64 -> uint8 truncation of the blend that made pixels 1-2 levels off upstream.
+Each warp is therefore made over ``[0, x1) x [0, y1)`` with upstream's own matrix (same
+pixel indices, bit-identical values) and cut to the box.
 """
 
 from __future__ import annotations
@@ -62,11 +70,9 @@ def paste(background: np.ndarray, faces: list[Face], upscale: float) -> np.ndarr
     uy1 = max(r[3] for _, _, r in placed)
     canvas = out[uy0:uy1, ux0:ux1, 0:3].astype(np.float64)
     for f, inv, (x0, y0, x1, y1) in placed:
-        m = inv.copy()
-        m[:, 2] -= (x0, y0)
-        size = (x1 - x0, y1 - y0)
-        face = cv2.warpAffine(f.restored, m, size)
-        mask = cv2.warpAffine(f.mask, m, size, flags=cv2.INTER_CUBIC)[:, :, None]
+        # upstream's matrix and pixel indices (see the module docstring), cut to the box
+        face = cv2.warpAffine(f.restored, inv, (x1, y1))[y0:, x0:]
+        mask = cv2.warpAffine(f.mask, inv, (x1, y1), flags=cv2.INTER_CUBIC)[y0:, x0:, None]
         sub = canvas[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
         sub[...] = mask * face + (1 - mask) * sub
     out[uy0:uy1, ux0:ux1, 0:3] = canvas.astype(np.uint8)

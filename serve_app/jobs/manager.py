@@ -75,6 +75,22 @@ class JobManager:
                 LOGGER.warning("resumed %d unfinished job(s): %s", len(resumed), resumed)
         return {"pid": os.getpid(), "jobs": len(self.scheduler.jobs)}
 
+    async def configure(self, config: dict[str, Any]) -> None:
+        """Apply a redeployed application's config (limits, retries, roots; a new data
+        folder is scanned for unfinished jobs too)."""
+        new = AppConfig.model_validate(config)
+        if new == self.config:
+            return
+        scheduler = await self._scheduler()
+        old_dir, self.config = jobs_dir(self.config), new
+        scheduler.config = new.jobs
+        scheduler.max_bytes = new.limits.max_bytes
+        scheduler.timeout_s = new.ingress.request_timeout_s + 30.0
+        scheduler.local_roots = local_roots(new)
+        if jobs_dir(new) != old_dir:
+            scheduler.recover(jobs_dir(new))
+        scheduler.wake()
+
     async def _scheduler(self) -> Scheduler:
         await self.start()
         assert self.scheduler is not None

@@ -51,18 +51,26 @@ def unwrap(exc: BaseException) -> PhotoEnhanceError | None:
     return cause if isinstance(cause, PhotoEnhanceError) else None
 
 
-def classify(exc: BaseException) -> tuple[bool, str, str]:
-    """``(transient, code, message)``: 4xx errors are permanent, everything else transient
-    (overload, timeouts, a replica or actor that died, a 5xx from a source)."""
+UNAVAILABLE = frozenset({"not_ready", "DeploymentUnavailableError"})
+
+
+def classify(exc: BaseException) -> tuple[str, str, str]:
+    """``(kind, code, message)``. ``kind`` is ``permanent`` for 4xx errors (the item fails at
+    once), ``unavailable`` when the application is not running (wait, without spending an
+    attempt) and ``transient`` for everything else: overload, timeouts, a replica or actor
+    that died, a 5xx from a source."""
     err = unwrap(exc)
     if err is not None:
-        return err.status >= 500, err.code, err.message
+        if err.code in UNAVAILABLE:
+            return "unavailable", err.code, err.message
+        return ("transient" if err.status >= 500 else "permanent"), err.code, err.message
     if isinstance(exc, TimeoutError):
-        return True, "timeout", "the enhancement did not finish in time"
+        return "transient", "timeout", "the enhancement did not finish in time"
     name = type(exc).__name__
-    return True, "ray_error" if "Ray" in name or "Actor" in name else "internal_error", (
-        f"{name}: {str(exc)[:300]}"
-    )
+    message = f"{name}: {str(exc)[:300]}"
+    if name in UNAVAILABLE:
+        return "unavailable", "app_unavailable", message
+    return "transient", "ray_error" if "Ray" in name or "Actor" in name else "internal_error", message
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -116,6 +124,9 @@ class Scheduler:
     # ------------------------------------------------------------------ jobs
 
     async def submit(self, spec: JobSpec, folder: Path) -> Job:
+        if spec.job_id in self.jobs:  # a retried submission: the job exists already
+            return self.jobs[spec.job_id]
+
         def create() -> Job:
             job = Job.create(spec, folder)
             job.storage.prepare()
@@ -245,10 +256,14 @@ class Scheduler:
             self.inflight -= 1
             self.wake()
             raise
-        except Exception:
+        except Exception as exc:
+            # Not the item's fault (its input list or storage is unreadable, say): stop the
+            # job rather than spin on it; resume retries.
             LOGGER.exception("job %s item %d: unexpected failure", job.id, index)
             job.release(index)
             self.inflight -= 1
+            if job.state in ACTIVE:
+                job.set_state("paused", f"internal_error: {type(exc).__name__}: {exc}"[:300])
             self.wake()
             return
         # Shielded: a cancel that lands now still leaves the output and its record whole.
@@ -263,7 +278,7 @@ class Scheduler:
         source, name = await asyncio.to_thread(job.inputs.get, index)
         options = EnhanceOptions.model_validate(job.spec.options)
         t0 = time.perf_counter()
-        attempt = 0
+        attempt = unavailable = 0
         while True:
             attempt += 1
             stage = "fetch"
@@ -286,8 +301,16 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                transient, code, message = classify(exc)
-                if not transient or attempt >= self.config.max_attempts:
+                kind, code, message = classify(exc)
+                if kind == "unavailable":
+                    attempt -= 1  # the application is down: wait for it, spend nothing
+                    unavailable += 1
+                    delay = backoff(min(unavailable, 8), self.config.retry_base_s,
+                                    self.config.retry_max_s)
+                    LOGGER.info("job %s item %d: %s, waiting %.1fs", job.id, index, code, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                if kind == "permanent" or attempt >= self.config.max_attempts:
                     return {"source": source, "name": name, "attempts": attempt, "t0": t0,
                             "error": {"code": code, "message": message, "stage": stage},
                             "timings": {}}
