@@ -3,8 +3,11 @@
     .venv/bin/python cluster/make_dashboard.py           # rewrite
     .venv/bin/python cluster/make_dashboard.py --check   # exit 1 when the file differs
 
-The ``prefix`` variable picks where the project's metrics are read: ``ray_`` (recorded
-through Ray, every replica, from Ray's metrics port) or empty (the ingress's /metrics).
+Each project metric is read where it is exported (docs/SCALING.md, "Metrics contract"):
+``photoenhance_*`` from the ingress's ``GET /metrics`` (prometheus_client: requests, request
+latency, per-image stages) and ``ray_photoenhance_*`` from Ray's metrics port (recorded
+through Ray by the model replicas: batches, images, faces, GPU memory, engine stages; and by
+the autoscaling policy in the controller: replicas wanted, queue depth, job backlog).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 TARGET = Path(__file__).with_name("grafana-dashboard.json")
-P = "${prefix}photoenhance_"
+P = "photoenhance_"  # ingress /metrics
+RAY = "ray_photoenhance_"  # Ray's metrics port
 MODEL = 'deployment="Enhancer"'
 R = "[$__rate_interval]"
 
@@ -52,34 +56,40 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
             f'sum(rate({P}requests_total{{status=~"5.."}}{R})) / clamp_min(sum(rate({P}requests_total{R})), 1e-9)',
             "5xx share")], "percentunit"),
         panel("Request latency", quantiles(f"{P}request_seconds", "route"), "s"),
-        panel("Stage latency p95", [(
+        panel("Stage latency p95 (ingress: whole path per image)", [(
             f"histogram_quantile(0.95, sum by (le, stage) (rate({P}stage_seconds_bucket{R})))",
             "{{stage}}")], "s"),
     ]),
-    ("Work", [
+    ("Work (model replicas)", [
         panel("Images and faces per second", [
-            (f"sum(rate({P}images_total{R}))", "images"),
-            (f"sum(rate({P}faces_total{R}))", "faces"),
+            (f"sum by (outcome) (rate({RAY}images_total{{{MODEL}}}{R}))", "images {{outcome}}"),
+            (f"sum(rate({RAY}faces_total{{{MODEL}}}{R}))", "faces"),
         ], "ops"),
+        panel("Engine stage latency p95 (queue per image, stages per batch)", [(
+            f"histogram_quantile(0.95, sum by (le, stage) (rate({RAY}stage_seconds_bucket{{{MODEL}}}{R})))",
+            "{{stage}}")], "s"),
         panel("Batch size", [
-            (f"sum(rate({P}batch_size_sum{R})) / clamp_min(sum(rate({P}batch_size_count{R})), 1e-9)", "mean"),
-            (f"histogram_quantile(0.95, sum by (le) (rate({P}batch_size_bucket{R})))", "p95"),
+            (f"sum(rate({RAY}batch_size_sum{{{MODEL}}}{R})) / "
+             f"clamp_min(sum(rate({RAY}batch_size_count{{{MODEL}}}{R})), 1e-9)", "mean"),
+            (f"histogram_quantile(0.95, sum by (le) (rate({RAY}batch_size_bucket{{{MODEL}}}{R})))", "p95"),
         ]),
         panel("Batch pixels", [
-            (f"sum(rate({P}batch_pixels_sum{R})) / clamp_min(sum(rate({P}batch_pixels_count{R})), 1e-9)", "mean"),
-            (f"histogram_quantile(0.95, sum by (le) (rate({P}batch_pixels_bucket{R})))", "p95"),
+            (f"sum(rate({RAY}batch_pixels_sum{{{MODEL}}}{R})) / "
+             f"clamp_min(sum(rate({RAY}batch_pixels_count{{{MODEL}}}{R})), 1e-9)", "mean"),
+            (f"histogram_quantile(0.95, sum by (le) (rate({RAY}batch_pixels_bucket{{{MODEL}}}{R})))", "p95"),
         ]),
-        panel("GPU memory in use", [(f"sum by (replica) ({P}gpu_memory_bytes)", "{{replica}}")], "bytes"),
+        panel("GPU memory held (CUDA replicas only)",
+              [(f"sum by (replica) ({RAY}gpu_memory_bytes{{{MODEL}}})", "{{replica}}")], "bytes"),
     ]),
     ("Autoscaling", [
         panel("Model replicas: wanted, Serve's target, running", [
-            (f"max(ray_photoenhance_replicas_wanted{{{MODEL}}})", "wanted by the policy"),
+            (f"max({RAY}replicas_wanted{{{MODEL}}})", "wanted by the policy"),
             (f"max(ray_serve_autoscaling_target_replicas{{{MODEL}}})", "Serve target"),
             (f"sum(ray_serve_deployment_replica_healthy{{{MODEL}}})", "running (healthy)"),
         ]),
         panel("Queue depth and job backlog (as the policy sees them)", [
-            (f"max(ray_photoenhance_queue_depth{{{MODEL}}})", "requests running + queued"),
-            (f"max(ray_photoenhance_job_backlog{{{MODEL}}})", "job items not dispatched"),
+            (f"max({RAY}queue_depth{{{MODEL}}})", "requests running + queued"),
+            (f"max({RAY}job_backlog{{{MODEL}}})", "job items not dispatched"),
             (f"sum(ray_serve_deployment_queued_queries{{{MODEL}}})", "queued at handles"),
             (f"sum(ray_serve_num_ongoing_requests_at_replicas{{{MODEL}}})", "ongoing at replicas"),
         ]),
@@ -115,10 +125,6 @@ def dashboard() -> dict[str, Any]:
         "time": {"from": "now-1h", "to": "now"},
         "templating": {"list": [
             {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"},
-            {"name": "prefix", "type": "custom", "label": "project metrics from",
-             "query": "ray_,", "current": {"text": "ray_", "value": "ray_"},
-             "options": [{"text": "ray_", "value": "ray_", "selected": True},
-                         {"text": "", "value": "", "selected": False}]},
         ]},
         "panels": panels,
     }

@@ -50,7 +50,6 @@ class EngineConfig(_Section):
         2048, ge=64, description="Activation memory one forward may use; sets chunk sizes."
     )
     det_threshold: float = Field(0.97, gt=0, lt=1)
-    det_max_side: int = Field(1024, ge=64, description="Detection runs on images resized to fit.")
     use_parse: bool = Field(True, description="Blend pasted faces with parsing masks.")
     torch_threads: int = Field(0, ge=0, description="0: torch's default.")
     warmup: bool = True

@@ -182,8 +182,9 @@ def test_metrics(http, images):
     http.post("/v1/enhance", params=FAST, content=images.cv2_bytes(images.array(8, 8), ".png"))
     http.post("/v1/enhance", content=b"not an image")
     text = http.get("/metrics").text
-    assert 'photoenhance_http_requests_total{method="POST",route="/v1/enhance",status="200"}' in text
-    assert 'status="415"' in text
-    assert 'photoenhance_http_request_duration_seconds_bucket{' in text
-    assert 'photoenhance_stage_duration_seconds_bucket{le="0.005",stage="decode"}' in text
+    assert 'photoenhance_requests_total{route="/v1/enhance",status="200"}' in text
+    assert 'photoenhance_requests_total{route="/v1/enhance",status="415"}' in text
+    assert 'photoenhance_request_seconds_bucket{le="0.005",route="/v1/enhance"}' in text
+    assert 'photoenhance_stage_seconds_bucket{le="0.005",stage="decode"}' in text
+    assert "photoenhance_requests_in_flight " in text
     assert "photoenhance_weights_synthetic 1.0" in text

@@ -236,6 +236,36 @@ def test_private_url_is_refused_before_anything_is_written(
     assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
 
 
+def test_short_storage_is_a_507_before_the_job_exists(
+    app_config: AppConfig, tmp_path: Path
+) -> None:
+    from starlette.applications import Starlette
+
+    from serve_app.api.errors import EXCEPTION_HANDLERS
+    from serve_app.api.jobs import JobsApi, job_routes
+
+    short = app_config.model_copy(
+        update={"jobs": app_config.jobs.model_copy(
+            update={"min_free_bytes": 10**18, "data_dir": tmp_path})}
+    )
+    app = Starlette(routes=job_routes(JobsApi(short)), exception_handlers=EXCEPTION_HANDLERS)
+    folder = image_folder(tmp_path, "few", 2)
+
+    async def post_all() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [
+                await client.post("/v1/jobs", json={"input_prefix": str(folder)}),
+                await client.post("/v1/jobs", files=[("files", ("a.png", png(1), "image/png"))]),
+            ]
+
+    for r in asyncio.run(post_all()):
+        assert r.status_code == 507, r.text
+        assert r.json()["error"]["code"] == "insufficient_storage"
+        assert "free" in r.json()["error"]["message"]
+    assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
+
+
 # ---------------------------------------------------------------------- failures and control
 
 

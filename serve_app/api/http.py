@@ -201,7 +201,7 @@ class ObservedApp:
                 started = True
             await send(message)
 
-        metrics.HTTP_INFLIGHT.inc()
+        metrics.IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception:
@@ -210,7 +210,7 @@ class ObservedApp:
             if not started:
                 await internal_error_response()(scope, receive, send)
         finally:
-            metrics.HTTP_INFLIGHT.dec()
+            metrics.IN_FLIGHT.dec()
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
-            metrics.observe_request(name, scope.get("method", ""), status, time.perf_counter() - start)
+            metrics.observe_request(name, status, time.perf_counter() - start)

@@ -75,13 +75,7 @@ class Ingress:
         ``PhotoEnhanceError`` (wrapped in Ray's ``RayTaskError`` for remote callers, and still
         an instance of it) with the same code and status as the HTTP API.
         """
-        try:
-            result = await self._enhance(data, options)
-        except Exception as exc:
-            err = as_photo_error(exc)
-            metrics.observe_failure(err.code if err else "internal_error")
-            raise
-        return result
+        return await self._enhance(data, options)
 
     async def model_info(self) -> dict[str, Any]:
         """The model deployment's ``info()`` (cached briefly); ``NotReady`` if it cannot say."""
@@ -140,7 +134,7 @@ class Ingress:
         timings = {"decode": t1 - t0, **inner, "transfer": transfer, "encode": t3 - t2}
         timings["total"] = t3 - t0
         synthetic = await self._synthetic()
-        metrics.observe_image(timings, result.faces, decoded.width * decoded.height)
+        metrics.observe_stages(timings)
         return EnhancedImage(
             data=out,
             media_type=codec.MEDIA_TYPES[fmt],

@@ -1,8 +1,13 @@
-"""Prometheus metrics of one ingress replica, served at ``GET /metrics``.
+"""Prometheus metrics of one ingress replica, served at ``GET /metrics`` (no ``ray_`` prefix).
 
-Each replica has its own registry (a scrape reaches one replica); Ray's own ``ray_serve_*``
-metrics, exported by every node, cover the whole cluster. Other modules add their metrics
-to ``REGISTRY``.
+The names follow docs/SCALING.md, "Metrics contract". The ingress records what it sees of a
+request: ``photoenhance_requests_total{route,status}``, ``photoenhance_request_seconds{route}``
+and ``photoenhance_stage_seconds{stage}`` (the whole path of each image: decode, queue, the
+engine's stages, transfer, encode), plus two extras, ``photoenhance_requests_in_flight`` and
+``photoenhance_weights_synthetic``. The model replicas record batches, images, faces, GPU
+memory and engine stages through Ray (``serve_app.deployments.model``); those appear on Ray's
+metrics port as ``ray_photoenhance_*``. Each ingress replica has its own registry, so a scrape
+reaches one replica.
 """
 
 from __future__ import annotations
@@ -15,42 +20,33 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 REGISTRY = CollectorRegistry(auto_describe=True)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-HTTP_REQUESTS = Counter(
-    "photoenhance_http_requests",
-    "HTTP requests by route, method and status.",
-    ["route", "method", "status"],
+REQUESTS = Counter(  # exported as photoenhance_requests_total
+    "photoenhance_requests",
+    "HTTP requests by route template and status code.",
+    ["route", "status"],
     registry=REGISTRY,
 )
-HTTP_LATENCY = Histogram(
-    "photoenhance_http_request_duration_seconds",
-    "HTTP request latency by route, method and status.",
-    ["route", "method", "status"],
-    buckets=_LATENCY_BUCKETS,
+REQUEST_SECONDS = Histogram(
+    "photoenhance_request_seconds",
+    "HTTP request latency (first byte in to response start and body sent), by route template.",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
-HTTP_INFLIGHT = Gauge(
-    "photoenhance_http_requests_in_flight",
-    "HTTP requests being handled by this replica.",
-    registry=REGISTRY,
-)
-STAGE_LATENCY = Histogram(
-    "photoenhance_stage_duration_seconds",
-    "Time per processing stage (decode, queue, engine stages, encode).",
+STAGE_SECONDS = Histogram(
+    "photoenhance_stage_seconds",
+    "Seconds per image and stage: decode, queue (wait in the model replica), the engine's "
+    "stages (detect, restore, parse, upsample, paste) and its total (engine), transfer, encode.",
     ["stage"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
-IMAGES = Counter(
-    "photoenhance_images",
-    "Images enhanced (any entry point) by outcome code ('ok' or an error code).",
-    ["outcome"],
+IN_FLIGHT = Gauge(
+    "photoenhance_requests_in_flight",
+    "HTTP requests being handled by this ingress replica.",
     registry=REGISTRY,
-)
-FACES = Counter("photoenhance_faces_restored", "Faces restored.", registry=REGISTRY)
-INPUT_PIXELS = Counter(
-    "photoenhance_input_pixels", "Input pixels of enhanced images.", registry=REGISTRY
 )
 WEIGHTS_SYNTHETIC = Gauge(
     "photoenhance_weights_synthetic",
@@ -58,22 +54,18 @@ WEIGHTS_SYNTHETIC = Gauge(
     registry=REGISTRY,
 )
 
-
-def observe_request(route: str, method: str, status: int, seconds: float) -> None:
-    HTTP_REQUESTS.labels(route, method, str(status)).inc()
-    HTTP_LATENCY.labels(route, method, str(status)).observe(seconds)
+_NOT_STAGES = frozenset({"total"})  # the whole call: photoenhance_request_seconds covers it
 
 
-def observe_image(timings: Mapping[str, float], faces: int, pixels: int) -> None:
+def observe_request(route: str, status: int, seconds: float) -> None:
+    REQUESTS.labels(route, str(status)).inc()
+    REQUEST_SECONDS.labels(route).observe(seconds)
+
+
+def observe_stages(timings: Mapping[str, float]) -> None:
     for stage, seconds in timings.items():
-        STAGE_LATENCY.labels(stage).observe(seconds)
-    IMAGES.labels("ok").inc()
-    FACES.inc(faces)
-    INPUT_PIXELS.inc(pixels)
-
-
-def observe_failure(code: str) -> None:
-    IMAGES.labels(code).inc()
+        if stage not in _NOT_STAGES:
+            STAGE_SECONDS.labels(stage).observe(seconds)
 
 
 def render() -> bytes:

@@ -8,12 +8,16 @@ most ``N`` images and at most ``B`` pixels, and ``N`` small images close it at o
 of more than ``B`` pixels alone would be refused by Serve (``RuntimeError``), so it takes
 its own path straight to the engine. One lock keeps the two paths from running the engine
 at the same time, so the device never holds two batches' activations.
+
+Metrics. Each replica records its work with ``ray.serve.metrics`` (``ReplicaMetrics``); Ray
+exports them on every node's metrics port as ``ray_photoenhance_*`` (counters with ``_total``)
+with ``deployment``, ``replica`` and ``application`` labels. They are recorded once per batch,
+after the engine lock is released.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ import numpy as np
 from ray import serve
 
 from serve_app.config import AppConfig
+from serve_app.deployments.autoscaling import BacklogProbe
 from serve_app.engine.types import EnhanceResult
 from serve_app.errors import EngineFailure, ImageTooLargeForDevice, PhotoEnhanceError
 from serve_app.options import EnhanceOptions
@@ -40,6 +45,86 @@ class _Work:
 
 def _batch_cost(items: list[_Work]) -> float:
     return sum(item.cost for item in items)
+
+
+# Engine stages recorded once per batch (every image of a batch shares its stage's time).
+ENGINE_STAGES = ("detect", "restore", "parse", "upsample", "paste")
+STAGE_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+BATCH_SIZE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
+BATCH_PIXEL_BUCKETS = [2.0**k for k in range(12, 29)]  # 4 Ki .. 256 Mi pixels, doubling
+
+
+class ReplicaMetrics:
+    """The model replica's figures, through Ray (``ray_`` prefix on Ray's metrics port).
+
+    Made in ``Enhancer.__init__`` (inside the replica, so Serve adds its labels). ``record``
+    takes one finished batch; ``gpu_memory_bytes`` is set only on a CUDA device.
+    """
+
+    def __init__(self, device: Any = None) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.batch_size = Histogram(
+            "photoenhance_batch_size",
+            description="Images per engine batch.",
+            boundaries=BATCH_SIZE_BUCKETS,
+        )
+        self.batch_pixels = Histogram(
+            "photoenhance_batch_pixels",
+            description="Input pixels per engine batch.",
+            boundaries=BATCH_PIXEL_BUCKETS,
+        )
+        self.stage_seconds = Histogram(
+            "photoenhance_stage_seconds",
+            description="Seconds per stage in the model replica: queue per image, the engine "
+            "stages and their total (engine) per batch.",
+            boundaries=STAGE_BUCKETS,
+            tag_keys=("stage",),
+        )
+        self.images = Counter(
+            "photoenhance_images",
+            description="Images through the engine, by outcome ('ok' or an error code).",
+            tag_keys=("outcome",),
+        )
+        self.faces = Counter("photoenhance_faces", description="Faces restored.")
+        self.gpu_memory = Gauge(
+            "photoenhance_gpu_memory_bytes",
+            description="GPU memory held by this replica's PyTorch allocator (reserved).",
+        )
+        self._cuda = device if getattr(device, "type", None) == "cuda" else None
+        self._tags = {name: {"stage": name} for name in ("queue", "engine", *ENGINE_STAGES)}
+        self._ok = {"outcome": "ok"}
+
+    def record(self, works: list[_Work], results: list[Any]) -> None:
+        self.batch_size.observe(len(works))
+        self.batch_pixels.observe(sum(int(w.image.shape[0]) * int(w.image.shape[1]) for w in works))
+        ok = faces = 0
+        stages: dict[str, float] = {}
+        for result in results:
+            if isinstance(result, EnhanceResult):
+                ok += 1
+                faces += int(result.faces)
+                timings = result.timings
+                if "queue" in timings:
+                    self.stage_seconds.observe(timings["queue"], tags=self._tags["queue"])
+                for name in ENGINE_STAGES:
+                    if name in timings:
+                        stages[name] = max(stages.get(name, 0.0), timings[name])
+                if "total" in timings:
+                    stages["engine"] = max(stages.get("engine", 0.0), timings["total"])
+            else:
+                code = getattr(result, "code", None) or "internal_error"
+                self.images.inc(1, tags={"outcome": str(code)})
+        for name, seconds in stages.items():
+            self.stage_seconds.observe(seconds, tags=self._tags[name])
+        if ok:
+            self.images.inc(ok, tags=self._ok)
+        if faces:
+            self.faces.inc(faces)
+        if self._cuda is not None:
+            import torch
+
+            self.gpu_memory.set(torch.cuda.memory_reserved(self._cuda))
 
 
 @serve.deployment(name="Enhancer")
@@ -62,7 +147,8 @@ class Enhancer:
         self._engine_lock = asyncio.Lock()
         self._in_flight = 0
         self._broken: str | None = None
-        self._backlog = _backlog_probe()
+        self._backlog = _backlog_probe(self.config)
+        self._metrics = _replica_metrics(getattr(self.engine, "device", None))
         self._load_s = time.perf_counter() - started
         self._started_at = time.time()
         if self.engine.synthetic:
@@ -129,6 +215,11 @@ class Enhancer:
         for work, result in zip(works, results, strict=True):
             if isinstance(result, EnhanceResult):
                 result.timings = {"queue": started - work.enqueued, **result.timings}
+        if self._metrics is not None:
+            try:
+                self._metrics.record(works, results)
+            except Exception:  # a metric must never fail a batch
+                LOGGER.debug("replica metrics not recorded", exc_info=True)
         return results
 
     async def _call_engine(self, works: list[_Work]) -> list[EnhanceResult | PhotoEnhanceError]:
@@ -149,14 +240,21 @@ class Enhancer:
             return [_as_error(exc)]
 
 
-def _backlog_probe() -> Any:
-    """The job backlog reader of the autoscaling policy, when that module exists."""
-    if importlib.util.find_spec("serve_app.deployments.autoscaling") is None:
+def _backlog_probe(config: AppConfig) -> BacklogProbe | None:
+    """The job backlog reader of the autoscaling policy (job actor ``<app name>-jobs``)."""
+    try:
+        return BacklogProbe.for_app(config)
+    except Exception:  # the jobs package failed to import: report no backlog
+        LOGGER.warning("job backlog probe unavailable; reporting no backlog", exc_info=True)
         return None
-    from serve_app.deployments import autoscaling
 
-    name = getattr(autoscaling, "JOB_ACTOR_NAME", "photoenhance-jobs")
-    return autoscaling.BacklogProbe(name)
+
+def _replica_metrics(device: Any) -> ReplicaMetrics | None:
+    try:
+        return ReplicaMetrics(device)
+    except Exception:  # metrics must never keep a replica from starting
+        LOGGER.warning("replica metrics unavailable", exc_info=True)
+        return None
 
 
 def _safe(result: Any) -> EnhanceResult | PhotoEnhanceError:

@@ -1,0 +1,134 @@
+"""CUDA-only code paths exercised on the CPU: out-of-memory split/retry, fp16/channels-last/
+compile switches. ``torch.cuda.OutOfMemoryError`` is a plain exception class, so a callable
+that raises it for chunks above a size stands in for a device that is too small."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.engine import batch
+from serve_app.engine.chunks import ItemTooLarge, chunk_size, forward_chunks, is_oom
+from serve_app.errors import ImageTooLargeForDevice
+from serve_app.options import EnhanceOptions
+
+
+def _device(max_items: int, max_value: float = float("inf")):
+    """A 'forward' that runs out of memory above ``max_items`` or on an item > max_value."""
+    calls: list[int] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        if x.shape[0] > max_items or bool((x > max_value).any()):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return x * 2
+
+    return fn, calls
+
+
+def test_oom_is_recognised():
+    assert is_oom(torch.cuda.OutOfMemoryError("x"))
+    assert is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not is_oom(RuntimeError("shape mismatch"))
+    assert not is_oom(ValueError("out of memory"))
+
+
+def test_chunk_size_follows_the_budget():
+    assert chunk_size(64, 2**20) == 64
+    assert chunk_size(64, 2**20, cap=8) == 8
+    assert chunk_size(64, 16 * 2**20) == 4
+    assert chunk_size(64, 2**40) == 1  # never zero
+
+
+def test_oom_halves_the_chunk_and_every_item_comes_back_once():
+    fn, calls = _device(max_items=3)
+    items = [torch.full((2,), float(i)) for i in range(10)]
+    got = list(forward_chunks(fn, items, chunk=8))
+    starts = [s for s, _ in got]
+    out = torch.cat([y for _, y in got])
+    torch.testing.assert_close(out, torch.stack(items) * 2)
+    assert starts == sorted(starts) and starts[0] == 0
+    assert calls[0] == 8 and calls[1] == 4 and max(calls[2:]) <= 2  # 8 -> 4 -> 2, then kept
+
+
+def test_other_errors_are_not_swallowed():
+    def fn(x):
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError):
+        list(forward_chunks(fn, [torch.zeros(1)] * 3, chunk=2))
+
+
+def test_an_item_that_does_not_fit_alone_is_named_after_the_ones_before_it():
+    fn, _ = _device(max_items=4, max_value=100)
+    items = [torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([500.0]), torch.tensor([3.0])]
+    done = []
+    with pytest.raises(ItemTooLarge) as err:
+        for start, y in forward_chunks(fn, items, chunk=4):
+            done.append((start, y))
+    assert err.value.index == 2
+    assert torch.cat([y for _, y in done]).flatten().tolist() == [2.0, 4.0]
+
+
+def test_item_too_large_fails_its_image_only():
+    """A stage whose chunked forward cannot fit one image's item: that image gets
+    ImageTooLargeForDevice (413), the others of the batch go through."""
+    fn, _ = _device(max_items=2, max_value=1000)
+
+    def stage(engine, jobs):
+        items = [torch.tensor([float(j.src.shape[0])]) for j in jobs]
+        for start, y in forward_chunks(fn, items, chunk=8):
+            for k, v in enumerate(y.tolist()):
+                jobs[start + k].result = np.full((1,), v)
+
+    jobs = [batch.Job(src=np.zeros((s, 4, 3), np.uint8), opt=EnhanceOptions())
+            for s in (10, 20, 5000, 30)]
+    batch._run_stage(None, "restore", stage, jobs)
+    assert [j.error is None for j in jobs] == [True, True, False, True]
+    assert isinstance(jobs[2].error, ImageTooLargeForDevice) and jobs[2].error.status == 413
+    assert [float(j.result[0]) for j in jobs if j.error is None] == [20.0, 40.0, 60.0]
+
+
+def test_gpu_switches_stay_off_on_the_cpu(tiny_weights):
+    """half / channels_last / compile are CUDA-only: on the CPU they must leave fp32 eager
+    networks (the path equal to upstream)."""
+    from serve_app.config import AppConfig
+    from serve_app.engine import Engine
+
+    cfg = AppConfig.model_validate({
+        "weights": {"dir": str(tiny_weights.dir)},
+        "engine": {"device": "cpu", "half": True, "channels_last": True, "compile": True},
+    })
+    eng = Engine.from_config(cfg)
+    assert eng.dtype == torch.float32 and eng.info()["dtype"] == "float32"
+    net = eng.net("RealESRGAN_x2plus")
+    assert isinstance(net, torch.nn.Module) and not hasattr(net, "_orig_mod")
+    p = next(net.parameters())
+    assert p.dtype == torch.float32
+    w = net.conv_first.weight
+    assert w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fp16_and_channels_last_forward_on_the_cpu(engine):
+    """The pieces the CUDA path uses (fp16 GFPGAN pre/post-processing, channels-last
+    Real-ESRGAN) run on the CPU and stay close to fp32."""
+    from serve_app.engine import restore
+
+    net = engine.net("RealESRGAN_x2plus")
+    x = torch.rand(1, 3, 24, 24)
+    want = net(x)
+    got = net.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    net.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    crop = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    h = restore._to_input(torch.from_numpy(crop), torch.float16)
+    f = restore._to_input(torch.from_numpy(crop), torch.float32)
+    assert h.dtype == torch.float16 and h.is_contiguous()
+    torch.testing.assert_close(h.float(), f, atol=1e-3, rtol=0)
+
+
+try:
+    from _engine_fixtures import engine, tiny_weights  # noqa: E402,F401
+except ImportError:
+    from tests._engine_fixtures import engine, tiny_weights  # noqa: E402,F401
