@@ -20,7 +20,7 @@ import ray
 
 from serve_app.config import AppConfig
 from serve_app.jobs.scheduler import Scheduler
-from serve_app.jobs.spec import JobSpec
+from serve_app.jobs.spec import ACTIVE, PENDING, JobSpec
 from serve_app.options import EnhanceOptions
 
 LOGGER = logging.getLogger(__name__)
@@ -128,6 +128,14 @@ class JobManager:
     async def record(self, job_id: str, index: int) -> dict[str, Any] | None:
         job = (await self._scheduler()).get(job_id)
         return await asyncio.to_thread(job.record, index)
+
+    async def backlog(self) -> int:
+        """Items not yet dispatched in queued and running jobs (paused ones wait for a person,
+        not for replicas): what the model replicas report to the autoscaling policy."""
+        if self.scheduler is None:
+            return 0
+        jobs = self.scheduler.jobs.values()
+        return sum(job.counts[PENDING] for job in jobs if job.state in ACTIVE)
 
     async def control(self, job_id: str, action: str) -> dict[str, Any]:
         return (await self._scheduler()).control(job_id, action).snapshot()
