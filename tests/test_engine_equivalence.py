@@ -106,33 +106,3 @@ def test_whole_photo_x4_at_full_size(engine, reference):
     [d] = _compare(engine, reference, [img], [EnhanceOptions(upscale=4)])
     assert d.max() <= 1, d.max()
 
-
-def test_paste_warps_equal_upstreams_full_size_warps():
-    """paste.paste on given faces/masks equals facexlib's paste arithmetic (whole-output
-    warps, float64 blend, truncation to uint8) bit for bit, including faces cut by the
-    image border and overlapping faces."""
-    import cv2
-
-    from serve_app.engine import paste
-
-    rng = np.random.default_rng(0)
-    h, w, up = 300, 420, 2
-    bg = rng.integers(0, 256, (h * up, w * up, 3), dtype=np.uint8)
-    faces = []
-    for cx, cy, s, t in [(60, 70, 0.3, 0.2), (200, 150, 0.45, -0.3), (230, 160, 0.25, 0.5),
-                         (400, 290, 0.4, 0.1)]:
-        a = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) / s
-        affine = np.hstack([a, (np.array([256.0, 256.0]) - a @ (cx, cy))[:, None]])
-        restored = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
-        mask = cv2.GaussianBlur(rng.random((512, 512)), (31, 31), 5)
-        mask[:10], mask[-10:], mask[:, :10], mask[:, -10:] = 0, 0, 0, 0
-        faces.append(paste.Face(restored, affine, mask))
-    want = bg
-    for f in faces:  # facexlib's paste_faces_to_input_image, use_parse branch
-        inv = cv2.invertAffineTransform(f.affine)
-        inv *= up
-        inv[:, 2] += 0.5 * up
-        face = cv2.warpAffine(f.restored, inv, (w * up, h * up))
-        m = cv2.warpAffine(f.mask, inv, (w * up, h * up), flags=3)[:, :, None]
-        want = m * face + (1 - m) * want
-    np.testing.assert_array_equal(paste.paste(bg, faces, up), want.astype(np.uint8))

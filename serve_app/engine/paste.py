@@ -10,8 +10,11 @@ destination pixel indices (float32 in OpenCV 5's 8-bit linear kernels, 1/1024 fi
 in the others), so ``M[:, 2] -= (x0, y0)`` on a box-sized output rounds differently and moved
 the warped mask by up to 2.5e-4 and the face by a grey level at high-contrast edges: with
 the float64 -> uint8 truncation of the blend that made pixels 1-2 levels off upstream.
-Each warp is therefore made over ``[0, x1) x [0, y1)`` with upstream's own matrix (same
-pixel indices, bit-identical values) and cut to the box.
+The row width matters too: the vectorised kernels leave each row's last ``width % lanes``
+pixels to scalar code that rounds differently, so a narrower output changes which pixels
+take which path. Each warp is therefore made over upstream's full width and rows
+``[0, y1)``, with upstream's own matrix (same pixel indices and code paths, bit-identical
+values), and cut to the box; only the rows below the last face are saved.
 """
 
 from __future__ import annotations
@@ -71,8 +74,8 @@ def paste(background: np.ndarray, faces: list[Face], upscale: float) -> np.ndarr
     canvas = out[uy0:uy1, ux0:ux1, 0:3].astype(np.float64)
     for f, inv, (x0, y0, x1, y1) in placed:
         # upstream's matrix and pixel indices (see the module docstring), cut to the box
-        face = cv2.warpAffine(f.restored, inv, (x1, y1))[y0:, x0:]
-        mask = cv2.warpAffine(f.mask, inv, (x1, y1), flags=cv2.INTER_CUBIC)[y0:, x0:, None]
+        face = cv2.warpAffine(f.restored, inv, (w, y1))[y0:, x0:x1]
+        mask = cv2.warpAffine(f.mask, inv, (w, y1), flags=cv2.INTER_CUBIC)[y0:, x0:x1, None]
         sub = canvas[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0]
         sub[...] = mask * face + (1 - mask) * sub
     out[uy0:uy1, ux0:ux1, 0:3] = canvas.astype(np.uint8)
