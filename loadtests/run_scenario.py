@@ -136,6 +136,11 @@ def metrics_source(scenario: Scenario) -> Callable[[], Sample]:
                         s.labels.get("application", scenario.app) == scenario.app
                     ):
                         out[f"m_{key}"] = out.get(f"m_{key}", 0.0) + s.value
+        # Healthy replicas and Serve's target are what a driver's sampler calls running and
+        # target: the same keys let the events and the plot read either source.
+        for src, dst in (("m_healthy", "running"), ("m_target", "target")):
+            if src in out:
+                out[dst] = int(out[src])
         return out
 
     return sample
