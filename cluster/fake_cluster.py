@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.yes:
         print("refusing: this stops every Ray process on the machine; pass --yes", file=sys.stderr)
         return 2
+    # AutoscalingCluster shells out to `ray start`: use this interpreter's, not the PATH's.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     report = run(opts)
     keys = ("requests", "throughput_rps", "errors_by_status", "replica_events", "resource_node_events")
     print(json.dumps({k: report.get(k) for k in keys}, indent=1))
