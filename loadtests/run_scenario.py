@@ -103,7 +103,9 @@ def _from_details(details: dict[str, Any], scenario: Scenario) -> Sample:
     dep = (app.get("deployments") or {}).get(scenario.deployment) or {}
     states: dict[str, int] = {}
     for replica in dep.get("replicas") or []:
-        states[str(replica.get("state"))] = states.get(str(replica.get("state")), 0) + 1
+        # The controller hands a driver ReplicaState enums; the REST API hands strings.
+        state = str(getattr(replica.get("state"), "value", replica.get("state")))
+        states[state] = states.get(state, 0) + 1
     return {
         "running": states.get("RUNNING", 0),
         "starting": sum(v for k, v in states.items() if k in {"STARTING", "PENDING_MIGRATION"}),

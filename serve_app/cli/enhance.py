@@ -12,7 +12,7 @@ import click
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 
-def _expand(paths: tuple[Path, ...]) -> list[Path]:
+def expand_paths(paths: tuple[Path, ...]) -> list[Path]:
     """Files as given; a folder contributes its image files (not recursively)."""
     out: list[Path] = []
     for path in paths:
@@ -54,7 +54,7 @@ def enhance_cmd(
 
     options["format"] = fmt
     options = {k: v for k, v in options.items() if v is not None}
-    paths = _expand(files)
+    paths = expand_paths(files)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures: list[tuple[Path, str]] = []
     synthetic = False

@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+from serve_app.cli.enhance import expand_paths
+
 TERMINAL = {"completed", "partial", "failed", "cancelled"}
 
 server_option = click.option(
@@ -36,16 +37,6 @@ def _check(response: Any) -> Any:
         text = response.text[:300]
     click.echo(f"error ({response.status_code}) {text}", err=True)
     sys.exit(1)
-
-
-def _files(paths: tuple[Path, ...]) -> list[Path]:
-    out: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            out += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(path)
-    return out
 
 
 def _summary(job: dict[str, Any]) -> str:
@@ -93,7 +84,7 @@ def submit_cmd(
         raise click.UsageError("give FILES, or --input URIs, or --input-prefix (one kind)")
     with _client(server) as client:
         if files:
-            paths = _files(files)
+            paths = expand_paths(files)
             with contextlib.ExitStack() as stack:
                 # httpx streams open files part by part; nothing is read whole.
                 parts = [("files", (p.name, stack.enter_context(open(p, "rb")))) for p in paths]
