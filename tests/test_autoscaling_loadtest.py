@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT / "loadtests"))
 import run_scenario  # noqa: E402
 from pe_data import parse_stages, png, stage_tick  # noqa: E402
 
-# Never `import locust` here: it gevent-patches the whole test process.
-if importlib.util.find_spec("locust") is None:
-    pytest.skip("locust is not installed", allow_module_level=True)
+# Never `import locust` here: it gevent-patches the whole test process. It is pinned in
+# requirements.lock, so its absence is a broken install, not a reason to skip.
+assert importlib.util.find_spec("locust") is not None, "locust is missing: run make install"
 
 
 class _Stub(BaseHTTPRequestHandler):
