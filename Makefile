@@ -20,7 +20,7 @@ serve: $(STAMP)
 	$(BIN)/photoenhance serve --config $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check serve_app tests loadtests
+	$(BIN)/ruff check serve_app tests loadtests cluster
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
