@@ -191,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--user-rate", type=float, default=2.0)
     p.add_argument("--port", type=int, default=int(os.environ.get("PE_FAKE_CLUSTER_PORT", "8765")))
     p.add_argument("--ready-timeout-s", type=float, default=300)
-    p.add_argument("--tail-margin-s", type=float, default=60)
+    p.add_argument("--tail-margin-s", type=float, default=120)
     p.add_argument("--out", default="docs/loadtest-fake-cluster")
     return p.parse_args(argv)
 
