@@ -33,7 +33,7 @@ def test_nodes_follow_pending_replicas(tmp_path: Path) -> None:
     cmd = [
         sys.executable, str(ROOT / "cluster" / "fake_cluster.py"), "--yes",
         "--max-workers", "2", "--stages", "15:6,60:6,5:0", "--user-rate", "2",
-        "--idle-timeout-min", "0.5", "--tail-margin-s", "60", "--out", str(out),
+        "--idle-timeout-min", "0.5", "--tail-margin-s", "150", "--out", str(out),
     ]
     done = subprocess.run(cmd, cwd=ROOT, timeout=900, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
