@@ -139,7 +139,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
         )
-        serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
+        # One proxy, on the head: a proxy actor on a worker keeps that node from going idle.
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": opts.port})
         serve.run(build_app(app_args(opts.max_workers, data, opts.min_replicas)),
                   name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{opts.port}"
