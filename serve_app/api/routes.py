@@ -7,7 +7,6 @@ only reads requests, calls it and writes responses.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from serve_app import __version__
 from serve_app.api.errors import EXCEPTION_HANDLERS, as_photo_error, error_response
 from serve_app.api.http import ObservedApp, read_image_request, read_json
+from serve_app.api.jobs import build_job_routes
 from serve_app.api.presets import PresetStore
 from serve_app.api.schemas import SYNTHETIC_WARNING, EnhancedImage
 from serve_app.codec import OUTPUT_FORMATS
@@ -64,18 +64,9 @@ def build_asgi_app(service: Service) -> ObservedApp:
         Route("/v1/presets/{name}", api.put_preset, methods=["PUT"]),
         Route("/v1/presets/{name}", api.delete_preset, methods=["DELETE"]),
     ]
-    routes += _job_routes(config, service.enhance)
+    routes += build_job_routes(config, service.enhance)
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
     return ObservedApp(app)
-
-
-def _job_routes(config: AppConfig, enhance: Enhance) -> list[BaseRoute]:
-    """The jobs API, when the jobs package provides it."""
-    if importlib.util.find_spec("serve_app.api.jobs") is None:
-        return []
-    from serve_app.api.jobs import build_job_routes  # type: ignore[import-not-found]
-
-    return list(build_job_routes(config, enhance))
 
 
 class _Api:

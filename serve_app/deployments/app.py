@@ -6,14 +6,14 @@ limits, replicas, autoscaling, shutdown) is read from it here, once.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
-from serve_app.config import AppConfig, AutoscalingConfig
+from serve_app.config import AppConfig
+from serve_app.deployments.autoscaling import autoscaling_options
 
 LOGGER = logging.getLogger(__name__)
 
@@ -37,30 +37,6 @@ def resolve_paths(config: AppConfig, base: Path | None = None) -> AppConfig:
     )
 
 
-def autoscaling_options(scaling: AutoscalingConfig, app: AppConfig) -> dict[str, Any]:
-    """Serve ``autoscaling_config`` for the model deployment.
-
-    The queue-depth policy's module (``serve_app.deployments.autoscaling``) builds it when
-    present; otherwise Serve's default policy on ``target_queue_depth`` ongoing requests.
-    """
-    if importlib.util.find_spec("serve_app.deployments.autoscaling") is not None:
-        from serve_app.deployments import autoscaling
-
-        return autoscaling.autoscaling_options(scaling)
-    options: dict[str, Any] = {
-        "min_replicas": scaling.min_replicas,
-        "max_replicas": scaling.max_replicas,
-        "target_ongoing_requests": scaling.target_queue_depth,
-        "upscale_delay_s": scaling.upscale_delay_s,
-        "downscale_delay_s": scaling.downscale_delay_s,
-        "metrics_interval_s": scaling.metrics_interval_s,
-        "look_back_period_s": scaling.look_back_period_s,
-    }
-    if scaling.initial_replicas is not None:
-        options["initial_replicas"] = scaling.initial_replicas
-    return options
-
-
 def deployment_options(config: AppConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Serve options of (model, ingress)."""
     m = config.model
@@ -78,7 +54,7 @@ def deployment_options(config: AppConfig) -> tuple[dict[str, Any], dict[str, Any
     if scaling.min_replicas == scaling.max_replicas:
         model["num_replicas"] = scaling.max_replicas
     else:
-        model["autoscaling_config"] = autoscaling_options(scaling, config)
+        model["autoscaling_config"] = autoscaling_options(scaling)
 
     i = config.ingress
     ingress: dict[str, Any] = {
