@@ -111,7 +111,8 @@ def test_200_image_prefix_job_completes_once_with_live_events(
     rec = records[0]
     assert rec["status"] == "succeeded" and rec["width"] == 64 and rec["attempts"] >= 1
     assert set(rec["timings"]) >= {"fetch", "enhance", "write", "total"}
-    out = Path(rec["output"]).read_bytes()
+    assert "output" not in rec and rec["source"] == str(folder / f"img{rec['index']:04d}.png")
+    out = (data_dir / "jobs" / job["job_id"] / "outputs" / rec["name"]).read_bytes()
     assert hashlib.sha256(out).hexdigest() == rec["sha256"]
 
     listed = http.get("/v1/jobs").json()["jobs"]

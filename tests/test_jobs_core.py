@@ -18,7 +18,7 @@ from serve_app.config import JobsConfig
 from serve_app.errors import InvalidImage, NotReady, Overloaded
 from serve_app.jobs import sources
 from serve_app.jobs.job import Job
-from serve_app.jobs.manifest import ManifestWriter, read_manifest
+from serve_app.jobs.manifest import ManifestRecord, ManifestWriter, read_manifest
 from serve_app.jobs.naming import new_job_id, output_name, safe_stem, spool_name
 from serve_app.jobs.scheduler import Scheduler, backoff, classify
 from serve_app.jobs.spec import JobSpec
@@ -80,7 +80,7 @@ def new_job(tmp_path: Path, contents: list[bytes], **spec_kw: object) -> tuple[J
     items = make_inputs(tmp_path / "in", contents)
     sources.write_inputs(folder / sources.INPUTS, items)
     spec = JobSpec(job_id=job_id, created_at=0.0, kind="inputs", output=str(folder / "outputs"),
-                   options={}, total=len(items), **spec_kw)
+                   total=len(items), **spec_kw)
     return spec, folder
 
 
@@ -96,7 +96,7 @@ async def until(predicate, timeout: float = 10.0) -> None:
 
 
 def manifest_indices(folder: Path) -> list[int]:
-    return [rec["index"] for _, rec in read_manifest(folder / "manifest.jsonl")]
+    return [rec.index for _, rec in read_manifest(folder / "manifest.jsonl")]
 
 
 # ---------------------------------------------------------------------- names and files
@@ -112,19 +112,23 @@ def test_safe_names_stay_inside_the_folder() -> None:
     assert output_name(7, "dir/My Photo.JPG", "jpeg") == "000007_My_Photo.jpg"
 
 
+def record(index: int) -> ManifestRecord:
+    return ManifestRecord(index=index, source=f"in{index}.png", status="succeeded")
+
+
 def test_manifest_cuts_a_torn_tail_and_locks(tmp_path: Path) -> None:
     path = tmp_path / "manifest.jsonl"
     with ManifestWriter(path) as w:
-        w.append({"index": 0})
-        w.append({"index": 1})
+        w.append(record(0))
+        w.append(record(1))
     with open(path, "ab") as f:
         f.write(b'{"index": 2, "sta')  # a writer killed mid-line
-    assert [r["index"] for _, r in read_manifest(path)] == [0, 1]
+    assert [r.index for _, r in read_manifest(path)] == [0, 1]
     with ManifestWriter(path) as w:
         with pytest.raises(Exception, match="another process"):
             ManifestWriter(path)
-        offset = w.append({"index": 2})
-    assert [r["index"] for _, r in read_manifest(path)] == [0, 1, 2]
+        offset = w.append(record(2))
+    assert [r.index for _, r in read_manifest(path)] == [0, 1, 2]
     assert path.read_bytes()[offset:].startswith(b'{"index":2')
 
 
@@ -211,14 +215,14 @@ def test_job_runs_every_item_once_with_retries_and_permanent_failures(tmp_path: 
         await sched.stop()
         assert job.state == "partial"
         assert job.counts == [0, 0, 31, 2]
-        records = {r["index"]: r for _, r in read_manifest(folder / "manifest.jsonl")}
+        records = {r.index: r for _, r in read_manifest(folder / "manifest.jsonl")}
         assert sorted(records) == list(range(33))
-        assert records[30]["error"]["code"] == "invalid_image" and records[30]["attempts"] == 1
-        assert records[31]["status"] == "succeeded" and records[31]["attempts"] == 2
-        assert records[32]["error"]["code"] == "overloaded" and records[32]["attempts"] == 3
-        out = folder / "outputs" / records[0]["name"]
+        assert records[30].error.code == "invalid_image" and records[30].attempts == 1
+        assert records[31].status == "succeeded" and records[31].attempts == 2
+        assert records[32].error.code == "overloaded" and records[32].attempts == 3
+        out = folder / "outputs" / records[0].name
         assert out.read_bytes() == b"out:ok0"
-        assert records[0]["sha256"] and records[0]["bytes"] == 7
+        assert records[0].sha256 and records[0].bytes == 7
         page = job.items(30, 10, None)
         assert [r["status"] for r in page["items"]] == ["failed", "succeeded", "failed"]
         assert job.items(0, 5, "failed")["items"][0]["index"] == 30
@@ -332,7 +336,7 @@ def test_prefix_job_lists_lazily_and_resumes_listing(tmp_path: Path) -> None:
         job_id = new_job_id()
         folder = tmp_path / "jobs" / job_id
         spec = JobSpec(job_id=job_id, created_at=0.0, kind="prefix", input_prefix=str(src),
-                       output=str(folder / "outputs"), options={}, total=None)
+                       output=str(folder / "outputs"), total=None)
         # A listing cut short by a restart: ten entries known, not marked listed.
         folder.mkdir(parents=True)
         first_ten = sorted(str(p) for p in src.iterdir())[:10]

@@ -37,6 +37,7 @@ from serve_app.errors import (
     PhotoEnhanceError,
     UnsupportedMediaType,
 )
+from serve_app.jobs import start_manager
 from serve_app.options import EnhanceOptions, resolve_options
 
 LOGGER = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class Ingress:
         # The first model call from a new replica costs seconds (router set-up, first result
         # transfer); pay it in the background, not in the first user's request.
         self._warmup = asyncio.get_running_loop().create_task(self._warm_up())
+        # The job actor starts with the server, so unfinished jobs resume at once.
+        start_manager(self.config)
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_asgi_app(self)

@@ -1,0 +1,15 @@
+"""Batch jobs. The public entry for other layers (see docs/JOBS.md):
+
+- ``JobIntake``: submit a job from plain values (a request mapping, an upload stream, the
+  owner) and control it (pause, resume, cancel);
+- ``JobReader``: jobs, items, manifests and results, filtered by owner;
+- ``ManifestRecord``: the one shape of a finished item's record;
+- ``start_manager``: create the job actor as a server starts.
+"""
+
+from serve_app.jobs.intake import JobIntake, JobRequest, Presets
+from serve_app.jobs.manager import start_manager
+from serve_app.jobs.manifest import ManifestRecord
+from serve_app.jobs.reader import JobReader
+
+__all__ = ["JobIntake", "JobReader", "JobRequest", "ManifestRecord", "Presets", "start_manager"]

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.errors import Conflict
-from serve_app.jobs.manifest import MANIFEST, ManifestWriter, read_manifest, read_record
+from serve_app.jobs.manifest import (
+    MANIFEST,
+    ManifestRecord,
+    ManifestWriter,
+    read_manifest,
+    read_record,
+)
 from serve_app.jobs.sources import INPUTS, InputList
 from serve_app.jobs.spec import (
     ACTIVE,
@@ -40,6 +46,8 @@ from serve_app.jobs.storage import Storage
 
 LOGGER = logging.getLogger(__name__)
 
+ITEM_FIELDS = frozenset({"source", "name", "error", "attempts", "timings", "bytes", "sha256",
+                         "width", "height", "format"})
 RATE_WINDOW = 256  # finish times kept for throughput
 _PENDING_BYTE = bytes([PENDING])
 
@@ -119,13 +127,13 @@ class Job:
         self.counts = [n, 0, 0, 0]
         duplicates = 0
         for offset, record in read_manifest(self.manifest_path):
-            index = record.get("index")
-            if not isinstance(index, int) or not 0 <= index < n:
+            index = record.index
+            if index >= n:
                 continue
             if self.status[index] != PENDING:
                 duplicates += 1
                 continue
-            code = SUCCEEDED if record.get("status") == "succeeded" else FAILED
+            code = SUCCEEDED if record.succeeded else FAILED
             self.status[index] = code
             self.record_at[index] = offset
             self.counts[PENDING] -= 1
@@ -230,7 +238,7 @@ class Job:
             return "completed"
         return "failed" if self.counts[SUCCEEDED] == 0 else "partial"
 
-    def record(self, index: int) -> dict[str, Any] | None:
+    def record(self, index: int) -> ManifestRecord | None:
         self.ensure_loaded()
         if not 0 <= index < len(self.status) or self.record_at[index] < 0:
             return None
@@ -251,14 +259,17 @@ class Job:
             row: dict[str, Any] = {"index": i, "status": ITEM_STATES[self.status[i]]}
             if self.record_at[i] >= 0:
                 rec = read_record(self.manifest_path, self.record_at[i])
-                row.update(
-                    {k: rec.get(k) for k in ("source", "name", "error", "attempts", "timings",
-                                             "bytes", "sha256", "width", "height", "format")}
-                )
+                row.update(rec.model_dump(include=ITEM_FIELDS))
             else:
-                row["source"] = self.inputs.get(i)[0]
+                row["source"] = self.source_of(i)
             rows.append(row)
         return {"items": rows, "offset": offset, "limit": limit, "total": matching}
+
+    def source_of(self, index: int) -> str:
+        """The input as the client named it: its URI, or an upload's filename (never the
+        server path it was spooled to)."""
+        source, name = self.inputs.get(index)
+        return name if self.spec.kind == "upload" else source
 
     # ------------------------------------------------------------------ state
 
@@ -314,8 +325,9 @@ class Job:
             "reason": self.reason,
             "kind": self.spec.kind,
             "priority": self.spec.priority,
+            "owner": self.spec.owner,
             "output": self.spec.output,
-            "options": self.spec.options,
+            "options": self.spec.options.model_dump(mode="json"),
             "total": total,
             "listing": not self.listed,
             "counts": {name: self.counts[i] for i, name in enumerate(ITEM_STATES)},

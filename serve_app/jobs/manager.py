@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from serve_app.config import AppConfig
-from serve_app.jobs.scheduler import Scheduler
+from serve_app.errors import NotReady
+from serve_app.jobs.manifest import ManifestRecord
+from serve_app.jobs.scheduler import Scheduler, unwrap
 from serve_app.jobs.spec import ACTIVE, PENDING, JobSpec
 from serve_app.options import EnhanceOptions
 
@@ -99,16 +102,22 @@ class JobManager:
     async def pid(self) -> int:
         return os.getpid()
 
-    async def create_job(self, spec: dict[str, Any]) -> dict[str, Any]:
+    async def create_job(self, spec: JobSpec) -> dict[str, Any]:
+        """Start a job the intake validated (the spec arrives as the object, not re-parsed)."""
         scheduler = await self._scheduler()
-        job_spec = JobSpec.model_validate(spec)
-        job = await scheduler.submit(job_spec, jobs_dir(self.config) / job_spec.job_id)
+        job = await scheduler.submit(spec, jobs_dir(self.config) / spec.job_id)
         return job.snapshot()
 
-    async def list_jobs(self, state: str | None = None) -> list[dict[str, Any]]:
+    async def list_jobs(
+        self, state: str | None = None, owner: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Snapshots, newest first; ``owner`` None: everyone's."""
         scheduler = await self._scheduler()
         jobs = sorted(scheduler.jobs.values(), key=lambda j: j.spec.created_at, reverse=True)
-        return [j.snapshot() for j in jobs if state is None or j.state == state]
+        return [
+            j.snapshot() for j in jobs
+            if (state is None or j.state == state) and (owner is None or j.spec.owner == owner)
+        ]
 
     async def get_job(self, job_id: str) -> dict[str, Any]:
         return (await self._scheduler()).get(job_id).snapshot()
@@ -125,7 +134,7 @@ class JobManager:
         job = (await self._scheduler()).get(job_id)
         return await asyncio.to_thread(job.items, offset, limit, status)
 
-    async def record(self, job_id: str, index: int) -> dict[str, Any] | None:
+    async def record(self, job_id: str, index: int) -> ManifestRecord | None:
         job = (await self._scheduler()).get(job_id)
         return await asyncio.to_thread(job.record, index)
 
@@ -177,3 +186,42 @@ def lookup_manager(config: AppConfig) -> Any | None:
         return ray.get_actor(manager_name(config), namespace=NAMESPACE)
     except ValueError:
         return None
+
+
+ACTOR_RETRY_S = 30.0
+
+
+def start_manager(config: AppConfig) -> None:
+    """Create the job actor now (when Ray runs), so unfinished jobs resume at once rather
+    than on the first jobs request. Called by the ingress replica as it starts."""
+    if not ray.is_initialized():
+        return
+    try:
+        get_manager(config).configure.remote(config.model_dump(mode="json"))
+    except Exception:
+        LOGGER.exception("cannot start the job actor; it starts on first use")
+
+
+async def call_manager(config: AppConfig, method: str, *args: Any) -> Any:
+    """Call the job actor, waiting out a restart; its errors come back as raised."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    deadline = time.monotonic() + ACTOR_RETRY_S
+    while True:
+        handle = get_manager(config)
+        try:
+            return await getattr(handle, method).remote(*args)
+        except (RayActorError, ActorUnavailableError) as exc:
+            err = unwrap(exc)
+            if err is not None:
+                raise err from None
+            # Restarting, or gone for good: look it up (or create it) again by name.
+            forget_manager(config)
+            if time.monotonic() > deadline:
+                raise NotReady("the job manager is restarting; retry", retry_after_s=2) from None
+            await asyncio.sleep(0.25)
+        except Exception as exc:
+            err = unwrap(exc)
+            if err is not None:
+                raise err from None
+            raise

@@ -1,31 +1,71 @@
-"""The manifest: JSON Lines, one record per finished item, the job's durable memory.
+"""The manifest: JSON Lines, one ``ManifestRecord`` per finished item, the job's durable memory.
 
-A record is appended, flushed and fsynced as its item finishes, so a process killed at any
-moment leaves at most one torn line at the end. Opening a manifest for appending cuts such a
-torn tail off (its item was not recorded and runs again). One writer at a time: the writer
-holds an exclusive ``flock`` for its whole life, which the kernel releases when the process
-dies, so a restarted actor or a second ``run`` on the same output cannot interleave lines.
+``ManifestRecord`` is the one definition of a record: the scheduler writes it, the job's
+index, the item pages, ``results.zip`` and the Ray-job runner read it back.
 
-Record fields: ``index``, ``source``, ``name`` (output name in the output folder, or null),
-``output`` (its full URI, or null), ``status`` (``succeeded``/``failed``), ``error``
-(``{"code", "message"}`` or null), ``attempts``, ``timings`` (seconds per stage),
-``bytes``, ``sha256`` and ``crc32`` of the output, ``width``, ``height``, ``format``,
-``finished_at`` (Unix time).
+Exactly once, also when the disk fills: the writer holds an ``O_APPEND`` descriptor and
+writes each record as one whole line in one ``os.write``, then fsyncs it. A write that fails
+or comes up short is cut back (``ftruncate``) to the last good offset before the error goes
+up, so the item is retried later without a partial line left behind to glue onto the next
+record. A process killed mid-write leaves at most one torn line at the end; opening a
+manifest for appending cuts it off (its item was not recorded and runs again). One writer at
+a time: the writer holds an exclusive ``flock`` for its whole life, which the kernel releases
+when the process dies, so a restarted actor or a second ``run`` on the same output cannot
+interleave lines.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
-import json
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.errors import Conflict
 
 MANIFEST = "manifest.jsonl"
+
+
+class ItemError(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    code: str
+    message: str
+    stage: str | None = None
+
+
+class ManifestRecord(BaseModel):
+    """One finished item. ``name`` is the output's name inside the job's output storage."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    index: int = Field(ge=0)
+    source: str = Field(description="The input as the client named it (URI or upload filename).")
+    name: str | None = None
+    status: Literal["succeeded", "failed"]
+    error: ItemError | None = None
+    attempts: int = 1
+    timings: dict[str, float] = Field(default_factory=dict)
+    bytes: int | None = None
+    sha256: str | None = None
+    crc32: int | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    faces: int | None = None
+    finished_at: float = 0.0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+    def line(self) -> bytes:
+        return self.model_dump_json().encode() + b"\n"
 
 
 class ManifestWriter:
@@ -35,49 +75,60 @@ class ManifestWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._f = open(self.path, "a+b")  # noqa: SIM115 - lives as long as the writer
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._f.close()
-            raise Conflict(
-                f"{self.path} is being written by another process", code="manifest_locked"
-            ) from None
-        self._cut_torn_tail()
+            os.close(self._fd)
+            self._fd = -1
+            raise Conflict("the manifest is being written by another process",
+                           code="manifest_locked") from None
+        self._size = self._cut_torn_tail()
 
-    def _cut_torn_tail(self) -> None:
-        f = self._f
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        # Walk back to the last newline; anything after it is a torn, unrecorded line.
+    def _cut_torn_tail(self) -> int:
+        """The size after cutting anything past the last newline (a torn, unrecorded line)."""
+        size = os.fstat(self._fd).st_size
         pos, keep = size, 0
         while pos > 0:
             step = min(4096, pos)
             pos -= step
-            f.seek(pos)
-            block = f.read(step)
+            block = os.pread(self._fd, step, pos)
             nl = block.rfind(b"\n")
             if nl >= 0:
                 keep = pos + nl + 1
                 break
         if keep != size:
-            f.truncate(keep)
-            os.fsync(f.fileno())
-        f.seek(0, os.SEEK_END)
+            os.ftruncate(self._fd, keep)
+            os.fsync(self._fd)
+        return keep
 
-    def append(self, record: dict[str, Any]) -> int:
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    def append(self, record: ManifestRecord) -> int:
+        line = record.line()
         with self._lock:
-            offset = self._f.seek(0, os.SEEK_END)
-            self._f.write(line)
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            if self._fd < 0:
+                raise ValueError("the manifest writer is closed")
+            offset = self._size
+            try:
+                written = os.write(self._fd, line)
+                if written != len(line):
+                    raise OSError(errno.ENOSPC, "short write to the manifest")
+                os.fsync(self._fd)
+            except BaseException:
+                # Whatever part of the line reached the file goes: the item stays unrecorded.
+                os.ftruncate(self._fd, offset)
+                raise
+            self._size = offset + written
         return offset
 
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def __enter__(self) -> ManifestWriter:
         return self
@@ -86,8 +137,16 @@ class ManifestWriter:
         self.close()
 
 
-def read_manifest(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(offset, record)`` for every complete line; a torn last line is skipped."""
+def _parse(line: bytes) -> ManifestRecord | None:
+    try:
+        return ManifestRecord.model_validate_json(line)
+    except ValidationError:
+        return None
+
+
+def read_manifest(path: Path, upto: int | None = None) -> Iterator[tuple[int, ManifestRecord]]:
+    """``(offset, record)`` for every complete line (up to byte ``upto``); a torn last line
+    and lines that are not records are skipped."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
@@ -96,15 +155,17 @@ def read_manifest(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         offset = 0
         for line in f:
             start, offset = offset, offset + len(line)
-            if not line.endswith(b"\n"):
+            if (upto is not None and offset > upto) or not line.endswith(b"\n"):
                 break
-            try:
-                yield start, json.loads(line)
-            except ValueError:
-                continue
+            record = _parse(line)
+            if record is not None:
+                yield start, record
 
 
-def read_record(path: Path, offset: int) -> dict[str, Any]:
+def read_record(path: Path, offset: int) -> ManifestRecord:
     with open(path, "rb") as f:
         f.seek(offset)
-        return json.loads(f.readline())
+        record = _parse(f.readline())
+    if record is None:
+        raise ValueError(f"no manifest record at offset {offset}")
+    return record

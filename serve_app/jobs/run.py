@@ -44,10 +44,9 @@ def state_folder(output: str, state_dir: str | None) -> Path:
 
 def open_or_create(folder: Path, input_uri: str, output: str, options: EnhanceOptions) -> Job:
     """The job in ``folder``: read back when it exists (same input and options), else new."""
-    wanted = options.model_dump(mode="json")
     if (folder / JOB_JSON).is_file():
         spec = JobSpec.model_validate(read_json(folder / JOB_JSON))
-        if (spec.input_prefix, spec.output, spec.options) != (input_uri, output, wanted):
+        if (spec.input_prefix, spec.output, spec.options) != (input_uri, output, options):
             raise Conflict(
                 f"{folder} holds a run with another input, output or options; "
                 "use another --state-dir or --output",
@@ -60,7 +59,7 @@ def open_or_create(folder: Path, input_uri: str, output: str, options: EnhanceOp
         kind="prefix",
         input_prefix=input_uri,
         output=output,
-        options=wanted,
+        options=options,
         total=None,
     )
     return Job.create(spec, folder)

@@ -31,6 +31,7 @@ from serve_app.config import JobsConfig
 from serve_app.errors import PhotoEnhanceError
 from serve_app.jobs import sources
 from serve_app.jobs.job import Job
+from serve_app.jobs.manifest import MANIFEST, ManifestRecord
 from serve_app.jobs.naming import output_name
 from serve_app.jobs.spec import ACTIVE, JOB_JSON, TERMINAL, JobSpec
 from serve_app.options import EnhanceOptions
@@ -276,7 +277,7 @@ class Scheduler:
 
     async def _attempts(self, job: Job, index: int) -> dict[str, Any]:
         source, name = await asyncio.to_thread(job.inputs.get, index)
-        options = EnhanceOptions.model_validate(job.spec.options)
+        options = job.spec.options
         t0 = time.perf_counter()
         attempt = unavailable = 0
         while True:
@@ -380,35 +381,33 @@ def _write_and_record(job: Job, index: int, outcome: dict[str, Any]) -> tuple[in
     """Write the output (atomically) and append its manifest record; runs in a thread."""
     result = outcome.get("result")
     timings = dict(outcome["timings"])
-    record: dict[str, Any] = {
-        "index": index,
-        "source": outcome["source"],
-        "name": None,
-        "output": None,
-        "status": "failed",
-        "error": outcome.get("error"),
-        "attempts": outcome["attempts"],
-    }
+    fields: dict[str, Any] = {}
     if result is not None:
         name = output_name(index, outcome["name"], result.format)
         t = time.perf_counter()
-        uri = job.storage.write_atomic(name, result.data)
+        job.storage.write_atomic(name, result.data)
         timings["write"] = time.perf_counter() - t
-        record.update(
-            name=name,
-            output=uri,
-            status="succeeded",
-            bytes=len(result.data),
-            sha256=sha256(result.data).hexdigest(),
-            crc32=zlib.crc32(result.data),
-            width=result.width,
-            height=result.height,
-            format=result.format,
-            faces=result.faces,
-        )
+        fields = {
+            "name": name,
+            "bytes": len(result.data),
+            "sha256": sha256(result.data).hexdigest(),
+            "crc32": zlib.crc32(result.data),
+            "width": result.width,
+            "height": result.height,
+            "format": result.format,
+            "faces": result.faces,
+        }
     timings["total"] = time.perf_counter() - outcome["t0"]
-    record["timings"] = {k: round(v, 4) for k, v in timings.items()}
-    record["finished_at"] = round(time.time(), 3)
+    record = ManifestRecord(
+        index=index,
+        source=outcome["name"] if job.spec.kind == "upload" else outcome["source"],
+        status="succeeded" if result is not None else "failed",
+        error=outcome.get("error"),
+        attempts=outcome["attempts"],
+        timings={k: round(v, 4) for k, v in timings.items()},
+        finished_at=round(time.time(), 3),
+        **fields,
+    )
     offset = job.open_writer().append(record)
     return offset, result is not None
 
@@ -418,7 +417,7 @@ def _copy_records(job: Job) -> None:
     if job.storage.local:
         return
     try:
-        for name in ("manifest.jsonl", JOB_JSON):
+        for name in (MANIFEST, JOB_JSON):
             path = job.folder / name
             if path.exists():
                 job.storage.upload(path, name)

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.options import EnhanceOptions
+
 JobState = Literal["queued", "running", "paused", "completed", "partial", "failed", "cancelled"]
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 TERMINAL: frozenset[str] = frozenset({"completed", "partial", "failed", "cancelled"})
@@ -31,11 +33,14 @@ class JobSpec(BaseModel):
     kind: Literal["upload", "inputs", "prefix"]
     input_prefix: str | None = None
     output: str = Field(description="Output storage URI.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Resolved EnhanceOptions.")
+    options: EnhanceOptions = Field(
+        default_factory=EnhanceOptions, description="Resolved once, at submission."
+    )
     priority: int = 0
     max_inflight: int | None = Field(None, ge=1, description="At most the server's per-job limit.")
     total: int | None = Field(None, description="Item count, unless listed lazily from a prefix.")
     estimated_bytes: int = 0
+    owner: str | None = Field(None, description="The API key's name; None: keys are off.")
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

@@ -1,0 +1,296 @@
+"""The jobs intake: plain values in (a request mapping, an upload stream, the owner), a job out.
+
+Everything that can fail cheaply happens here, before a job exists: the request's fields
+(``JobRequest``, validated once), the options (resolved once; the spec carries them typed to
+the job actor and every item), inputs (scheme, allowed folders, private addresses), the output
+location and free space (507). Uploads are spooled into the new job's folder as they stream.
+A submission that fails leaves no folder behind. Control commands (pause, resume, cancel)
+come in here too. The HTTP layer only translates requests into these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from serve_app.config import AppConfig
+from serve_app.errors import InvalidOption, InvalidRequest, NotFound
+from serve_app.jobs import manager as mgr
+from serve_app.jobs import sources
+from serve_app.jobs.naming import new_job_id
+from serve_app.jobs.reader import JobReader
+from serve_app.jobs.spec import JobSpec
+from serve_app.jobs.spool import UploadSpooler
+from serve_app.jobs.storage import Storage, is_local, local_path, within
+from serve_app.options import EnhanceOptions, resolve_options
+
+LOGGER = logging.getLogger(__name__)
+
+SIZE_SAMPLE = 32
+# Room for each part's multipart envelope around the file itself.
+MULTIPART_PART_OVERHEAD = 64 * 1024
+ACTIONS = ("cancel", "pause", "resume")
+
+Presets = Callable[[], Mapping[str, Mapping[str, Any]]]
+
+
+class JobRequest(BaseModel):
+    """What a client may ask of a job (JSON body, or an upload's non-option form fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inputs: list[str] | None = Field(None, min_length=1, description="Input URIs.")
+    input_prefix: str | None = Field(None, min_length=1, description="A folder or bucket prefix.")
+    output: str | None = Field(None, description="Output storage URI; default: the job's folder.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Enhancement options.")
+    priority: int = Field(0, ge=-1000, le=1000)
+    max_inflight: int | None = Field(None, ge=1, le=1 << 20)
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("priority", "max_inflight", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        # Refused before pydantic: booleans, fractions, inf/nan (1e999 in JSON is inf).
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ValueError("must be an integer")
+        return None if value == "" else value
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _default_priority(cls, value: Any) -> Any:
+        return 0 if value is None else value
+
+
+JOB_FIELDS = frozenset({"priority", "output", "max_inflight"})
+_FIELD_CODES = {"inputs": "no_inputs", "input_prefix": "no_inputs", "output": "invalid_output"}
+
+
+def parse_request(body: Any) -> JobRequest:
+    """A ``JobRequest`` from a JSON value; every mistake is a 4xx naming the field."""
+    if isinstance(body, JobRequest):
+        return body
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("the body must be a JSON object", code="invalid_json")
+    unknown = set(body) - set(JobRequest.model_fields)
+    if unknown:
+        raise InvalidRequest(f"unknown fields {sorted(map(str, unknown))}", code="invalid_request")
+    options = body.get("options")
+    if options is not None and not isinstance(options, Mapping | str):
+        raise InvalidOption("options must be a JSON object", field="options")
+    try:
+        return JobRequest.model_validate({**body, "options": raw_options(options)})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "body"
+        raise InvalidRequest(
+            f"{field!r}: {err['msg']}", code=_FIELD_CODES.get(field, "invalid_request")
+        ) from None
+
+
+def raw_options(value: Any) -> dict[str, Any]:
+    """Option values from a mapping or a JSON object text (a form field); not resolved."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except (ValueError, RecursionError):
+            raise InvalidOption("options is not valid JSON", field="options") from None
+    if not isinstance(value, Mapping):
+        raise InvalidOption("options must be a JSON object", field="options")
+    return dict(value)
+
+
+class JobIntake:
+    """Submits jobs and passes control commands to the job actor."""
+
+    def __init__(self, config: AppConfig, presets: Presets | None = None) -> None:
+        self.config = config
+        self.jobs = config.jobs
+        self.jobs_dir = mgr.jobs_dir(config)
+        self.presets: Presets = presets or dict
+
+    # ------------------------------------------------------------------ submitting
+
+    async def submit(self, request: Mapping[str, Any] | JobRequest, *,
+                     owner: str | None = None) -> dict[str, Any]:
+        """A job reading URIs (``inputs``) or a prefix (``input_prefix``); its snapshot."""
+        req = parse_request(request)
+        options = self._options(req.options)
+        if (req.inputs is None) == (req.input_prefix is None):
+            raise InvalidRequest("send exactly one of 'inputs' and 'input_prefix'", code="no_inputs")
+        job_id = new_job_id()
+        folder = self.jobs_dir / job_id
+        return await self._create(folder, self._uri_spec(job_id, folder, req, options, owner))
+
+    async def submit_upload(
+        self,
+        content_type: str,
+        stream: AsyncIterator[bytes],
+        *,
+        owner: str | None = None,
+        declared_bytes: int | None = None,
+    ) -> dict[str, Any]:
+        """A job over the files of a ``multipart/form-data`` stream (field ``files``); other
+        fields are job fields (``priority``, ``output``, ``max_inflight``) or options."""
+        if declared_bytes is not None:
+            Storage(str(self.jobs_dir)).check_space(declared_bytes, self.jobs.min_free_bytes)
+        job_id = new_job_id()
+        folder = self.jobs_dir / job_id
+
+        async def spec() -> JobSpec:
+            spooler = UploadSpooler(folder / "inputs", max_files=self.jobs.max_upload_files,
+                                    max_file_bytes=self.config.limits.max_bytes)
+            spooled = await spooler.spool(content_type, stream)
+            if not spooled.files:
+                raise InvalidRequest("the upload holds no files (send them in 'files')",
+                                     code="no_inputs")
+            fields = {k: v for k, v in spooled.fields.items() if k in JOB_FIELDS}
+            option_fields = {k: v for k, v in spooled.fields.items() if k not in JOB_FIELDS}
+            opts = raw_options(option_fields.pop("options", None))
+            req = parse_request({**fields, "options": {**option_fields, **opts}})
+            options = self._options(req.options)
+            items = [(str(path), filename) for path, filename in spooled.files]
+            await asyncio.to_thread(sources.write_inputs, folder / sources.INPUTS, items)
+            estimate = spooled.bytes * options.upscale**2
+            return self._spec(job_id, folder, "upload", req, options, len(items), estimate,
+                              owner=owner)
+
+        return await self._create(folder, spec())
+
+    def upload_limit(self) -> int:
+        """The most bytes an upload body may have."""
+        return self.jobs.max_upload_files * (self.config.limits.max_bytes + MULTIPART_PART_OVERHEAD)
+
+    async def _create(self, folder: Path, spec: Any) -> dict[str, Any]:
+        try:
+            job_spec: JobSpec = await spec
+            return await mgr.call_manager(self.config, "create_job", job_spec)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            raise
+
+    async def _uri_spec(self, job_id: str, folder: Path, req: JobRequest,
+                        options: EnhanceOptions, owner: str | None) -> JobSpec:
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        if req.inputs is not None:
+            uris = req.inputs
+            await asyncio.to_thread(self._check_inputs, uris)
+            await asyncio.to_thread(sources.write_inputs, folder / sources.INPUTS,
+                                    [(u, u) for u in uris])
+            estimate = await asyncio.to_thread(_estimate, uris, len(uris))
+            return self._spec(job_id, folder, "inputs", req, options, len(uris),
+                              estimate * options.upscale**2, owner=owner)
+        prefix = req.input_prefix or ""
+        if sources.scheme_of(prefix) in ("http", "https"):
+            raise InvalidRequest("an http(s) URL cannot be listed; send 'inputs'", code="invalid_uri")
+        await asyncio.to_thread(self._check_inputs, [prefix])
+        sample = await asyncio.to_thread(_sample_prefix, prefix)
+        estimate = await asyncio.to_thread(_estimate, sample, len(sample))
+        return self._spec(job_id, folder, "prefix", req, options, None,
+                          estimate * options.upscale**2, prefix, owner=owner)
+
+    def _check_inputs(self, uris: list[str]) -> None:
+        roots = mgr.local_roots(self.config)
+        hosts_seen: set[str] = set()
+        for uri in uris:
+            if sources.scheme_of(uri) in ("http", "https"):
+                host = uri.split("://", 1)[1].split("/", 1)[0]
+                if host in hosts_seen:
+                    continue
+                hosts_seen.add(host)
+            try:
+                sources.check_input(
+                    uri, allow_private=self.jobs.allow_private_urls, local_roots=roots
+                )
+            except sources.SourceUnavailable as exc:  # DNS failure now: the fetch retries later
+                LOGGER.info("input %s not checked now: %s", uri, exc.message)
+
+    def _options(self, raw: Mapping[str, Any]) -> EnhanceOptions:
+        return resolve_options(raw, presets=self.presets())
+
+    def _spec(
+        self,
+        job_id: str,
+        folder: Path,
+        kind: str,
+        req: JobRequest,
+        options: EnhanceOptions,
+        total: int | None,
+        estimate: int,
+        prefix: str | None = None,
+        *,
+        owner: str | None,
+    ) -> JobSpec:
+        output = self._output(req.output, folder)
+        Storage(output).check_space(estimate, self.jobs.min_free_bytes)
+        return JobSpec(
+            job_id=job_id,
+            created_at=time.time(),
+            kind=kind,  # type: ignore[arg-type]
+            input_prefix=prefix,
+            output=output,
+            options=options,
+            priority=req.priority,
+            max_inflight=req.max_inflight,
+            total=total,
+            estimated_bytes=estimate,
+            owner=owner,
+        )
+
+    def _output(self, value: str | None, folder: Path) -> str:
+        if value is None:
+            return str(folder / "outputs")
+        if is_local(value):
+            path = local_path(value)
+            roots = [Path(self.jobs.data_dir) / "outputs", *self.jobs.local_roots]
+            if not path.is_absolute() or not within(path, roots):
+                raise InvalidRequest(
+                    f"output {value!r} is outside the folders this server writes to",
+                    code="forbidden_path",
+                )
+            return str(path)
+        Storage(value)  # the protocol's library must be installed
+        return value
+
+    # ------------------------------------------------------------------ control
+
+    async def control(self, job_id: str, action: str, *, owner: str | None = None) -> dict[str, Any]:
+        """``pause``, ``resume`` or ``cancel``; the job's new snapshot."""
+        if action not in ACTIONS:
+            raise NotFound(f"no action {action!r}; use cancel, pause or resume", code="not_found")
+        await JobReader(self.config).get(job_id, owner=owner)
+        return await mgr.call_manager(self.config, "control", job_id, action)
+
+
+def _estimate(uris: list[str], count: int) -> int:
+    """Bytes of ``count`` inputs, from the local ones among the first ``SIZE_SAMPLE``."""
+    sizes = []
+    for uri in uris[:SIZE_SAMPLE]:
+        if is_local(uri):
+            try:
+                sizes.append(local_path(uri).stat().st_size)
+            except OSError:
+                continue
+    return int(sum(sizes) / len(sizes) * count) if sizes else 0
+
+
+def _sample_prefix(prefix: str) -> list[str]:
+    out = []
+    for uri in sources.iter_prefix(prefix):
+        out.append(uri)
+        if len(out) >= SIZE_SAMPLE:
+            break
+    return out
