@@ -127,8 +127,21 @@ class ModelDeploymentConfig(_Section):
 class IngressConfig(_Section):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Serve's limit per replica; raised to at least max_inflight + "
+        "max_queued_requests + 16, so requests wait at the door, not unbounded in the proxy.",
+    )
     request_timeout_s: float = Field(300.0, gt=0)
+    max_inflight: int | None = Field(
+        None, ge=1, description="Enhance requests past the door at once (decode, model, "
+        "encode); None: model.max_ongoing_requests * max_replicas / num_replicas.",
+    )
+    max_queued_requests: int = Field(
+        64, ge=0, description="Enhance requests waiting at the door; more are shed (503)."
+    )
+    queue_timeout_s: float = Field(
+        10.0, gt=0, description="A request that waited this long at the door is shed (503)."
+    )
 
 
 class JobsConfig(_Section):
@@ -163,6 +176,13 @@ class AppConfig(_Section):
     model: ModelDeploymentConfig = Field(default_factory=ModelDeploymentConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+
+    def ingress_inflight(self) -> int:
+        """Enhance requests one ingress replica lets past its door at once."""
+        if self.ingress.max_inflight is not None:
+            return self.ingress.max_inflight
+        model_slots = self.model.max_ongoing_requests * self.model.autoscaling.max_replicas
+        return max(1, -(-model_slots // self.ingress.num_replicas))
 
     @model_validator(mode="after")
     def _check(self) -> AppConfig:

@@ -60,7 +60,11 @@ def deployment_options(config: AppConfig) -> tuple[dict[str, Any], dict[str, Any
     ingress: dict[str, Any] = {
         "num_replicas": i.num_replicas,
         "ray_actor_options": {"num_cpus": i.num_cpus},
-        "max_ongoing_requests": i.max_ongoing_requests,
+        # Room for every request the door admits or queues, plus the other routes: beyond
+        # it requests would wait in the proxy, unbounded and unseen.
+        "max_ongoing_requests": max(
+            i.max_ongoing_requests, config.ingress_inflight() + i.max_queued_requests + 16
+        ),
         "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
     }
     return model, ingress

@@ -29,6 +29,7 @@ from serve_app.api.routes import build_asgi_app
 from serve_app.api.schemas import EnhancedImage
 from serve_app.config import AppConfig
 from serve_app.deployments import metrics
+from serve_app.deployments.admission import AdmissionGate
 from serve_app.engine.types import EnhanceResult
 from serve_app.errors import (
     EngineFailure,
@@ -55,6 +56,11 @@ class Ingress:
         self.config = AppConfig.model_validate(config)
         self._model = model
         self.presets = PresetStore(self.config.jobs.data_dir / "presets.json")
+        self._door = AdmissionGate(
+            self.config.ingress_inflight(),
+            self.config.ingress.max_queued_requests,
+            self.config.ingress.queue_timeout_s,
+        )
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
         # The first model call from a new replica costs seconds (router set-up, first result
@@ -78,14 +84,22 @@ class Ingress:
         ``PhotoEnhanceError`` (wrapped in Ray's ``RayTaskError`` for remote callers, and still
         an instance of it) with the same code and status as the HTTP API.
         """
-        return await self._enhance(data, options)
+        async with self._door.slot():
+            return await self._enhance(data, options)
 
     async def model_info(self) -> dict[str, Any]:
         """The model deployment's ``info()`` (cached briefly); ``NotReady`` if it cannot say."""
         now = time.monotonic()
         if self._info is not None and now - self._info_at < INFO_TTL_S:
             return self._info
-        info = await self._call_model(self._model.info.remote(), INFO_TIMEOUT_S)
+        try:
+            info = await self._call_model(self._model.info.remote(), INFO_TIMEOUT_S)
+        except Overloaded as exc:  # no answer, queue full, a replica restarting: not ready
+            if isinstance(exc, NotReady):
+                raise
+            raise NotReady(
+                f"the model deployment cannot answer now ({exc.code})", retry_after_s=5
+            ) from None
         self._info, self._info_at = info, now
         metrics.WEIGHTS_SYNTHETIC.set(1 if info.get("synthetic") else 0)
         return info
