@@ -24,15 +24,15 @@ def read(name: str, max_side: int | None = None) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
-    from serve_app.engine import weights
+    from serve_app.engine import synthetic
 
-    return weights.synth(tmp_path_factory.mktemp("weights") / "tiny", "tiny")
+    return synthetic.synth(tmp_path_factory.mktemp("weights") / "tiny", "tiny")
 
 
 @pytest.fixture(scope="session")
 def engine(tiny_weights):
     from serve_app.config import AppConfig
-    from serve_app.engine import Engine
+    from serve_app.engine.engine import Engine
 
     cfg = AppConfig.model_validate(
         {"weights": {"dir": str(tiny_weights.dir)}, "engine": {"device": "cpu"}}

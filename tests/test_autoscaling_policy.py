@@ -22,13 +22,13 @@ from serve_app.deployments.autoscaling import (
     JOB_BACKLOG_METRIC,
     LOGGER,
     POLICY_FUNCTION,
-    BacklogProbe,
     PolicyParams,
     QueueDepthPolicy,
     autoscaling_options,
     decide,
     policy_config,
 )
+from serve_app.deployments.backlog import BacklogProbe
 
 ROOT = Path(__file__).resolve().parents[1]
 DEP = DeploymentID(name="Enhancer", app_name="photoenhance")

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from serve_app.engine import EnhanceResult
+from serve_app.engine.types import EnhanceResult
 from serve_app.errors import InvalidImage, PhotoEnhanceError
 from serve_app.options import EnhanceOptions
 

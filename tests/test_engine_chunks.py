@@ -82,7 +82,7 @@ def test_item_too_large_fails_its_image_only():
             for k, v in enumerate(y.tolist()):
                 jobs[start + k].result = np.full((1,), v)
 
-    jobs = [batch.Job(src=np.zeros((s, 4, 3), np.uint8), opt=EnhanceOptions())
+    jobs = [batch.BatchItem(src=np.zeros((s, 4, 3), np.uint8), opt=EnhanceOptions())
             for s in (10, 20, 5000, 30)]
     batch._run_stage(None, "restore", stage, jobs)
     assert [j.error is None for j in jobs] == [True, True, False, True]
@@ -94,7 +94,7 @@ def test_gpu_switches_stay_off_on_the_cpu(tiny_weights):
     """half / channels_last / compile are CUDA-only: on the CPU they must leave fp32 eager
     networks (the path equal to upstream)."""
     from serve_app.config import AppConfig
-    from serve_app.engine import Engine
+    from serve_app.engine.engine import Engine
 
     cfg = AppConfig.model_validate({
         "weights": {"dir": str(tiny_weights.dir)},

@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from serve_app.api.http import parse_option_sources
-from serve_app.api.presets import PresetStore
 from serve_app.errors import Conflict, InvalidOption, NotFound
 from serve_app.options import BUILTIN_PRESETS, EnhanceOptions, resolve_options
+from serve_app.presets import PresetStore
 
 
 def test_strings_are_coerced():

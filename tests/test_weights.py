@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from serve_app.config import WeightsConfig
-from serve_app.engine import models, weights
+from serve_app.engine import models, weights, weights_folder
 from serve_app.errors import WeightsError
 
 try:
@@ -125,7 +125,7 @@ def test_unknown_model_name_is_an_error(tiny_weights):
 
 def test_resolve_official_refuses_and_says_how_to_fetch(tmp_path):
     with pytest.raises(WeightsError, match="photoenhance weights fetch"):
-        weights.resolve(WeightsConfig(dir=tmp_path, source="official"))
+        weights_folder.resolve(WeightsConfig(dir=tmp_path, source="official"))
 
 
 def test_resolve_auto_falls_back_to_synthetic_loudly(tmp_path, caplog, tiny_weights, monkeypatch):
@@ -135,12 +135,12 @@ def test_resolve_auto_falls_back_to_synthetic_loudly(tmp_path, caplog, tiny_weig
     for p in tiny_weights.dir.iterdir():
         (target / p.name).symlink_to(p)
     with caplog.at_level(logging.WARNING):
-        info = weights.resolve(WeightsConfig(dir=tmp_path, source="auto", profile="tiny"))
+        info = weights_folder.resolve(WeightsConfig(dir=tmp_path, source="auto", profile="tiny"))
     assert info.synthetic and info.dir == target and "SYNTHETIC" in caplog.text
-    again = weights.resolve(WeightsConfig(dir=tmp_path, source="synthetic", profile="tiny"))
+    again = weights_folder.resolve(WeightsConfig(dir=tmp_path, source="synthetic", profile="tiny"))
     assert again.dir == target
 
 
 def test_resolve_reads_a_synth_folder_directly(tiny_weights):
-    info = weights.resolve(WeightsConfig(dir=tiny_weights.dir, source="auto"))
+    info = weights_folder.resolve(WeightsConfig(dir=tiny_weights.dir, source="auto"))
     assert info.synthetic and info.profile == "tiny"

@@ -16,9 +16,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.api import metrics
 from serve_app.api.errors import internal_error_response
 from serve_app.config import LimitsConfig
-from serve_app.deployments import metrics
 from serve_app.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from serve_app.options import EnhanceOptions
 
@@ -85,7 +85,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_json(request: Request, limit: int = 64 * 1024) -> Any:
+async def read_json_body(request: Request, limit: int = 64 * 1024) -> Any:
     body = await read_body(request, limit)
     if not body.strip():
         return {}

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from serve_app.api.http import limit_body, read_json
+from serve_app.api.http import limit_body, read_json_body
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, PhotoEnhanceError
 from serve_app.jobs import JobIntake, JobReader, Presets
@@ -54,7 +54,7 @@ class JobsApi:
                  owner_of: Owner = _no_owner) -> None:
         self.config = config
         if presets is None:
-            from serve_app.api.presets import PresetStore
+            from serve_app.presets import PresetStore
 
             presets = PresetStore(config.jobs.data_dir / "presets.json").custom
         self.intake = JobIntake(config, presets)
@@ -76,7 +76,7 @@ class JobsApi:
                 declared_bytes=int(declared) if declared.isdigit() else None,
             )
         elif media_type in ("application/json", ""):
-            body = await read_json(request, self.config.jobs.max_json_bytes)
+            body = await read_json_body(request, self.config.jobs.max_json_bytes)
             snapshot = await self.intake.submit(body, owner=owner)
         else:
             raise InvalidRequest(

@@ -18,16 +18,16 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from serve_app import __version__
+from serve_app.api import metrics
 from serve_app.api.errors import EXCEPTION_HANDLERS, as_photo_error, error_response
-from serve_app.api.http import ObservedApp, read_image_request, read_json
+from serve_app.api.http import ObservedApp, read_image_request, read_json_body
 from serve_app.api.jobs import build_job_routes
-from serve_app.api.presets import PresetStore
 from serve_app.api.schemas import SYNTHETIC_WARNING, EnhancedImage
 from serve_app.codec import OUTPUT_FORMATS
 from serve_app.config import AppConfig
-from serve_app.deployments import metrics
 from serve_app.errors import NotFound, NotReady
 from serve_app.options import BG_MODELS, FACE_MODELS, EnhanceOptions
+from serve_app.presets import PresetStore
 
 LOGGER = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class _Api:
 
     async def put_preset(self, request: Request) -> Response:
         name = request.path_params["name"]
-        body = await read_json(request)
+        body = await read_json_body(request)
         if isinstance(body, dict) and set(body) == {"options"}:
             body = body["options"]
         stored, created = await asyncio.to_thread(self.service.presets.put, name, body)

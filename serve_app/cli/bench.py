@@ -18,7 +18,7 @@ _EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 def _engine(profile: str, device: str, weights_dir: Path | None):
     from serve_app.config import AppConfig, WeightsConfig
-    from serve_app.engine import Engine
+    from serve_app.engine.engine import Engine
 
     wdir = weights_dir or WeightsConfig().dir
     source = "synthetic" if profile == "tiny" else "official"

@@ -50,10 +50,10 @@ def fetch_cmd(dir_: Path | None, only: tuple[str, ...]) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def synth_cmd(dir_: Path | None, profile: str, seed: int) -> None:
     """Write random-initialised weights with the official names (marked SYNTHETIC)."""
-    from serve_app.engine import weights
+    from serve_app.engine import synthetic
 
     target = _dir(dir_)
-    info = weights.synth(target, profile, seed=seed)  # type: ignore[arg-type]
+    info = synthetic.synth(target, profile, seed=seed)  # type: ignore[arg-type]
     click.echo(f"wrote synthetic {profile} weights to {info.dir}")
 
 

@@ -3,7 +3,7 @@
 The load of the deployment is the requests running and queued at its replicas and handles
 (``ctx.total_num_requests``, averaged by Serve over ``look_back_period_s``) plus the job
 backlog, the items that the job actor has not dispatched yet, which the model replicas report
-through ``record_autoscaling_stats`` (see ``BacklogProbe``). The policy wants
+through ``record_autoscaling_stats`` (see ``serve_app.deployments.backlog``). The policy wants
 ``ceil(load / target_queue_depth)`` replicas; it shrinks only to a count that would still run
 at most ``(1 - hysteresis) * target_queue_depth`` per replica, so a load near a boundary does
 not make it flap.
@@ -22,7 +22,6 @@ time is limited to the standard library, ``ray`` and this module.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -40,9 +39,6 @@ LOGGER = logging.getLogger(f"ray.serve.{__name__}")
 POLICY_FUNCTION = "serve_app.deployments.autoscaling:QueueDepthPolicy"
 JOB_BACKLOG_METRIC = "job_backlog"
 """Name under which model replicas report the job backlog in ``record_autoscaling_stats``."""
-
-JOB_ACTOR_NAMESPACE = "photoenhance"
-"""Namespace of the job actor (``serve_app.jobs.manager``), named ``<app name>-jobs``."""
 
 _STATE_KEY = "photoenhance"
 _EPS = 1e-9
@@ -245,93 +241,3 @@ def autoscaling_options(cfg: AutoscalingConfig) -> dict[str, Any]:
 def policy_config(app: AppConfig) -> dict[str, Any]:
     """The ``policy`` entry alone, for builders that assemble the rest themselves."""
     return {"policy_function": POLICY_FUNCTION, "policy_kwargs": policy_kwargs(app.model.autoscaling)}
-
-
-# ------------------------------------------------------------------ backlog, replica side
-
-
-class BacklogProbe:
-    """Reads the job actor's backlog for a model replica's ``record_autoscaling_stats``.
-
-    Never raises and never waits longer than ``timeout_s``: a slow or missing job actor
-    yields the last value read (0 before any), so the replica's metrics push is not held
-    up. The actor is looked up by name, at most every ``lookup_every_s`` while absent.
-
-        self._backlog = BacklogProbe.for_app(self.config)   # in Enhancer.__init__
-        async def record_autoscaling_stats(self) -> dict[str, float]:
-            return {"in_flight": float(self._in_flight), **await self._backlog.stats()}
-    """
-
-    def __init__(
-        self,
-        actor_name: str,
-        *,
-        namespace: str | None = JOB_ACTOR_NAMESPACE,
-        method: str = "backlog",
-        timeout_s: float = 1.0,
-        lookup_every_s: float = 5.0,
-        metric: str = JOB_BACKLOG_METRIC,
-    ) -> None:
-        self.actor_name = actor_name
-        self.namespace = namespace
-        self.method = method
-        self.timeout_s = timeout_s
-        self.lookup_every_s = lookup_every_s
-        self.metric = metric
-        self.last = 0.0
-        self.read_at: float | None = None
-        self._actor: Any = None
-        self._looked_up_at = -math.inf
-
-    @classmethod
-    def for_app(cls, app: AppConfig, **kwargs: Any) -> BacklogProbe:
-        """The probe of this application's job actor."""
-        from serve_app.jobs.manager import NAMESPACE, manager_name
-
-        return cls(manager_name(app), namespace=NAMESPACE, **kwargs)
-
-    async def stats(self) -> dict[str, float]:
-        return {self.metric: await self.read()}
-
-    async def read(self) -> float:
-        actor = await self._lookup()
-        if actor is None:
-            return self.last
-        try:
-            ref = getattr(actor, self.method).remote()
-            value = float(await asyncio.wait_for(_awaitable(ref), self.timeout_s))
-        except TimeoutError:
-            LOGGER.debug("job backlog: %s.%s timed out", self.actor_name, self.method)
-            return self.last
-        except Exception:
-            # The actor died or is being restarted: look it up again next time.
-            LOGGER.debug("job backlog: %s.%s failed", self.actor_name, self.method, exc_info=True)
-            self._actor = None
-            return self.last
-        if math.isfinite(value):
-            self.last = max(value, 0.0)
-            self.read_at = time.time()
-        return self.last
-
-    async def _lookup(self) -> Any:
-        if self._actor is not None:
-            return self._actor
-        now = time.monotonic()
-        if now - self._looked_up_at < self.lookup_every_s:
-            return None
-        self._looked_up_at = now
-        import ray
-
-        if not ray.is_initialized():
-            return None
-        try:
-            self._actor = await asyncio.wait_for(
-                asyncio.to_thread(ray.get_actor, self.actor_name, self.namespace), self.timeout_s
-            )
-        except Exception:  # absent (no job yet) or GCS slow: keep the last value
-            self._actor = None
-        return self._actor
-
-
-async def _awaitable(ref: Any) -> Any:
-    return await ref

@@ -23,12 +23,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app import codec
+from serve_app.api import metrics
 from serve_app.api.errors import as_photo_error
-from serve_app.api.presets import PresetStore
 from serve_app.api.routes import build_asgi_app
 from serve_app.api.schemas import EnhancedImage
 from serve_app.config import AppConfig
-from serve_app.deployments import metrics
 from serve_app.deployments.admission import AdmissionGate
 from serve_app.engine.types import EnhanceResult
 from serve_app.errors import (
@@ -40,6 +39,7 @@ from serve_app.errors import (
 )
 from serve_app.jobs import start_manager
 from serve_app.options import EnhanceOptions, resolve_options
+from serve_app.presets import PresetStore
 
 LOGGER = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import numpy as np
 from ray import serve
 
 from serve_app.config import AppConfig
-from serve_app.deployments.autoscaling import BacklogProbe
+from serve_app.deployments.backlog import BacklogProbe
 from serve_app.engine.types import EnhanceResult
 from serve_app.errors import EngineFailure, ImageTooLargeForDevice, PhotoEnhanceError
 from serve_app.options import EnhanceOptions
@@ -133,7 +133,7 @@ class Enhancer:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
-        from serve_app.engine import Engine  # torch loads inside the replica only
+        from serve_app.engine.engine import Engine  # torch loads inside the replica only
 
         started = time.perf_counter()
         self.engine = Engine.from_config(self.config)

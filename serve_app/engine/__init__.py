@@ -1,6 +1,6 @@
-"""The engine layer: PyTorch and OpenCV only, no Ray, no HTTP."""
+"""The engine layer: PyTorch and OpenCV only, no Ray, no HTTP.
 
-from serve_app.engine.pipeline import Engine
-from serve_app.engine.types import EnhanceResult
-
-__all__ = ["Engine", "EnhanceResult"]
+Import what you need from its modules (``serve_app.engine.engine.Engine``,
+``serve_app.engine.types.EnhanceResult``): this package imports nothing, so the light
+modules (``types``, ``weights``) load without torch.
+"""

@@ -22,13 +22,14 @@ import torch
 
 from serve_app.engine import detect, paste, restore, upsample
 from serve_app.engine.chunks import ItemTooLarge
+from serve_app.engine.pixels import check_image, to_8bit
 from serve_app.engine.types import EnhanceResult
 from serve_app.engine.weights import spec
 from serve_app.errors import EngineFailure, ImageTooLargeForDevice, PhotoEnhanceError
 from serve_app.options import EnhanceOptions
 
 if TYPE_CHECKING:
-    from serve_app.engine.pipeline import Engine
+    from serve_app.engine.engine import Engine
 
 LOGGER = logging.getLogger(__name__)
 DETECTOR = "detection_Resnet50_Final"
@@ -42,7 +43,9 @@ def _pool() -> ThreadPoolExecutor:
 
 
 @dataclass
-class Job:
+class BatchItem:
+    """One image of a micro-batch on its way through the stages."""
+
     src: np.ndarray
     opt: EnhanceOptions
     timings: dict[str, float] = field(default_factory=dict)
@@ -66,26 +69,23 @@ class Job:
         return self.opt.face and not self.opt.aligned
 
 
-def _prepare(job: Job) -> None:
-    from serve_app.engine.pipeline import check_image
-    from serve_app.engine.upstream import to_8bit
-
-    job.src = check_image(job.src)
-    if not job.opt.face:
+def _prepare(item: BatchItem) -> None:
+    item.src = check_image(item.src)
+    if not item.opt.face:
         return
-    img = job.src
+    img = item.src
     # With faces on, 16-bit images are processed at 8 bits (see upstream.Reference).
     if img.dtype == np.uint16:
-        job.bit16, img = True, to_8bit(img)
+        item.bit16, img = True, to_8bit(img)
     if img.ndim == 2:
-        job.gray, img = True, cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    job.work = img
-    if job.opt.aligned:
-        job.crops = [cv2.resize(np.ascontiguousarray(img[:, :, :3]), (512, 512))]
+        item.gray, img = True, cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    item.work = img
+    if item.opt.aligned:
+        item.crops = [cv2.resize(np.ascontiguousarray(img[:, :, :3]), (512, 512))]
 
 
-def _detect(engine: Engine, jobs: list[Job]) -> None:
-    todo = [j for j in jobs if j.pastes]
+def _detect(engine: Engine, items: list[BatchItem]) -> None:
+    todo = [j for j in items if j.pastes]
     if not todo:
         return
     bgrs = [np.ascontiguousarray(j.work[:, :, :3]) for j in todo]
@@ -100,9 +100,9 @@ def _detect(engine: Engine, jobs: list[Job]) -> None:
         j.affines.append(crop_aff[1])
 
 
-def _restore(engine: Engine, jobs: list[Job]) -> None:
-    by_model: dict[str, list[Job]] = defaultdict(list)
-    for j in jobs:
+def _restore(engine: Engine, items: list[BatchItem]) -> None:
+    by_model: dict[str, list[BatchItem]] = defaultdict(list)
+    for j in items:
         if j.crops:
             by_model[j.opt.face_model].append(j)
     for model, group in by_model.items():
@@ -113,8 +113,8 @@ def _restore(engine: Engine, jobs: list[Job]) -> None:
             j.restored, k = faces[k : k + len(j.crops)], k + len(j.crops)
 
 
-def _parse(engine: Engine, jobs: list[Job]) -> None:
-    group = [j for j in jobs if j.pastes and j.restored]
+def _parse(engine: Engine, items: list[BatchItem]) -> None:
+    group = [j for j in items if j.pastes and j.restored]
     if not group or not engine.cfg.use_parse:
         return
     faces = [f for j in group for f in j.restored]
@@ -124,7 +124,7 @@ def _parse(engine: Engine, jobs: list[Job]) -> None:
         j.masks, k = masks[k : k + len(j.restored)], k + len(j.restored)
 
 
-def _bg_request(engine: Engine, j: Job) -> upsample.Request | None:
+def _bg_request(engine: Engine, j: BatchItem) -> upsample.Request | None:
     name = j.opt.resolved_bg_model()
     if name == "none" or (j.opt.face and j.opt.aligned):
         return None
@@ -132,9 +132,9 @@ def _bg_request(engine: Engine, j: Job) -> upsample.Request | None:
     return upsample.Request(img, name, j.opt.upscale, j.opt.tile or engine.cfg.tile)
 
 
-def _upsample(engine: Engine, jobs: list[Job]) -> None:
+def _upsample(engine: Engine, items: list[BatchItem]) -> None:
     reqs, owners = [], []
-    for j in jobs:
+    for j in items:
         r = _bg_request(engine, j)
         if r is not None:
             reqs.append(r)
@@ -159,7 +159,7 @@ def _upsample(engine: Engine, jobs: list[Job]) -> None:
             j.background = out
 
 
-def _finish_one(j: Job) -> None:
+def _finish_one(j: BatchItem) -> None:
     opt = j.opt
     if not opt.face:
         j.result = j.background
@@ -192,11 +192,11 @@ def _square_mask() -> np.ndarray:
     return m
 
 
-def _finish(engine: Engine, jobs: list[Job]) -> None:
-    list(_pool().map(_finish_one, jobs))
+def _finish(engine: Engine, items: list[BatchItem]) -> None:
+    list(_pool().map(_finish_one, items))
 
 
-_STAGES: list[tuple[str, Callable[[Engine, list[Job]], None]]] = [
+_STAGES: list[tuple[str, Callable[[Engine, list[BatchItem]], None]]] = [
     ("detect", _detect),
     ("restore", _restore),
     ("parse", _parse),
@@ -214,41 +214,41 @@ def _as_error(exc: BaseException) -> PhotoEnhanceError:
     return EngineFailure(f"{type(exc).__name__}: {exc}")
 
 
-def _run_stage(engine: Engine, name: str, fn, jobs: list[Job]) -> None:
+def _run_stage(engine: Engine, name: str, fn, items: list[BatchItem]) -> None:
     t0 = time.perf_counter()
     try:
-        fn(engine, jobs)
+        fn(engine, items)
     except Exception as exc:
-        if len(jobs) == 1:
-            jobs[0].error = _as_error(exc)
+        if len(items) == 1:
+            items[0].error = _as_error(exc)
         else:
             # Isolate the culprit: the same stage, image by image.
             LOGGER.warning("stage %s failed on a batch of %d (%s); retrying one by one",
-                           name, len(jobs), exc)
-            for j in jobs:
+                           name, len(items), exc)
+            for j in items:
                 _run_stage(engine, name, fn, [j])
             return
     dt = time.perf_counter() - t0
-    for j in jobs:
+    for j in items:
         j.timings[name] = j.timings.get(name, 0.0) + dt
 
 
 def run(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptions]):
-    jobs = [Job(src=img, opt=opt) for img, opt in zip(images, options, strict=True)]
+    items = [BatchItem(src=img, opt=opt) for img, opt in zip(images, options, strict=True)]
     t0 = time.perf_counter()
-    for j in jobs:
+    for j in items:
         try:
             _prepare(j)
         except Exception as exc:
             j.error = _as_error(exc)
     with torch.inference_mode():
         for name, fn in _STAGES:
-            live = [j for j in jobs if j.error is None]
+            live = [j for j in items if j.error is None]
             if live:
                 _run_stage(engine, name, fn, live)
     total = time.perf_counter() - t0
     out: list[EnhanceResult | PhotoEnhanceError] = []
-    for j in jobs:
+    for j in items:
         if j.error is not None:
             out.append(j.error)
         else:

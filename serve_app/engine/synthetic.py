@@ -1,4 +1,5 @@
-"""Random-initialised state dicts, and a detector that finds a known, small number of faces.
+"""Synthetic weights: random-initialised state dicts written with the official names and
+keys (``synth``), and a detector that finds a known, small number of faces.
 
 A randomly initialised RetinaFace reports hundreds of faces on any photo, so the synthetic
 detector is built by hand instead (see ``sparse_detector``):
@@ -21,13 +22,22 @@ not depend on the pixels, which makes face counts deterministic in tests.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from serve_app.engine.weights import Profile, WeightSpec
+from serve_app.engine import weights
+from serve_app.engine.models import construct
+from serve_app.engine.weights import LoadedWeightsInfo, Profile, WeightSpec
+
+LOGGER = logging.getLogger(__name__)
 
 FACE_PX = 128.0  # box side of a synthetic face
 INSET_PX = 96.0  # box centre, inwards from the corner anchor's centre
@@ -41,9 +51,28 @@ _VARIANCE = (0.1, 0.2)
 _L3_SIZES = (256.0, 512.0)  # stride-32 anchor sizes (min_sizes of the last level)
 
 
-def state_dict(s: WeightSpec, profile: Profile) -> dict[str, torch.Tensor]:
-    from serve_app.engine.models import construct
+def synth(dir: Path, profile: Profile = "tiny", *, seed: int = 0) -> LoadedWeightsInfo:
+    """Write random-initialised weights with the official names and keys, plus a marker."""
+    dir = Path(dir).expanduser()
+    dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    files = {}
+    for s in weights.REGISTRY.values():
+        state = state_dict(s, profile)
+        payload = {s.key: state} if s.key else state
+        dest = dir / s.filename
+        fd, tmp = tempfile.mkstemp(prefix=f".{s.filename}.", dir=dir)
+        os.close(fd)
+        torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+        files[s.name] = dest
+    (dir / weights.MARKER).write_text(json.dumps({"synthetic": True, "profile": profile, "seed": seed}))
+    LOGGER.info("wrote synthetic %s weights to %s", profile, dir)
+    return LoadedWeightsInfo(dir=dir, synthetic=True, profile=profile, files=files)
 
+
+def state_dict(s: WeightSpec, profile: Profile) -> dict[str, torch.Tensor]:
     net = construct(s, profile)
     if s.arch == "RetinaFace":
         sparse_detector(net)

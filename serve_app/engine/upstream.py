@@ -19,7 +19,8 @@ from torch import nn
 
 import serve_app.compat  # noqa: F401
 from serve_app.engine import models
-from serve_app.engine.weights import LoadedWeightsInfo
+from serve_app.engine.pixels import to_8bit
+from serve_app.engine.weights import LoadedWeightsInfo, spec
 from serve_app.options import EnhanceOptions
 
 
@@ -60,10 +61,6 @@ def gfpganer(gfpgan: nn.Module, det: nn.Module, parse: nn.Module, upscale: float
     return g
 
 
-def to_8bit(img: np.ndarray) -> np.ndarray:
-    return np.round(img.astype(np.float32) / 257.0).astype(np.uint8)
-
-
 class Reference:
     """Upstream's one-image-at-a-time pipeline with this engine's option semantics."""
 
@@ -92,8 +89,6 @@ class Reference:
             return self._nets[name]
 
     def bg(self, name: str, tile: int = 0):
-        from serve_app.engine.weights import spec
-
         return realesrganer(self.net(name), spec(name).scale, tile=tile or self.tile,
                             tile_pad=self.tile_pad, pre_pad=self.pre_pad, device=self.device)
 

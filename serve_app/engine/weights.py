@@ -1,8 +1,8 @@
-"""The weights registry: official files, their sums, architectures, and synthetic stand-ins.
+"""The weights registry: official files, their sums and architectures. No torch.
 
-``fetch`` downloads official files (never called implicitly), ``synth`` writes
-random-initialised files with the official names and state-dict keys, and ``resolve``
-decides, from ``WeightsConfig``, which folder the engine loads from.
+``fetch`` downloads official files (never called implicitly); ``read_marker`` tells a
+synthetic folder. Synthetic stand-ins are written by ``synthetic.synth``, and
+``weights_folder.resolve`` decides which folder the engine loads from.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from serve_app.config import WeightsConfig
 from serve_app.errors import WeightsError
 
 LOGGER = logging.getLogger(__name__)
@@ -207,7 +206,7 @@ def fetch(
     for name in names or list(REGISTRY):
         s = spec(name)
         dest = dir / s.filename
-        if dest.exists() and _sum_ok(s, dest):
+        if dest.exists() and sum_ok(s, dest):
             LOGGER.info("%s: present and checked", s.filename)
             out.append(dest)
             continue
@@ -243,7 +242,7 @@ def _bar(desc: str, total: int | None):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
 
 
-def _sum_ok(s: WeightSpec, path: Path) -> bool:
+def sum_ok(s: WeightSpec, path: Path) -> bool:
     try:
         check_sum(s, _cached_sum(path))
     except WeightsError as exc:
@@ -252,91 +251,9 @@ def _sum_ok(s: WeightSpec, path: Path) -> bool:
     return True  # a one-source mismatch has been reported and is accepted
 
 
-# --------------------------------------------------------------------------- synth
-def synth(dir: Path, profile: Profile = "tiny", *, seed: int = 0) -> LoadedWeightsInfo:
-    """Write random-initialised weights with the official names and keys, plus a marker."""
-    import torch
-
-    from serve_app.engine import synthetic
-
-    dir = Path(dir).expanduser()
-    dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    files = {}
-    for s in REGISTRY.values():
-        state = synthetic.state_dict(s, profile)
-        payload = {s.key: state} if s.key else state
-        dest = dir / s.filename
-        fd, tmp = tempfile.mkstemp(prefix=f".{s.filename}.", dir=dir)
-        os.close(fd)
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-        files[s.name] = dest
-    (dir / MARKER).write_text(json.dumps({"synthetic": True, "profile": profile, "seed": seed}))
-    LOGGER.info("wrote synthetic %s weights to %s", profile, dir)
-    return LoadedWeightsInfo(dir=dir, synthetic=True, profile=profile, files=files)
-
-
+# --------------------------------------------------------------------------- marker
 def read_marker(dir: Path) -> dict[str, Any] | None:
     marker = Path(dir) / MARKER
     if not marker.exists():
         return None
     return json.loads(marker.read_text())
-
-
-# --------------------------------------------------------------------------- resolve
-def _official(dir: Path) -> LoadedWeightsInfo | None:
-    if read_marker(dir) is not None:
-        return None
-    files = {}
-    for s in REGISTRY.values():
-        path = dir / s.filename
-        if not path.exists():
-            if s.required:
-                return None
-            continue
-        if not _sum_ok(s, path):
-            return None
-        files[s.name] = path
-    return LoadedWeightsInfo(dir=dir, synthetic=False, profile="full", files=files)
-
-
-def _synthetic(dir: Path, profile: Profile) -> LoadedWeightsInfo:
-    sdir = dir / f"synthetic-{profile}"
-    marker = read_marker(sdir)
-    if marker is None or marker.get("profile") != profile or not all(
-        (sdir / s.filename).exists() for s in REGISTRY.values()
-    ):
-        return synth(sdir, profile)
-    files = {s.name: sdir / s.filename for s in REGISTRY.values()}
-    return LoadedWeightsInfo(dir=sdir, synthetic=True, profile=profile, files=files)
-
-
-def resolve(cfg: WeightsConfig) -> LoadedWeightsInfo:
-    """Pick the weights folder the engine loads from; never downloads."""
-    dir = Path(cfg.dir).expanduser()
-    # A folder written by `weights synth` is synthetic whatever its name.
-    marker = read_marker(dir)
-    if marker is not None and cfg.source != "official":
-        profile = marker.get("profile", "tiny")
-        files = {s.name: dir / s.filename for s in REGISTRY.values()}
-        return LoadedWeightsInfo(dir=dir, synthetic=True, profile=profile, files=files)
-    if cfg.source == "synthetic":
-        return _synthetic(dir, cfg.profile)
-    info = _official(dir)
-    if info is not None:
-        return info
-    if cfg.source == "official":
-        missing = [s.filename for s in REGISTRY.values() if s.required and not (dir / s.filename).exists()]
-        raise WeightsError(
-            f"official weights are missing or fail their checksum in {dir} "
-            f"(missing: {missing or 'none'}); run `photoenhance weights fetch --dir {dir}`",
-            dir=str(dir),
-        )
-    LOGGER.warning(
-        "!!! OFFICIAL WEIGHTS NOT FOUND in %s: running on SYNTHETIC random '%s' weights. "
-        "Outputs are meaningless. Run `photoenhance weights fetch --dir %s` for real ones. !!!",
-        dir, cfg.profile, dir,
-    )
-    return _synthetic(dir, cfg.profile)

@@ -1,7 +1,8 @@
 """The engine: weights in, enhanced images out. No Ray, no HTTP.
 
-``Engine.enhance_batch`` takes the images of one micro-batch and returns one result or one
-error per image; a bad image never fails the others.
+``Engine`` holds the loaded networks; ``Engine.enhance_batch`` hands the images of one
+micro-batch to the per-batch pipeline (``serve_app.engine.batch``) and returns one result or
+one error per image; a bad image never fails the others.
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ from torch import nn
 
 import serve_app.compat  # noqa: F401
 from serve_app.config import AppConfig, EngineConfig
-from serve_app.engine import models
+from serve_app.engine import batch, models
 from serve_app.engine.types import EnhanceResult
-from serve_app.engine.weights import LoadedWeightsInfo, resolve
-from serve_app.errors import EngineFailure, InvalidImage, PhotoEnhanceError
+from serve_app.engine.weights import LoadedWeightsInfo, spec
+from serve_app.engine.weights_folder import resolve
+from serve_app.errors import EngineFailure, PhotoEnhanceError
 from serve_app.options import EnhanceOptions
 
 LOGGER = logging.getLogger(__name__)
 
-DETECTOR = "detection_Resnet50_Final"
-PARSER = "parsing_parsenet"
 CPU_BUDGET_MB = 64
 
 
@@ -37,21 +37,6 @@ def pick_device(cfg: EngineConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise EngineFailure("engine.device is 'cuda' but no CUDA device is available")
     return torch.device(cfg.device)
-
-
-def check_image(img: Any) -> np.ndarray:
-    """Refuse what OpenCV's IMREAD_UNCHANGED could not have produced."""
-    if not isinstance(img, np.ndarray):
-        raise InvalidImage(f"expected a numpy array, got {type(img).__name__}")
-    if img.dtype not in (np.uint8, np.uint16):
-        raise InvalidImage(f"unsupported pixel type {img.dtype}; expected uint8 or uint16")
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] in (3, 4))):
-        raise InvalidImage(f"unsupported image shape {img.shape}")
-    if min(img.shape[:2]) < 2:
-        raise InvalidImage(f"image too small: {img.shape[1]}x{img.shape[0]}")
-    return np.ascontiguousarray(img)
 
 
 class Engine:
@@ -96,8 +81,6 @@ class Engine:
             return self._nets[name]
 
     def _load(self, name: str) -> nn.Module:
-        from serve_app.engine.weights import spec
-
         # Detection and parsing stay fp32: their outputs feed thresholds and argmax.
         kind = spec(name).kind
         dtype = self.dtype if kind in ("face", "bg") else torch.float32
@@ -141,6 +124,4 @@ class Engine:
     ) -> list[EnhanceResult | PhotoEnhanceError]:
         if len(images) != len(options):
             raise ValueError(f"{len(images)} images but {len(options)} options")
-        from serve_app.engine import batch
-
         return batch.run(self, list(images), list(options))
