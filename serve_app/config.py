@@ -8,6 +8,7 @@ Numbers that size deployments live in those YAML files, never in code.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -144,6 +145,34 @@ class IngressConfig(_Section):
     )
 
 
+class StorageConfig(_Section):
+    """Where jobs submitted over HTTP may read inputs and write outputs, besides each job's
+    own folder (docs/JOBS.md, "The storage gate"). Roots are absolute local folders; buckets
+    are ``s3://bucket[/prefix]`` or ``gs://bucket[/prefix]``."""
+
+    input_roots: tuple[Path, ...] = Field((), description="Local folders inputs may come from.")
+    output_roots: tuple[Path, ...] = Field((), description="Local folders outputs may go to.")
+    input_buckets: tuple[str, ...] = Field((), description="Bucket prefixes inputs may come from.")
+    output_buckets: tuple[str, ...] = Field((), description="Bucket prefixes outputs may go to.")
+    fsspec: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="fsspec options per protocol, e.g. {s3: {endpoint_url: ...}}.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> StorageConfig:
+        for root in (*self.input_roots, *self.output_roots):
+            if not root.expanduser().is_absolute():
+                raise ValueError(f"storage roots must be absolute folders: {root}")
+        for bucket in (*self.input_buckets, *self.output_buckets):
+            if not re.fullmatch(r"(s3|gs)://[a-z0-9][a-z0-9._-]{1,62}(/[^\s?#]*)?", bucket):
+                raise ValueError(f"a bucket is s3://NAME[/PREFIX] or gs://NAME[/PREFIX]: {bucket!r}")
+        unknown = set(self.fsspec) - {"s3", "gs"}
+        if unknown:
+            raise ValueError(f"fsspec options only for s3 and gs, not {sorted(unknown)}")
+        return self
+
+
 class JobsConfig(_Section):
     data_dir: Path = Field(default_factory=_default_data_dir, description="Job state and outputs.")
     max_upload_files: int = Field(100, ge=1)
@@ -163,6 +192,18 @@ class JobsConfig(_Section):
     max_json_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest JSON body of POST /v1/jobs."
     )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    max_fetches_per_job: int = Field(4, ge=1, description="Input fetches in flight in one job.")
+    retention_s: float | None = Field(
+        7 * 86400.0, gt=0, description="Ended jobs' folders go this long after they end; "
+        "None: kept until DELETE."
+    )
+    webhook_secret: str | None = Field(
+        None, description="HMAC-SHA256 secret signing job callbacks when the job's API key "
+        "has none of its own (config or PHOTOENHANCE_WEBHOOK_SECRET)."
+    )
+    webhook_attempts: int = Field(5, ge=1, le=20)
+    webhook_timeout_s: float = Field(10.0, gt=0)
 
 
 class AppConfig(_Section):

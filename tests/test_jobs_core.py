@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.config import JobsConfig
+from serve_app.config import AppConfig, JobsConfig, StorageConfig
 from serve_app.errors import InvalidImage, NotReady, Overloaded
 from serve_app.jobs import sources
+from serve_app.jobs.gate import Gate, PrivateAddress, check_address
 from serve_app.jobs.job import Job
 from serve_app.jobs.manifest import ManifestRecord, ManifestWriter, read_manifest
 from serve_app.jobs.naming import new_job_id, output_name, safe_stem, spool_name
@@ -85,10 +86,10 @@ def new_job(tmp_path: Path, contents: list[bytes], **spec_kw: object) -> tuple[J
 
 
 def scheduler(model: FakeModel, **kw: object) -> Scheduler:
-    return Scheduler(jobs_config(**kw), model, max_bytes=1 << 20, timeout_s=5.0, local_roots=None)
+    return Scheduler(jobs_config(**kw), model, max_bytes=1 << 20, timeout_s=5.0, gate=None)
 
 
-async def until(predicate, timeout: float = 10.0) -> None:
+async def until(predicate, timeout: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
@@ -153,17 +154,24 @@ def test_free_space_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert info.value.status == 507 and "free" in info.value.message
 
 
-def test_private_addresses_are_refused() -> None:
+def gate_for(tmp_path: Path, *, allow_private: bool = False, **storage: object) -> Gate:
+    jobs = JobsConfig(data_dir=tmp_path / "data", allow_private_urls=allow_private,
+                      storage=StorageConfig(**storage))
+    return Gate(AppConfig(jobs=jobs))
+
+
+def test_private_addresses_are_refused(tmp_path: Path) -> None:
     for address in ["127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1",
                     "::ffff:127.0.0.1", "0.0.0.0", "fd00::1", "100.64.0.1"]:
-        with pytest.raises(sources.PrivateAddress):
-            sources.check_address(address, allow_private=False)
-        sources.check_address(address, allow_private=True)
-    sources.check_address("8.8.8.8", allow_private=False)
-    with pytest.raises(sources.PrivateAddress):
-        sources.check_url("http://localhost:9/x.png", allow_private=False)
-    with pytest.raises(sources.PrivateAddress):
-        sources.check_url("http://127.1/x.png", allow_private=False)
+        with pytest.raises(PrivateAddress):
+            check_address(address, allow_private=False)
+        check_address(address, allow_private=True)
+    check_address("8.8.8.8", allow_private=False)
+    gate = gate_for(tmp_path)
+    with pytest.raises(PrivateAddress):
+        gate.url("http://localhost:9/x.png")
+    with pytest.raises(PrivateAddress):
+        gate.url("http://127.1/x.png")
 
 
 def test_local_inputs_outside_roots_are_refused(tmp_path: Path) -> None:
@@ -172,11 +180,12 @@ def test_local_inputs_outside_roots_are_refused(tmp_path: Path) -> None:
     (tmp_path / "secret.png").write_bytes(b"x")
     (root / "a" / "link.png").symlink_to(tmp_path / "secret.png")
     ok = str(root / "a" / "x.png")
-    sources.check_input(ok, allow_private=False, local_roots=[root])
+    gate = gate_for(tmp_path, input_roots=[root])
+    assert gate.input(ok).uri == ok
     for bad in [str(tmp_path / "secret.png"), str(root / ".." / "secret.png"),
                 str(root / "a" / "link.png"), "relative/x.png"]:
         with pytest.raises(Exception) as info:
-            sources.check_input(bad, allow_private=False, local_roots=[root])
+            gate.input(bad)
         assert info.value.status == 400
 
 
@@ -395,16 +404,18 @@ def test_http_fetch_refuses_private_and_reads_allowed(tmp_path: Path) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
 
+    strict, allowed = gate_for(tmp_path), gate_for(tmp_path, allow_private=True)
+
     async def main() -> None:
         kw = {"max_bytes": 1000, "timeout_s": 5.0}
-        with pytest.raises(sources.PrivateAddress):
-            await sources.fetch(f"{base}/img.png", allow_private=False, **kw)
-        assert await sources.fetch(f"{base}/redirect", allow_private=True, **kw) == b"png-bytes"
+        with pytest.raises(PrivateAddress):
+            await sources.fetch(f"{base}/img.png", gate=strict, **kw)
+        assert await sources.fetch(f"{base}/redirect", gate=allowed, **kw) == b"png-bytes"
         with pytest.raises(Exception) as info:
-            await sources.fetch(f"{base}/missing.png", allow_private=True, **kw)
+            await sources.fetch(f"{base}/missing.png", gate=allowed, **kw)
         assert info.value.code == "source_not_found"
         with pytest.raises(Exception) as info:
-            await sources.fetch(f"{base}/img.png", allow_private=True, max_bytes=3, timeout_s=5)
+            await sources.fetch(f"{base}/img.png", gate=allowed, max_bytes=3, timeout_s=5)
         assert info.value.status == 413
 
     try:

@@ -39,6 +39,7 @@ def job_routes(api: JobsApi) -> list[BaseRoute]:
         Route("/v1/jobs", api.submit, methods=["POST"]),
         Route("/v1/jobs", api.list_jobs, methods=["GET"]),
         Route("/v1/jobs/{job_id}", api.get_job, methods=["GET"]),
+        Route("/v1/jobs/{job_id}", api.delete_job, methods=["DELETE"]),
         Route("/v1/jobs/{job_id}/items", api.items, methods=["GET"]),
         Route("/v1/jobs/{job_id}/items/{index:int}/result", api.item_result, methods=["GET"]),
         Route("/v1/jobs/{job_id}/events", api.events, methods=["GET"]),
@@ -152,6 +153,10 @@ class JobsApi:
             owner=self.owner_of(request),
         )
         return JSONResponse(snapshot)
+
+    async def delete_job(self, request: Request) -> Response:
+        await self.intake.delete(request.path_params["job_id"], owner=self.owner_of(request))
+        return Response(status_code=204)
 
     # ------------------------------------------------------------------ progress
 

@@ -24,12 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidOption, InvalidRequest, NotFound
 from serve_app.jobs import manager as mgr
-from serve_app.jobs import sources
+from serve_app.jobs import sources, webhooks
+from serve_app.jobs.gate import Gate, HostUnresolved, parse_url, protocol_of
 from serve_app.jobs.naming import new_job_id
 from serve_app.jobs.reader import JobReader
 from serve_app.jobs.spec import JobSpec
 from serve_app.jobs.spool import UploadSpooler
-from serve_app.jobs.storage import Storage, is_local, local_path, within
+from serve_app.jobs.storage import Storage, is_local, local_path
 from serve_app.options import EnhanceOptions, resolve_options
 
 LOGGER = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ class JobRequest(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="Enhancement options.")
     priority: int = Field(0, ge=-1000, le=1000)
     max_inflight: int | None = Field(None, ge=1, le=1 << 20)
+    callback_url: str | None = Field(None, description="Where to POST a signed summary at the end.")
 
-    @field_validator("output", mode="before")
+    @field_validator("output", "callback_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -73,8 +75,9 @@ class JobRequest(BaseModel):
         return 0 if value is None else value
 
 
-JOB_FIELDS = frozenset({"priority", "output", "max_inflight"})
-_FIELD_CODES = {"inputs": "no_inputs", "input_prefix": "no_inputs", "output": "invalid_output"}
+JOB_FIELDS = frozenset({"priority", "output", "max_inflight", "callback_url"})
+_FIELD_CODES = {"inputs": "no_inputs", "input_prefix": "no_inputs", "output": "invalid_output",
+                "callback_url": "invalid_uri"}
 
 
 def parse_request(body: Any) -> JobRequest:
@@ -121,6 +124,8 @@ class JobIntake:
         self.jobs = config.jobs
         self.jobs_dir = mgr.jobs_dir(config)
         self.presets: Presets = presets or dict
+        self.gate = Gate(config)
+        mgr.configure_fsspec(config)
 
     # ------------------------------------------------------------------ submitting
 
@@ -152,7 +157,8 @@ class JobIntake:
 
         async def spec() -> JobSpec:
             spooler = UploadSpooler(folder / "inputs", max_files=self.jobs.max_upload_files,
-                                    max_file_bytes=self.config.limits.max_bytes)
+                                    max_file_bytes=self.config.limits.max_bytes,
+                                    check_space=self._spool_space)
             spooled = await spooler.spool(content_type, stream)
             if not spooled.files:
                 raise InvalidRequest("the upload holds no files (send them in 'files')",
@@ -169,6 +175,11 @@ class JobIntake:
                               owner=owner)
 
         return await self._create(folder, spec())
+
+    def _spool_space(self, _: int) -> None:
+        # The floor holds for uploads too, checked as they stream (chunked bodies declare
+        # no length up front).
+        Storage(str(self.jobs_dir)).check_space(0, self.jobs.min_free_bytes)
 
     def upload_limit(self) -> int:
         """The most bytes an upload body may have."""
@@ -188,34 +199,32 @@ class JobIntake:
         if req.inputs is not None:
             uris = req.inputs
             await asyncio.to_thread(self._check_inputs, uris)
+            # Items keep the URIs as the client wrote them; the gate checks them again at
+            # every fetch.
             await asyncio.to_thread(sources.write_inputs, folder / sources.INPUTS,
                                     [(u, u) for u in uris])
             estimate = await asyncio.to_thread(_estimate, uris, len(uris))
             return self._spec(job_id, folder, "inputs", req, options, len(uris),
                               estimate * options.upscale**2, owner=owner)
-        prefix = req.input_prefix or ""
-        if sources.scheme_of(prefix) in ("http", "https"):
+        if protocol_of(req.input_prefix or "") in ("http", "https"):
             raise InvalidRequest("an http(s) URL cannot be listed; send 'inputs'", code="invalid_uri")
-        await asyncio.to_thread(self._check_inputs, [prefix])
+        prefix = (await asyncio.to_thread(self.gate.input, req.input_prefix)).uri
         sample = await asyncio.to_thread(_sample_prefix, prefix)
         estimate = await asyncio.to_thread(_estimate, sample, len(sample))
         return self._spec(job_id, folder, "prefix", req, options, None,
                           estimate * options.upscale**2, prefix, owner=owner)
 
     def _check_inputs(self, uris: list[str]) -> None:
-        roots = mgr.local_roots(self.config)
-        hosts_seen: set[str] = set()
+        hosts_seen: set[tuple[str, int]] = set()
         for uri in uris:
-            if sources.scheme_of(uri) in ("http", "https"):
-                host = uri.split("://", 1)[1].split("/", 1)[0]
-                if host in hosts_seen:
+            if isinstance(uri, str) and protocol_of(uri) in ("http", "https"):
+                host = parse_url(self.gate.url(uri, resolve=False))
+                if host in hosts_seen:  # one DNS lookup a host
                     continue
                 hosts_seen.add(host)
             try:
-                sources.check_input(
-                    uri, allow_private=self.jobs.allow_private_urls, local_roots=roots
-                )
-            except sources.SourceUnavailable as exc:  # DNS failure now: the fetch retries later
+                self.gate.input(uri)
+            except HostUnresolved as exc:  # DNS failure now: the fetch retries later
                 LOGGER.info("input %s not checked now: %s", uri, exc.message)
 
     def _options(self, raw: Mapping[str, Any]) -> EnhanceOptions:
@@ -235,7 +244,14 @@ class JobIntake:
         owner: str | None,
     ) -> JobSpec:
         output = self._output(req.output, folder)
-        Storage(output).check_space(estimate, self.jobs.min_free_bytes)
+        if req.callback_url is not None:
+            webhooks.secret_for(self.jobs, owner)  # 400 when callbacks are not enabled
+            try:
+                self.gate.url(req.callback_url)
+            except HostUnresolved as exc:  # checked again before every attempt
+                LOGGER.info("callback not checked now: %s", exc.message)
+        if is_local(output):  # object stores report no free space; nothing to connect to
+            Storage(output).check_space(estimate, self.jobs.min_free_bytes)
         return JobSpec(
             job_id=job_id,
             created_at=time.time(),
@@ -248,22 +264,20 @@ class JobIntake:
             total=total,
             estimated_bytes=estimate,
             owner=owner,
+            callback_url=req.callback_url,
         )
 
     def _output(self, value: str | None, folder: Path) -> str:
-        if value is None:
-            return str(folder / "outputs")
-        if is_local(value):
-            path = local_path(value)
-            roots = [Path(self.jobs.data_dir) / "outputs", *self.jobs.local_roots]
-            if not path.is_absolute() or not within(path, roots):
-                raise InvalidRequest(
-                    f"output {value!r} is outside the folders this server writes to",
-                    code="forbidden_path",
-                )
-            return str(path)
-        Storage(value)  # the protocol's library must be installed
-        return value
+        location = self.gate.output(value, folder / "outputs")
+        if not location.local:
+            import fsspec
+
+            try:  # the protocol's library must be installed (imported, never connected)
+                fsspec.get_filesystem_class(location.protocol)
+            except (ImportError, ValueError):
+                raise InvalidRequest(f"{location.protocol}:// storage is not installed here",
+                                     code="invalid_output") from None
+        return location.uri
 
     # ------------------------------------------------------------------ control
 
@@ -273,6 +287,12 @@ class JobIntake:
             raise NotFound(f"no action {action!r}; use cancel, pause or resume", code="not_found")
         await JobReader(self.config).get(job_id, owner=owner)
         return await mgr.call_manager(self.config, "control", job_id, action)
+
+    async def delete(self, job_id: str, *, owner: str | None = None) -> None:
+        """Cancel the job if it runs and remove it with its folder (outputs written
+        elsewhere stay)."""
+        await JobReader(self.config).get(job_id, owner=owner)
+        await mgr.call_manager(self.config, "delete", job_id)
 
 
 def _estimate(uris: list[str], count: int) -> int:

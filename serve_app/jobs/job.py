@@ -16,6 +16,7 @@ import threading
 import time
 from array import array
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,15 @@ ITEM_FIELDS = frozenset({"source", "name", "error", "attempts", "timings", "byte
 RATE_WINDOW = 256  # finish times kept for throughput
 _PENDING_BYTE = bytes([PENDING])
 
+# Why the server paused or ended a job: a code and a generic text (details go to the log).
+REASONS: dict[str, str] = {
+    "low_disk": "the output storage is under its free-space floor; resume once space is freed",
+    "storage_error": "writing outputs failed; resume to retry",
+    "internal_error": "an internal error stopped the job; resume to retry",
+    "listing_failed": "listing the input prefix failed",
+    "no_inputs": "no inputs were found",
+}
+
 # Which control actions each state accepts.
 TRANSITIONS: dict[str, dict[str, str]] = {
     "pause": {"queued": "paused", "running": "paused"},
@@ -65,10 +75,15 @@ class Job:
         self.id = spec.job_id
         self.folder = Path(folder)
         self.storage = Storage(spec.output)
+        # Outputs in a folder shared with other (earlier) jobs carry the job's id, so that no
+        # job's outputs replace another's; in its own folder the index makes names unique.
+        own = self.storage.local and Path(spec.output).resolve().is_relative_to(
+            self.folder.resolve())
+        self.name_prefix = "" if own else f"{self.id}_"
         self.inputs = InputList(self.folder / INPUTS)
         self.manifest_path = self.folder / MANIFEST
         self.state: str = "queued"
-        self.reason: str | None = None
+        self.reason: str | None = None  # a code of REASONS
         self.listed = spec.kind != "prefix"
         self.loaded = False
         self.status = bytearray()
@@ -86,6 +101,12 @@ class Job:
         self.last_dispatch = 0.0
         self.version = 0
         self._changed: asyncio.Event | None = None
+        # The callback's delivery record (webhooks.deliver), None when the job names none.
+        self.callback: dict[str, Any] | None = (
+            {"url": spec.callback_url, "state": "pending", "attempts": 0}
+            if spec.callback_url else None
+        )
+        self.on_end: Callable[[Job], None] | None = None  # called once it reaches a final state
 
     # ------------------------------------------------------------------ folder
 
@@ -113,6 +134,7 @@ class Job:
         job.started_at = saved.get("started_at")
         job.finished_at = saved.get("finished_at")
         job.updated_at = saved.get("updated_at", spec.created_at)
+        job.callback = saved.get("callback", job.callback)
         if job.state in TERMINAL:
             job.counts = list(saved.get("counts", job.counts))
         else:
@@ -158,6 +180,7 @@ class Job:
                 "started_at": self.started_at,
                 "finished_at": self.finished_at,
                 "updated_at": self.updated_at,
+                "callback": self.callback,
             },
         )
 
@@ -274,12 +297,15 @@ class Job:
     # ------------------------------------------------------------------ state
 
     def set_state(self, state: str, reason: str | None = None) -> None:
+        """``reason``: a code of ``REASONS``."""
         self.state = state
         self.reason = reason
         if state in TERMINAL:
             self.finished_at = time.time()
         self.touch(state_changed=True)
         self.save_state()
+        if state in TERMINAL and self.on_end is not None:
+            self.on_end(self)
 
     def control(self, action: str) -> None:
         target = TRANSITIONS[action].get(self.state)
@@ -322,11 +348,13 @@ class Job:
         return {
             "job_id": self.id,
             "state": self.state,
-            "reason": self.reason,
+            "reason": _reason_text(self.reason),
+            "reason_code": _reason_code(self.reason),
             "kind": self.spec.kind,
             "priority": self.spec.priority,
             "owner": self.spec.owner,
-            "output": self.spec.output,
+            # The job's own folder is no business of the client's: it reads outputs by name.
+            "output": None if self.name_prefix == "" else self.spec.output,
             "options": self.spec.options.model_dump(mode="json"),
             "total": total,
             "listing": not self.listed,
@@ -339,6 +367,7 @@ class Job:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "updated_at": self.updated_at,
+            "callback": dict(self.callback) if self.callback else None,
             "version": self.version,
         }
 
@@ -352,3 +381,15 @@ def _nth_matches(status: bytearray, code: bytes, offset: int, limit: int) -> lis
         seen += 1
         pos = status.find(code, pos + 1)
     return out
+
+
+def _reason_code(reason: str | None) -> str | None:
+    # state.json of older versions holds free text: its code is the part before ':'.
+    return None if reason is None else reason.split(":", 1)[0].strip()
+
+
+def _reason_text(reason: str | None) -> str | None:
+    code = _reason_code(reason)
+    if code is None:
+        return None
+    return f"{code}: {REASONS.get(code, 'see the server log')}"

@@ -21,6 +21,7 @@ import ray
 
 from serve_app.config import AppConfig
 from serve_app.errors import NotReady
+from serve_app.jobs.gate import Gate
 from serve_app.jobs.manifest import ManifestRecord
 from serve_app.jobs.scheduler import Scheduler, unwrap
 from serve_app.jobs.spec import ACTIVE, PENDING, JobSpec
@@ -37,10 +38,13 @@ def jobs_dir(config: AppConfig) -> Path:
     return Path(config.jobs.data_dir) / "jobs"
 
 
-def local_roots(config: AppConfig) -> list[Path]:
-    """Local folders that jobs submitted over HTTP may read inputs from."""
-    data = Path(config.jobs.data_dir)
-    return [data / "inputs", jobs_dir(config), *config.jobs.local_roots]
+def configure_fsspec(config: AppConfig) -> None:
+    """Apply ``jobs.storage.fsspec`` options (an S3 endpoint, say) to every filesystem this
+    process makes; each process that touches storage calls it."""
+    import fsspec.config
+
+    for protocol, options in config.jobs.storage.fsspec.items():
+        fsspec.config.conf[protocol] = {**fsspec.config.conf.get(protocol, {}), **options}
 
 
 class JobManager:
@@ -48,6 +52,7 @@ class JobManager:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
+        configure_fsspec(self.config)
         self.scheduler: Scheduler | None = None
         # Start (and recover jobs) as soon as the actor runs, also after Ray restarts it:
         # a call to itself, queued behind __init__.
@@ -69,7 +74,7 @@ class JobManager:
                 dispatch,
                 max_bytes=self.config.limits.max_bytes,
                 timeout_s=self.config.ingress.request_timeout_s + 30.0,
-                local_roots=local_roots(self.config),
+                gate=Gate(self.config),
             )
             self.scheduler = scheduler
             resumed = scheduler.recover(jobs_dir(self.config))
@@ -89,7 +94,8 @@ class JobManager:
         scheduler.config = new.jobs
         scheduler.max_bytes = new.limits.max_bytes
         scheduler.timeout_s = new.ingress.request_timeout_s + 30.0
-        scheduler.local_roots = local_roots(new)
+        scheduler.gate = Gate(new)
+        configure_fsspec(new)
         if jobs_dir(new) != old_dir:
             scheduler.recover(jobs_dir(new))
         scheduler.wake()
@@ -148,6 +154,9 @@ class JobManager:
 
     async def control(self, job_id: str, action: str) -> dict[str, Any]:
         return (await self._scheduler()).control(job_id, action).snapshot()
+
+    async def delete(self, job_id: str) -> None:
+        await (await self._scheduler()).delete(job_id)
 
 
 def manager_name(config: AppConfig) -> str:

@@ -20,7 +20,7 @@ from serve_app.errors import InvalidRequest, NotFound
 from serve_app.jobs import manager as mgr
 from serve_app.jobs.manifest import MANIFEST, ManifestRecord, read_manifest
 from serve_app.jobs.naming import is_job_id
-from serve_app.jobs.spec import ITEM_STATES, TERMINAL
+from serve_app.jobs.spec import ITEM_STATES, JOB_JSON, TERMINAL, JobSpec, read_json
 from serve_app.jobs.storage import Storage
 
 EVENT_INTERVAL_S = 0.5
@@ -50,6 +50,13 @@ class JobReader:
     def __init__(self, config: AppConfig) -> None:
         self.config = config
         self.jobs_dir = mgr.jobs_dir(config)
+        mgr.configure_fsspec(config)
+
+    async def _storage(self, job_id: str) -> Storage:
+        """The job's output storage, from its spec (answers do not carry server paths)."""
+        path = self.jobs_dir / job_id / JOB_JSON
+        spec = JobSpec.model_validate(await asyncio.to_thread(read_json, path))
+        return Storage(spec.output)
 
     async def _call(self, method: str, *args: Any) -> Any:
         return await mgr.call_manager(self.config, method, *args)
@@ -99,7 +106,7 @@ class JobReader:
 
     async def item_result(self, job_id: str, index: int, *,
                           owner: str | None = None) -> ItemResult:
-        snapshot = await self.get(job_id, owner=owner)
+        await self.get(job_id, owner=owner)
         record: ManifestRecord | None = await self._call("record", job_id, index)
         if record is None:
             raise NotFound(f"item {index} of job {job_id} has no result (yet)",
@@ -107,7 +114,7 @@ class JobReader:
         if not record.succeeded or record.name is None:
             code = record.error.code if record.error else "failed"
             raise NotFound(f"item {index} failed: {code}", code="item_failed")
-        storage = Storage(snapshot["output"])
+        storage = await self._storage(job_id)
         media = MEDIA.get(record.format or "", "application/octet-stream")
         return ItemResult(record, media, storage.iter_bytes(record.name))
 
@@ -122,8 +129,8 @@ class JobReader:
         stored uncompressed with sizes and CRCs from the manifest: never built in memory."""
         from stream_zip import NO_COMPRESSION_64, stream_zip
 
-        snapshot = await self.get(job_id, owner=owner)
-        storage = Storage(snapshot["output"])
+        await self.get(job_id, owner=owner)
+        storage = await self._storage(job_id)
         path = self.jobs_dir / job_id / MANIFEST
         size = await asyncio.to_thread(_size, path)
 

@@ -100,8 +100,9 @@ async def run_job(
         max_attempts=max_attempts,
         min_free_bytes=0,
         allow_private_urls=True,  # the submitter of a Ray job is trusted
+        retention_s=None,  # the state folder is the caller's (often the output folder)
     )
-    scheduler = Scheduler(config, dispatch, max_bytes=max_bytes, timeout_s=600.0, local_roots=None)
+    scheduler = Scheduler(config, dispatch, max_bytes=max_bytes, timeout_s=600.0, gate=None)
     job.close()
     job = scheduler.adopt(folder)
     scheduler.start()

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import random
+import shutil
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -28,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.config import JobsConfig
-from serve_app.errors import PhotoEnhanceError
-from serve_app.jobs import sources
+from serve_app.errors import Conflict, PhotoEnhanceError
+from serve_app.jobs import sources, webhooks
+from serve_app.jobs.gate import Gate, Location, protocol_of
 from serve_app.jobs.job import Job
 from serve_app.jobs.manifest import MANIFEST, ManifestRecord
 from serve_app.jobs.naming import output_name
@@ -42,6 +44,7 @@ Dispatch = Callable[[bytes, EnhanceOptions], Awaitable[Any]]
 LIST_CHUNK = 512
 TICK_S = 0.5
 SPACE_CHECK_S = 1.0
+EXPIRE_EVERY_S = 60.0
 
 
 def unwrap(exc: BaseException) -> PhotoEnhanceError | None:
@@ -88,19 +91,24 @@ class Scheduler:
         *,
         max_bytes: int,
         timeout_s: float,
-        local_roots: list[Path] | None,
+        gate: Gate | None = None,
     ) -> None:
         self.config = config
         self.dispatch = dispatch
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
-        self.local_roots = local_roots
+        self.gate = gate  # None: a trusted runner (a Ray job) that may read anything
         self.jobs: dict[str, Job] = {}
+        self._claims: dict[str, Location] = {}  # outputs of jobs being created
         self.inflight = 0
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._listers: dict[str, asyncio.Task[None]] = {}
         self._space_checked: dict[str, float] = {}
+        self._fetch_slots: dict[str, asyncio.Semaphore] = {}
+        self._expired_at = 0.0
+        self._callbacks: set[asyncio.Task[None]] = set()
+        self._sending: set[str] = set()
 
     # ------------------------------------------------------------------ life
 
@@ -111,6 +119,8 @@ class Scheduler:
     async def stop(self) -> None:
         if self._loop_task:
             self._loop_task.cancel()
+        for task in list(self._callbacks):
+            task.cancel()
         for job in self.jobs.values():
             for task in list(job.tasks):
                 task.cancel()
@@ -127,15 +137,59 @@ class Scheduler:
     async def submit(self, spec: JobSpec, folder: Path) -> Job:
         if spec.job_id in self.jobs:  # a retried submission: the job exists already
             return self.jobs[spec.job_id]
+        output = Location(protocol_of(spec.output), spec.output)  # type: ignore[arg-type]
+        self._claim(spec.job_id, output)
 
         def create() -> Job:
             job = Job.create(spec, folder)
             job.storage.prepare()
             return job
 
-        job = await asyncio.to_thread(create)
-        self._add(job)
+        try:
+            job = await asyncio.to_thread(create)
+            self._add(job)
+        finally:
+            self._claims.pop(spec.job_id, None)
         return job
+
+    def _claim(self, job_id: str, output: Location) -> None:
+        """Refuse (409) an output that a live job writes to, or inside or around one."""
+        taken = [
+            *self._claims.values(),
+            *(Location(protocol_of(j.spec.output), j.spec.output)  # type: ignore[arg-type]
+              for j in self.jobs.values() if j.state not in TERMINAL),
+        ]
+        if any(output.overlaps(other) for other in taken):
+            raise Conflict("another running job writes to that output; choose another "
+                           "folder or wait until it ends", code="output_in_use")
+        self._claims[job_id] = output
+
+    async def delete(self, job_id: str) -> None:
+        """Cancel the job if it runs, wait for its items in flight, forget it and remove
+        its folder (outputs elsewhere stay)."""
+        job = self.get(job_id)
+        if job.state not in TERMINAL:
+            self.control(job_id, "cancel")
+        if job.tasks:
+            await asyncio.gather(*job.tasks, return_exceptions=True)
+        job.close()
+        self.jobs.pop(job_id, None)
+        self._space_checked.pop(job_id, None)
+        self._fetch_slots.pop(job_id, None)
+        await asyncio.to_thread(shutil.rmtree, job.folder, True)
+        LOGGER.info("job %s deleted", job_id)
+
+    async def expire(self, now: float | None = None) -> list[str]:
+        """Delete ended jobs older than ``retention_s``; returns their ids."""
+        retention = self.config.retention_s
+        if retention is None:
+            return []
+        now = time.time() if now is None else now
+        old = [j.id for j in self.jobs.values()
+               if j.state in TERMINAL and (j.finished_at or j.updated_at) + retention < now]
+        for job_id in old:
+            await self.delete(job_id)
+        return old
 
     def recover(self, jobs_dir: Path) -> list[str]:
         """Read back every job folder; unfinished jobs continue. Returns their ids."""
@@ -165,7 +219,9 @@ class Scheduler:
 
     def _add(self, job: Job) -> None:
         self.jobs[job.id] = job
+        job.on_end = self._notify
         if job.state in TERMINAL:
+            self._notify(job)  # a callback still pending when the last actor stopped
             return
         if not job.listed:
             self._listers[job.id] = asyncio.get_running_loop().create_task(self._list(job))
@@ -187,6 +243,7 @@ class Scheduler:
         job.control(action)
         if action == "cancel":
             self._abandon(job)
+            self._settle(job)
         elif action == "resume":
             self._maybe_finish(job)
         self.wake()
@@ -199,6 +256,34 @@ class Scheduler:
         if lister:
             lister.cancel()
 
+    def _notify(self, job: Job) -> None:
+        """Deliver the job's callback, once, in the background."""
+        record = job.callback
+        if record is None or record.get("state") != "pending" or job.id in self._sending:
+            return
+        self._sending.add(job.id)
+
+        async def send() -> None:
+            try:
+                secret = webhooks.secret_for(self.config, job.spec.owner)
+                await webhooks.deliver(job.spec.callback_url or "", webhooks.summary(
+                    job.snapshot()), secret=secret, gate=self.gate, config=self.config,
+                    record=record)
+            except Exception as exc:
+                LOGGER.warning("job %s: callback not sent: %r", job.id, exc)
+                record["state"] = "failed"
+            finally:
+                self._sending.discard(job.id)
+            LOGGER.info("job %s: callback %s after %d attempt(s)", job.id, record["state"],
+                        record.get("attempts", 0))
+            if self.jobs.get(job.id) is job:  # not deleted meanwhile
+                job.touch()
+                await asyncio.to_thread(job.save_state)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._callbacks.add(task)
+        task.add_done_callback(self._callbacks.discard)
+
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
@@ -206,6 +291,9 @@ class Scheduler:
             self._wake.clear()
             try:
                 self._fill()
+                if time.monotonic() - self._expired_at > EXPIRE_EVERY_S:
+                    self._expired_at = time.monotonic()
+                    await self.expire()
             except Exception:
                 LOGGER.exception("job scheduler pass failed")
             with contextlib.suppress(TimeoutError):
@@ -243,11 +331,22 @@ class Scheduler:
         free = job.storage.free_bytes()
         if free is None or free >= floor:
             return True
-        job.set_state("paused", f"low_disk: {free} bytes free, under the floor of {floor}")
-        LOGGER.warning("job %s paused: %s", job.id, job.reason)
+        job.set_state("paused", "low_disk")
+        LOGGER.warning("job %s paused: %d bytes free, under the floor of %d", job.id, free, floor)
         return False
 
     # ------------------------------------------------------------------ one item
+
+    def _fetch_slot(self, job: Job) -> asyncio.Semaphore:
+        slot = self._fetch_slots.get(job.id)
+        if slot is None:
+            slot = self._fetch_slots[job.id] = asyncio.Semaphore(self.config.max_fetches_per_job)
+        return slot
+
+    def _settle(self, job: Job) -> None:
+        """An ended job whose last item is done keeps no writer (its fd and lock) open."""
+        if job.state in TERMINAL and job.inflight == 0:
+            job.close()
 
     async def _item(self, job: Job, index: int) -> None:
         try:
@@ -255,16 +354,18 @@ class Scheduler:
         except asyncio.CancelledError:
             job.release(index)
             self.inflight -= 1
+            self._settle(job)
             self.wake()
             raise
-        except Exception as exc:
+        except Exception:
             # Not the item's fault (its input list or storage is unreadable, say): stop the
             # job rather than spin on it; resume retries.
             LOGGER.exception("job %s item %d: unexpected failure", job.id, index)
             job.release(index)
             self.inflight -= 1
             if job.state in ACTIVE:
-                job.set_state("paused", f"internal_error: {type(exc).__name__}: {exc}"[:300])
+                job.set_state("paused", "internal_error")
+            self._settle(job)
             self.wake()
             return
         # Shielded: a cancel that lands now still leaves the output and its record whole.
@@ -285,13 +386,13 @@ class Scheduler:
             stage = "fetch"
             try:
                 t_fetch = time.perf_counter()
-                data = await sources.fetch(
-                    source,
-                    max_bytes=self.max_bytes,
-                    timeout_s=self.config.fetch_timeout_s,
-                    allow_private=self.config.allow_private_urls,
-                    local_roots=self.local_roots,
-                )
+                async with self._fetch_slot(job):
+                    data = await sources.fetch(
+                        source,
+                        max_bytes=self.max_bytes,
+                        timeout_s=self.config.fetch_timeout_s,
+                        gate=self.gate,
+                    )
                 stage = "enhance"
                 t_enh = time.perf_counter()
                 result = await asyncio.wait_for(self.dispatch(data, options), self.timeout_s)
@@ -328,18 +429,20 @@ class Scheduler:
             job.release(index)
             self.inflight -= 1
             if job.state in ACTIVE:
-                job.set_state("paused", "storage_error: cannot write outputs; see the logs")
+                job.set_state("paused", "storage_error")
+            self._settle(job)
             self.wake()
             return
         job.finish(index, ok, offset)
         self.inflight -= 1
         self._maybe_finish(job)
+        self._settle(job)
         self.wake()
 
     def _maybe_finish(self, job: Job) -> None:
         if job.state in ACTIVE and job.is_complete():
             state = job.final_state()
-            reason = "no inputs found" if job.total == 0 else None
+            reason = "no_inputs" if job.total == 0 else None
             job.set_state(state, reason)
             job.close()
             _copy_records(job)
@@ -364,9 +467,9 @@ class Scheduler:
                 self.wake()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception:
             LOGGER.exception("job %s: listing %s failed", job.id, prefix)
-            job.set_state("failed", f"listing failed: {exc}")
+            job.set_state("failed", "listing_failed")
             return
         finally:
             self._listers.pop(job.id, None)
@@ -383,7 +486,7 @@ def _write_and_record(job: Job, index: int, outcome: dict[str, Any]) -> tuple[in
     timings = dict(outcome["timings"])
     fields: dict[str, Any] = {}
     if result is not None:
-        name = output_name(index, outcome["name"], result.format)
+        name = job.name_prefix + output_name(index, outcome["name"], result.format)
         t = time.perf_counter()
         job.storage.write_atomic(name, result.data)
         timings["write"] = time.perf_counter() - t

@@ -1,10 +1,10 @@
-"""Job inputs: the item list on disk, URI checks, fetching bytes, listing a prefix lazily.
+"""Job inputs: the item list on disk, fetching bytes (bounded), listing a prefix lazily.
 
-Inputs are local paths, ``file://``, ``http(s)://`` or any fsspec URI whose library is
-installed (``s3://``, ``gs://``). Remote fetches refuse private, loopback, link-local and
-otherwise non-global addresses unless ``allow_private`` is set: the host is resolved and
-every address it resolves to is checked, at submission and again at every fetch and redirect
-hop. Jobs submitted over HTTP read local files only inside allowed roots.
+Which inputs may be read is the gate's decision (``serve_app.jobs.gate``): it is asked at
+submission and again at every fetch and redirect hop (symlinks and DNS may change). A fetch
+is bounded: bytes counted on the wire (encoded bodies refused), at most ``max_bytes``, one
+deadline for the whole fetch (a source trickling a byte at a time is cut), and the scheduler
+caps the fetches in flight per job.
 
 The item list (``inputs.jsonl``, one ``[source, name]`` array a line) lives in the job's
 folder; the job keeps only the byte offset of each line in memory.
@@ -14,28 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
+import logging
 import os
-import socket
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from serve_app.errors import InvalidRequest, NotFound, Overloaded, PayloadTooLarge
-from serve_app.jobs.storage import is_local, local_path, within
+from serve_app.jobs.gate import Gate
+from serve_app.jobs.storage import is_local, local_path
+
+LOGGER = logging.getLogger(__name__)
 
 INPUTS = "inputs.jsonl"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 MAX_REDIRECTS = 5
-OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
-
-
-class PrivateAddress(InvalidRequest):
-    default_code = "private_address"
-
 
 class SourceUnavailable(Overloaded):
     """A transient failure to read an input (network error, 5xx): the item is retried."""
@@ -102,101 +98,39 @@ def write_inputs(path: Path, items: list[tuple[str, str]]) -> None:
     os.replace(tmp, path)
 
 
-# --------------------------------------------------------------------------- checks
+# --------------------------------------------------------------------------- reading
 
 
 def scheme_of(uri: str) -> str:
     return "file" if is_local(uri) else uri.split("://", 1)[0].lower()
 
 
-def check_address(address: str, allow_private: bool) -> None:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if allow_private or (ip.is_global and not ip.is_multicast):
-        return
-    raise PrivateAddress(
-        f"refusing to fetch from {address}: private, loopback, link-local or reserved address"
-    )
-
-
-def resolve_host(host: str, port: int, allow_private: bool) -> list[str]:
-    """Every address ``host`` resolves to, each checked; raises ``PrivateAddress``."""
+async def fetch(uri: str, *, max_bytes: int, timeout_s: float, gate: Gate | None) -> bytes:
+    """The bytes of one input, within ``timeout_s`` for the whole fetch. Every place passes
+    ``gate`` again here (symlinks and DNS may have changed since submission); ``None`` is a
+    trusted caller (a Ray job), which may read anything. Permanent problems raise 4xx errors,
+    transient ones ``SourceUnavailable`` (503)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise SourceUnavailable(f"cannot resolve {host!r}: {exc}") from None
-    addresses = sorted({str(info[4][0]) for info in infos})
-    for address in addresses:
-        check_address(address, allow_private)
-    return addresses
+        async with asyncio.timeout(timeout_s):
+            return await _fetch(uri, max_bytes, timeout_s, gate)
+    except TimeoutError:
+        raise SourceUnavailable(f"reading the input took longer than {timeout_s:g}s",
+                                code="fetch_timeout") from None
 
 
-def check_url(url: str, allow_private: bool) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidRequest(f"not an http(s) URL: {url!r}", code="invalid_uri")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    resolve_host(parts.hostname, port, allow_private)
-
-
-def check_input(uri: str, *, allow_private: bool, local_roots: list[Path] | None) -> None:
-    """Refuse, at submission, an input that could never be read (400).
-
-    ``local_roots`` limits local paths and restricts other schemes to object stores
-    (``None``: a trusted caller, such as a Ray job, may read anything).
-    """
-    scheme = scheme_of(uri)
-    if scheme == "file":
-        path = local_path(uri)
-        if not path.is_absolute():
-            raise InvalidRequest(f"local inputs need an absolute path: {uri!r}", code="invalid_uri")
-        if local_roots is not None and not within(path, local_roots):
-            raise InvalidRequest(
-                f"{uri!r} is outside the folders this server reads jobs from",
-                code="forbidden_path",
-            )
-    elif scheme in ("http", "https"):
-        check_url(uri, allow_private)
-    else:
-        if local_roots is not None and scheme not in OBJECT_STORES:
-            # Other fsspec protocols (ftp, sftp, memory, ...) could reach private hosts or
-            # server state: only object stores are offered to HTTP clients.
-            raise InvalidRequest(f"cannot read {scheme}:// URIs here", code="invalid_uri")
-        import fsspec
-
-        try:
-            fsspec.get_filesystem_class(scheme)
-        except (ImportError, ValueError) as exc:
-            raise InvalidRequest(f"cannot read {scheme}:// URIs here: {exc}", code="invalid_uri") from None
-
-
-# --------------------------------------------------------------------------- reading
-
-
-async def fetch(
-    uri: str,
-    *,
-    max_bytes: int,
-    timeout_s: float,
-    allow_private: bool,
-    local_roots: list[Path] | None = None,
-) -> bytes:
-    """The bytes of one input. Permanent problems raise 4xx errors, transient ones
-    ``SourceUnavailable`` (503)."""
+async def _fetch(uri: str, max_bytes: int, timeout_s: float, gate: Gate | None) -> bytes:
+    if gate is not None:
+        uri = (await asyncio.to_thread(gate.input, uri)).uri
     scheme = scheme_of(uri)
     if scheme in ("http", "https"):
-        return await _fetch_http(uri, max_bytes, timeout_s, allow_private)
+        return await _fetch_http(uri, max_bytes, timeout_s, gate)
     if scheme == "file":
-        check_input(uri, allow_private=allow_private, local_roots=local_roots)
         return await asyncio.to_thread(_read_local, local_path(uri), max_bytes)
-    if local_roots is not None:
-        check_input(uri, allow_private=allow_private, local_roots=local_roots)
     return await asyncio.to_thread(_read_fsspec, uri, max_bytes)
 
 
-def _too_large(uri: str, max_bytes: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"{uri} is larger than {max_bytes} bytes", max_bytes=max_bytes)
+def _too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the input is larger than {max_bytes} bytes", max_bytes=max_bytes)
 
 
 def _read_local(path: Path, max_bytes: int) -> bytes:
@@ -204,11 +138,11 @@ def _read_local(path: Path, max_bytes: int) -> bytes:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise NotFound(f"input {path} does not exist", code="source_not_found") from None
+        raise NotFound("the input does not exist", code="source_not_found") from None
     except PermissionError:
-        raise InvalidRequest(f"input {path} is not readable", code="source_forbidden") from None
+        raise InvalidRequest("the input is not readable", code="source_forbidden") from None
     if len(data) > max_bytes:
-        raise _too_large(str(path), max_bytes)
+        raise _too_large(max_bytes)
     return data
 
 
@@ -219,53 +153,66 @@ def _read_fsspec(uri: str, max_bytes: int) -> bytes:
         with fsspec.open(uri, "rb") as f:
             data = f.read(max_bytes + 1)
     except FileNotFoundError:
-        raise NotFound(f"input {uri} does not exist", code="source_not_found") from None
-    except PermissionError as exc:
-        raise InvalidRequest(f"input {uri} is not readable: {exc}", code="source_forbidden") from None
+        raise NotFound("the input does not exist", code="source_not_found") from None
+    except PermissionError:
+        raise InvalidRequest("the input is not readable", code="source_forbidden") from None
     except OSError as exc:
-        raise SourceUnavailable(f"reading {uri} failed: {exc}") from None
+        LOGGER.info("reading %s failed: %s", uri, exc)
+        raise SourceUnavailable("reading the input failed") from None
     if len(data) > max_bytes:
-        raise _too_large(uri, max_bytes)
+        raise _too_large(max_bytes)
     return data
 
 
-async def _fetch_http(url: str, max_bytes: int, timeout_s: float, allow_private: bool) -> bytes:
+async def _fetch_http(url: str, max_bytes: int, timeout_s: float, gate: Gate | None) -> bytes:
     import httpx
 
-    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+    # Bytes are counted as they come off the wire, undecoded: a compressed body could
+    # expand far past max_bytes (an 809-byte brotli body makes 1 GiB), so it is refused.
+    headers = {"Accept-Encoding": "identity"}
+    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False,
+                                 headers=headers) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            await asyncio.to_thread(check_url, url, allow_private)
+            if gate is not None:
+                await asyncio.to_thread(gate.url, url)
             try:
                 async with client.stream("GET", url) as response:
                     if response.is_redirect and "location" in response.headers:
                         url = urljoin(url, response.headers["location"])
                         continue
-                    _check_status(url, response.status_code)
-                    return await _read_limited(url, response, max_bytes)
+                    _check_status(response.status_code)
+                    return await _read_limited(response, max_bytes)
             except httpx.TransportError as exc:
-                raise SourceUnavailable(f"fetching {url} failed: {exc!r}") from None
-        raise InvalidRequest(f"{url}: more than {MAX_REDIRECTS} redirects", code="fetch_failed")
+                LOGGER.info("fetching %s failed: %r", url, exc)
+                raise SourceUnavailable("fetching the input failed") from None
+        raise InvalidRequest(f"more than {MAX_REDIRECTS} redirects", code="fetch_failed")
 
 
-def _check_status(url: str, status: int) -> None:
+def _check_status(status: int) -> None:
     if status < 400:
         return
     if status == 404 or status == 410:
-        raise NotFound(f"{url} answered {status}", code="source_not_found")
+        raise NotFound(f"the source answered {status}", code="source_not_found")
     if status in (408, 425, 429) or status >= 500:
-        raise SourceUnavailable(f"{url} answered {status}")
-    raise InvalidRequest(f"{url} answered {status}", code="fetch_failed")
+        raise SourceUnavailable(f"the source answered {status}")
+    raise InvalidRequest(f"the source answered {status}", code="fetch_failed")
 
 
-async def _read_limited(url: str, response: Any, max_bytes: int) -> bytes:
+async def _read_limited(response: Any, max_bytes: int) -> bytes:
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise InvalidRequest(
+            f"the source sent a {encoding!r}-encoded body; only unencoded bodies are read",
+            code="content_encoding_refused",
+        )
     declared = response.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(url, max_bytes)
+        raise _too_large(max_bytes)
     chunks, size = [], 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.aiter_raw():
         size += len(chunk)
         if size > max_bytes:
-            raise _too_large(url, max_bytes)
+            raise _too_large(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
 

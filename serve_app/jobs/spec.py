@@ -41,6 +41,7 @@ class JobSpec(BaseModel):
     total: int | None = Field(None, description="Item count, unless listed lazily from a prefix.")
     estimated_bytes: int = 0
     owner: str | None = Field(None, description="The API key's name; None: keys are off.")
+    callback_url: str | None = Field(None, description="POSTed a signed summary at the end.")
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

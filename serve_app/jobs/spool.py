@@ -10,7 +10,7 @@ field's size.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -23,6 +23,7 @@ from serve_app.jobs.naming import spool_name
 FILE_FIELDS = frozenset({"files", "file"})
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 64
+SPACE_CHECK_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -43,8 +44,17 @@ class _Part:
 
 
 class UploadSpooler:
-    def __init__(self, folder: Path, *, max_files: int, max_file_bytes: int) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        max_files: int,
+        max_file_bytes: int,
+        check_space: Callable[[int], None] | None = None,
+    ) -> None:
         self.folder = folder
+        self.check_space = check_space
+        self._checked_at = -SPACE_CHECK_BYTES
         self.max_files = max_files
         self.max_file_bytes = max_file_bytes
         self.result = Spooled()
@@ -126,6 +136,10 @@ class UploadSpooler:
     # ---------------------------------------------------------------- driving
 
     def _flush(self) -> None:
+        # The free-space floor, every SPACE_CHECK_BYTES written (raises 507).
+        if self.check_space and self.result.bytes - self._checked_at >= SPACE_CHECK_BYTES:
+            self._checked_at = self.result.bytes
+            self.check_space(self.result.bytes)
         for f, chunk in self._writes:
             f.write(chunk)
         for f in self._closing:

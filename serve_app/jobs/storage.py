@@ -9,6 +9,7 @@ Free space is known for local storage only; remote stores report ``None``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from typing import IO, Any
 
 from serve_app.errors import InsufficientStorage, InvalidRequest
 
+LOGGER = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 
 
@@ -139,14 +141,11 @@ class Storage:
         free = self.free_bytes()
         if free is None or free - floor >= needed:
             return
+        # The answer names no figures of the disk: they are the server's business.
+        LOGGER.warning("free space %d bytes: %d needed above the floor of %d", free, needed, floor)
         raise InsufficientStorage(
-            f"output storage has {_mb(free)} free; this job needs about {_mb(needed)} "
-            f"(estimated) and {_mb(floor)} must stay free",
-            free_bytes=free,
-            needed_bytes=needed,
-            min_free_bytes=floor,
+            "not enough free space on the server's storage for this job; retry later or "
+            "send fewer or smaller images",
         )
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
