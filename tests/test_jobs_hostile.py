@@ -373,3 +373,79 @@ def test_a_job_calls_back_signed_and_retried(
     payload = json.loads(body)
     assert payload["job_id"] == job_id and payload["state"] == "completed"
     assert payload["counts"]["succeeded"] == 1 and payload["event"] == "job.ended"
+
+
+def test_owners_see_only_their_jobs(
+    http: httpx.Client, app_config: AppConfig, inputs: Path
+) -> None:
+    """The jobs boundary filters by owner; which owner a request is the API's decision
+    (here a test header stands in for the API key)."""
+    import asyncio
+
+    from starlette.applications import Starlette
+
+    from serve_app.api.errors import EXCEPTION_HANDLERS
+    from serve_app.api.jobs import JobsApi, job_routes
+
+    def owner_of(request: Any) -> str | None:
+        return request.headers.get("x-test-owner")
+
+    app = Starlette(routes=job_routes(JobsApi(app_config, owner_of=owner_of)),
+                    exception_handlers=EXCEPTION_HANDLERS)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     timeout=120) as client:
+            alice, bob = {"x-test-owner": "alice"}, {"x-test-owner": "bob"}
+            r = await client.post("/v1/jobs", headers=alice, json={
+                "inputs": [str(inputs / "img2.png")], "options": {"face": False}})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+            assert r.json()["owner"] == "alice"
+            for method, path in [("GET", ""), ("GET", "/items"), ("GET", "/manifest.jsonl"),
+                                 ("GET", "/results.zip"), ("POST", "/pause"),
+                                 ("DELETE", ""), ("GET", "/items/0/result")]:
+                r = await client.request(method, f"/v1/jobs/{job_id}{path}", headers=bob)
+                assert_error(r, 404, "job_not_found")
+            listed = (await client.get("/v1/jobs", headers=bob)).json()["jobs"]
+            assert job_id not in [j["job_id"] for j in listed]
+            mine = (await client.get("/v1/jobs", headers=alice)).json()["jobs"]
+            assert [j["owner"] for j in mine] == ["alice"] * len(mine) and mine
+            r = await client.get(f"/v1/jobs/{job_id}", headers=alice)
+            assert r.status_code == 200
+        # Owner None (keys off, or an admin): every job.
+        assert job_id in [j["job_id"] for j in http.get("/v1/jobs").json()["jobs"]]
+
+    asyncio.run(main())
+
+
+def test_private_callback_is_refused_when_not_allowed(
+    app_config: AppConfig, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from starlette.applications import Starlette
+
+    from serve_app.api.errors import EXCEPTION_HANDLERS
+    from serve_app.api.jobs import JobsApi, job_routes
+
+    strict = app_config.model_copy(update={"jobs": app_config.jobs.model_copy(
+        update={"allow_private_urls": False, "data_dir": tmp_path})})
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png(5))
+    app = Starlette(routes=job_routes(JobsApi(strict)), exception_handlers=EXCEPTION_HANDLERS)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for hook in ["http://127.0.0.1:9/hook", "http://[::1]/hook",
+                         "http://169.254.169.254/latest", "http://localhost/hook"]:
+                r = await client.post("/v1/jobs", json={"inputs": [str(folder / "a.png")],
+                                                        "callback_url": hook})
+                assert_error(r, 400, "private_address")
+
+    asyncio.run(main())
+    jobs = tmp_path / "jobs"
+    assert not jobs.exists() or not any(jobs.iterdir())
