@@ -129,8 +129,8 @@ def test_paths_and_uris_outside_the_gate_are_4xx(
     ok = str(inputs / "img0.png")
     links = data_dir / "inputs" / "links"
     links.mkdir(parents=True, exist_ok=True)
-    (links / "escape.png").unlink(missing_ok=True)
-    (links / "escape.png").symlink_to("/etc/hostname")
+    (links / "outside.png").unlink(missing_ok=True)
+    (links / "outside.png").symlink_to("/etc/hostname")
     other = http.post("/v1/jobs", files=[("files", ("mine.png", png(1), "image/png"))])
     assert other.status_code == 202, other.text
     other_id = other.json()["job_id"]
@@ -158,7 +158,7 @@ def test_paths_and_uris_outside_the_gate_are_4xx(
         ({"inputs": [str(next((other_dir / "inputs").iterdir()))]}, 400, "forbidden_path"),
         ({"input_prefix": str(data_dir / "jobs")}, 400, "forbidden_path"),
         ({"input_prefix": str(other_dir)}, 400, "forbidden_path"),
-        ({"inputs": [str(links / "escape.png")]}, 400, "forbidden_path"),
+        ({"inputs": [str(links / "outside.png")]}, 400, "forbidden_path"),
         ({"inputs": [str(inputs / "a\x00.png")]}, 400, "invalid_uri"),
         ({"inputs": ["local://" + ok]}, 400, "invalid_uri"),
         ({"inputs": ["memory://x.png"]}, 400, "invalid_uri"),

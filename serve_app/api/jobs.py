@@ -57,7 +57,8 @@ class JobsApi:
         if presets is None:
             from serve_app.presets import PresetStore
 
-            presets = PresetStore(config.jobs.data_dir / "presets.json").custom
+            store = PresetStore(config.jobs.data_dir / "presets.json")
+            presets = lambda owner: store.custom()  # noqa: E731
         self.intake = JobIntake(config, presets)
         self.reader = JobReader(config)
         self.owner_of = owner_of

@@ -64,7 +64,7 @@ def build_asgi_app(service: Service) -> ObservedApp:
         Route("/v1/presets/{name}", api.put_preset, methods=["PUT"]),
         Route("/v1/presets/{name}", api.delete_preset, methods=["DELETE"]),
     ]
-    routes += build_job_routes(config, service.presets.custom)
+    routes += build_job_routes(config, lambda owner: service.presets.custom())
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
     return ObservedApp(app)
 

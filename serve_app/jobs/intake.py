@@ -40,7 +40,8 @@ SIZE_SAMPLE = 32
 MULTIPART_PART_OVERHEAD = 64 * 1024
 ACTIONS = ("cancel", "pause", "resume")
 
-Presets = Callable[[], Mapping[str, Mapping[str, Any]]]
+# Saved presets a submission may name, by the submitting owner (None: keys off).
+Presets = Callable[[str | None], Mapping[str, Mapping[str, Any]]]
 
 
 class JobRequest(BaseModel):
@@ -123,8 +124,9 @@ class JobIntake:
         self.config = config
         self.jobs = config.jobs
         self.jobs_dir = mgr.jobs_dir(config)
-        self.presets: Presets = presets or dict
+        self.presets: Presets = presets or (lambda owner: {})
         self.gate = Gate(config)
+        self.reader = JobReader(config)
         mgr.configure_fsspec(config)
 
     # ------------------------------------------------------------------ submitting
@@ -133,7 +135,7 @@ class JobIntake:
                      owner: str | None = None) -> dict[str, Any]:
         """A job reading URIs (``inputs``) or a prefix (``input_prefix``); its snapshot."""
         req = parse_request(request)
-        options = self._options(req.options)
+        options = self._options(req.options, owner)
         if (req.inputs is None) == (req.input_prefix is None):
             raise InvalidRequest("send exactly one of 'inputs' and 'input_prefix'", code="no_inputs")
         job_id = new_job_id()
@@ -167,7 +169,7 @@ class JobIntake:
             option_fields = {k: v for k, v in spooled.fields.items() if k not in JOB_FIELDS}
             opts = raw_options(option_fields.pop("options", None))
             req = parse_request({**fields, "options": {**option_fields, **opts}})
-            options = self._options(req.options)
+            options = self._options(req.options, owner)
             items = [(str(path), filename) for path, filename in spooled.files]
             await asyncio.to_thread(sources.write_inputs, folder / sources.INPUTS, items)
             estimate = spooled.bytes * options.upscale**2
@@ -227,8 +229,8 @@ class JobIntake:
             except HostUnresolved as exc:  # DNS failure now: the fetch retries later
                 LOGGER.info("input %s not checked now: %s", uri, exc.message)
 
-    def _options(self, raw: Mapping[str, Any]) -> EnhanceOptions:
-        return resolve_options(raw, presets=self.presets())
+    def _options(self, raw: Mapping[str, Any], owner: str | None) -> EnhanceOptions:
+        return resolve_options(raw, presets=self.presets(owner))
 
     def _spec(
         self,
@@ -285,13 +287,13 @@ class JobIntake:
         """``pause``, ``resume`` or ``cancel``; the job's new snapshot."""
         if action not in ACTIONS:
             raise NotFound(f"no action {action!r}; use cancel, pause or resume", code="not_found")
-        await JobReader(self.config).get(job_id, owner=owner)
+        await self.reader.get(job_id, owner=owner)
         return await mgr.call_manager(self.config, "control", job_id, action)
 
     async def delete(self, job_id: str, *, owner: str | None = None) -> None:
         """Cancel the job if it runs and remove it with its folder (outputs written
         elsewhere stay)."""
-        await JobReader(self.config).get(job_id, owner=owner)
+        await self.reader.get(job_id, owner=owner)
         await mgr.call_manager(self.config, "delete", job_id)
 
 

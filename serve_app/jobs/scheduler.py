@@ -31,7 +31,7 @@ from typing import Any
 from serve_app.config import JobsConfig
 from serve_app.errors import Conflict, PhotoEnhanceError
 from serve_app.jobs import sources, webhooks
-from serve_app.jobs.gate import Gate, Location, protocol_of
+from serve_app.jobs.gate import ForbiddenPath, Gate, Location, protocol_of
 from serve_app.jobs.job import Job
 from serve_app.jobs.manifest import MANIFEST, ManifestRecord
 from serve_app.jobs.naming import output_name
@@ -343,6 +343,15 @@ class Scheduler:
             slot = self._fetch_slots[job.id] = asyncio.Semaphore(self.config.max_fetches_per_job)
         return slot
 
+    def _gate_for(self, job: Job, source: str) -> Gate | None:
+        """An upload's items are the job's own spooled files, which no gate root holds (the
+        jobs folder is nobody's input): they are read only from inside that folder."""
+        if job.spec.kind != "upload" or self.gate is None:
+            return self.gate
+        if not Path(source).resolve().is_relative_to((job.folder / "inputs").resolve()):
+            raise ForbiddenPath("an upload's item is outside its job's folder")
+        return None
+
     def _settle(self, job: Job) -> None:
         """An ended job whose last item is done keeps no writer (its fd and lock) open."""
         if job.state in TERMINAL and job.inflight == 0:
@@ -391,7 +400,7 @@ class Scheduler:
                         source,
                         max_bytes=self.max_bytes,
                         timeout_s=self.config.fetch_timeout_s,
-                        gate=self.gate,
+                        gate=self._gate_for(job, source),
                     )
                 stage = "enhance"
                 t_enh = time.perf_counter()
