@@ -1,0 +1,281 @@
+"""Plumbing benchmark: the HTTP path with a null engine against an in-process loop.
+
+The null engine is ``face=false&bg_model=none``: no network runs, the engine only resizes
+(Lanczos) when ``upscale`` > 1. So the HTTP path does what the in-process loop does (probe,
+decode, resize, encode) plus everything the serving layer adds: proxy, ingress, handle calls,
+``serve.batch``, serialisation. Both run on this machine with the same number of threads.
+
+    .venv/bin/python loadtests/plumbing_bench.py --config configs/local.yaml \
+        --cases 512-jpeg-x2,512-png-x2,12mp-jpeg-x2,12mp-png-x2,512-jpeg-x1 \
+        --repeats 3 --out docs/plumbing-bench.json
+
+``--mode http`` starts its own one-machine Ray (its own temp dir, ``address="local"``), deploys
+the config's application on a free port, and drives it with an aiohttp client (``--concurrency``
+connections, keep-alive, raw bodies); ``--mode inproc`` runs ``--threads`` threads each doing
+``codec.probe``, ``codec.decode``, ``Engine.enhance_batch`` and ``codec.encode``; ``--mode both``
+(default) runs both. ``--url`` drives a server that is already running instead.
+Each figure is the median of ``--repeats`` windows of ``--seconds`` (12 MP: ``--seconds-large``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_IMAGES = ROOT.parent / "shared" / "data" / "images"
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    data: bytes
+    upscale: int
+    fmt: str
+
+    @property
+    def large(self) -> bool:
+        return len(self.data) > 2_000_000 or self.name.startswith("12mp")
+
+
+def make_inputs() -> dict[str, bytes]:
+    """512 px and 12 MP JPEG (quality 90) and PNG, from the shared photos (12 MP: upscaled
+    with a little noise, so that it compresses like a camera photo)."""
+    import cv2
+
+    small = cv2.imread(str(SHARED_IMAGES / "Adele_crop.png"), cv2.IMREAD_COLOR)
+    big = cv2.imread(str(SHARED_IMAGES / "10045.png"), cv2.IMREAD_COLOR)
+    big = cv2.resize(big, (4000, 3000), interpolation=cv2.INTER_CUBIC)
+    rng = np.random.default_rng(0)
+    big = np.clip(big.astype(np.int16) + rng.normal(0, 2.0, big.shape).astype(np.int16), 0, 255)
+    big = big.astype(np.uint8)
+    out = {}
+    for label, img in (("512", small), ("12mp", big)):
+        out[f"{label}-jpeg"] = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        out[f"{label}-png"] = cv2.imencode(".png", img)[1].tobytes()
+    return out
+
+
+def cases(names: list[str]) -> list[Case]:
+    inputs = make_inputs()
+    out = []
+    for name in names:
+        size, fmt, scale = name.split("-")
+        out.append(Case(name, inputs[f"{size}-{fmt}"], int(scale.removeprefix("x")), fmt))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def app_args(config: Path, base: Path) -> dict[str, Any]:
+    raw = yaml.safe_load(config.read_text())
+    args = dict(raw["applications"][0]["args"])
+    args["weights"] = {**args.get("weights", {}), "dir": str(base / "weights"),
+                       "source": "synthetic", "profile": "tiny"}
+    args["jobs"] = {**args.get("jobs", {}), "data_dir": str(base / "data")}
+    return args
+
+
+# ------------------------------------------------------------------ in-process loop
+
+
+def inproc(case: Case, args: dict[str, Any], threads: int, seconds: float, engine: Any) -> float:
+    from serve_app import codec
+    from serve_app.config import AppConfig
+    from serve_app.options import EnhanceOptions
+
+    limits = AppConfig.model_validate(args).limits
+    opt = EnhanceOptions(upscale=case.upscale, face=False, bg_model="none")
+    done = [0] * threads
+    stop = time.perf_counter() + seconds
+    start_at = time.perf_counter()
+
+    def work(i: int) -> None:
+        while time.perf_counter() < stop:
+            info = codec.probe(case.data, limits, case.upscale)
+            decoded = codec.decode(case.data, info)
+            [res] = engine.enhance_batch([decoded.image], [opt])
+            fmt = codec.output_format(None, decoded.format, res.image)
+            codec.encode(res.image, fmt, opt.quality)
+            done[i] += 1
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(done) / (time.perf_counter() - start_at)
+
+
+# ------------------------------------------------------------------ HTTP path
+
+
+async def http_window(url: str, case: Case, concurrency: int, seconds: float) -> dict[str, Any]:
+    import aiohttp
+
+    query = f"upscale={case.upscale}&face=false&bg_model=none"
+    headers = {"Content-Type": f"image/{case.fmt}"}
+    done = errors = 0
+    out_bytes = 0
+    latencies: list[float] = []
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        stop = time.perf_counter() + seconds
+        start_at = time.perf_counter()
+
+        async def worker() -> None:
+            nonlocal done, errors, out_bytes
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                async with session.post(f"{url}/v1/enhance?{query}", data=case.data,
+                                        headers=headers) as resp:
+                    body = await resp.read()
+                    if resp.status == 200:
+                        done += 1
+                        out_bytes += len(body)
+                        latencies.append(time.perf_counter() - t0)
+                    else:
+                        errors += 1
+                        if errors <= 3:
+                            print(f"  {resp.status}: {body[:200]!r}", file=sys.stderr)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start_at
+    latencies.sort()
+    return {
+        "rps": done / elapsed,
+        "done": done,
+        "errors": errors,
+        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+        "out_bytes": out_bytes / done if done else None,
+    }
+
+
+def start_server(args: dict[str, Any], base: Path, num_cpus: int) -> tuple[str, Any]:
+    import ray
+    from ray import serve
+
+    try:
+        from serve_app.deployments.app import APP_NAME, build_app
+    except ImportError:  # after the module moves
+        from serve_app.serving.app import APP_NAME, build_app  # type: ignore[no-redef]
+
+    port = free_port()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             _temp_dir=str(base / "ray"), log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=30).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return url, ray
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "local.yaml")
+    p.add_argument("--cases", default="512-jpeg-x2,512-png-x2,12mp-jpeg-x2,12mp-png-x2,512-jpeg-x1")
+    p.add_argument("--mode", choices=["http", "inproc", "both"], default="both")
+    p.add_argument("--url", help="drive this running server instead of starting one")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds-large", type=float, default=30.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--num-cpus", type=int, default=4, help="Ray's logical CPUs")
+    p.add_argument("--label", default="")
+    p.add_argument("--out", type=Path)
+    opts = p.parse_args(argv)
+
+    base = Path(tempfile.mkdtemp(prefix="pe-plumb-"))
+    args = app_args(opts.config, base)
+    todo = cases([c for c in opts.cases.split(",") if c])
+    report: dict[str, Any] = {
+        "label": opts.label, "config": str(opts.config), "machine": platform.machine(),
+        "cpus": os.cpu_count(), "concurrency": opts.concurrency, "threads": opts.threads,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": {},
+    }
+    ray_mod = None
+    try:
+        if opts.mode in ("inproc", "both"):
+            from serve_app.config import AppConfig
+            from serve_app.engine import Engine
+
+            engine = Engine.from_config(AppConfig.model_validate(args))
+            for case in todo:
+                secs = opts.seconds_large if case.large else opts.seconds
+                inproc(case, args, opts.threads, min(2.0, secs), engine)  # warm-up
+                runs = [inproc(case, args, opts.threads, secs, engine) for _ in range(opts.repeats)]
+                row = report["cases"].setdefault(case.name, {"in_bytes": len(case.data)})
+                row["inproc_runs"] = runs
+                row["inproc"] = statistics.median(runs)
+                print(f"inproc {case.name}: {row['inproc']:.1f}/s  {runs}", flush=True)
+        if opts.mode in ("http", "both"):
+            url = opts.url
+            if url is None:
+                url, ray_mod = start_server(args, base, opts.num_cpus)
+            for case in todo:
+                secs = opts.seconds_large if case.large else opts.seconds
+                asyncio.run(http_window(url, case, opts.concurrency, min(3.0, secs)))  # warm-up
+                runs = [asyncio.run(http_window(url, case, opts.concurrency, secs))
+                        for _ in range(opts.repeats)]
+                row = report["cases"].setdefault(case.name, {"in_bytes": len(case.data)})
+                row["http_runs"] = [r["rps"] for r in runs]
+                row["http"] = statistics.median(row["http_runs"])
+                row["http_p50_ms"] = statistics.median(r["p50_ms"] or 0 for r in runs)
+                row["out_bytes"] = runs[-1]["out_bytes"]
+                row["errors"] = sum(r["errors"] for r in runs)
+                if "inproc" in row:
+                    row["ratio"] = row["http"] / row["inproc"]
+                print(f"http {case.name}: {row['http']:.1f}/s  {row['http_runs']} "
+                      f"p50 {row['http_p50_ms']:.0f} ms ratio {row.get('ratio', 0):.2f}", flush=True)
+    finally:
+        report["load_after"] = os.getloadavg()
+        if ray_mod is not None:
+            from ray import serve
+
+            serve.shutdown()
+            ray_mod.shutdown()
+        shutil.rmtree(base, ignore_errors=True)
+    if opts.out:
+        opts.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report["cases"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
