@@ -6,7 +6,7 @@ decode, resize, encode) plus everything the serving layer adds: proxy, ingress, 
 ``serve.batch``, serialisation. Both run on this machine with the same number of threads.
 
     .venv/bin/python loadtests/plumbing_bench.py --config configs/local.yaml \
-        --cases 512-jpeg-x2,512-png-x2,12mp-jpeg-x2,12mp-png-x2,512-jpeg-x1 \
+        --cases 512-jpeg-x2,512-png-x2,12mp-jpeg-x1,12mp-png-x1,512-jpeg-x1 \
         --repeats 3 --out docs/plumbing-bench.json
 
 ``--mode http`` starts its own one-machine Ray (its own temp dir, ``address="local"``), deploys
@@ -40,6 +40,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_IMAGES = ROOT.parent / "shared" / "data" / "images"
+# --code DIR: benchmark another checkout (e.g. "before": `git archive <commit> | tar -x -C DIR`).
+if "--code" in sys.argv:
+    ROOT = Path(sys.argv[sys.argv.index("--code") + 1]).resolve()
 sys.path.insert(0, str(ROOT))
 
 
@@ -100,7 +103,7 @@ def app_args(config: Path, base: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ in-process loop
 
 
-def inproc(case: Case, args: dict[str, Any], threads: int, seconds: float, engine: Any) -> float:
+def inproc(case: Case, args: dict[str, Any], threads: int, seconds: float, engine: Any) -> dict[str, float]:
     from serve_app import codec
     from serve_app.config import AppConfig
     from serve_app.options import EnhanceOptions
@@ -120,15 +123,35 @@ def inproc(case: Case, args: dict[str, Any], threads: int, seconds: float, engin
             codec.encode(res.image, fmt, opt.quality)
             done[i] += 1
 
+    cpu0 = time.process_time()
     pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    return sum(done) / (time.perf_counter() - start_at)
+    n = max(sum(done), 1)
+    return {"rps": sum(done) / (time.perf_counter() - start_at),
+            "cpu_ms": 1000 * (time.process_time() - cpu0) / n}
 
 
 # ------------------------------------------------------------------ HTTP path
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds of this process and all its descendants (the local Ray it started: GCS,
+    raylet, proxy, controller, replicas), so the HTTP path's CPU per request can be compared
+    with the in-process loop's on a machine that others load too."""
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 async def http_window(url: str, case: Case, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -144,6 +167,7 @@ async def http_window(url: str, case: Case, concurrency: int, seconds: float) ->
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         stop = time.perf_counter() + seconds
         start_at = time.perf_counter()
+        cpu0 = tree_cpu_s()
 
         async def worker() -> None:
             nonlocal done, errors, out_bytes
@@ -163,9 +187,11 @@ async def http_window(url: str, case: Case, concurrency: int, seconds: float) ->
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start_at
+        cpu = tree_cpu_s() - cpu0
     latencies.sort()
     return {
         "rps": done / elapsed,
+        "cpu_ms": 1000 * cpu / max(done, 1),
         "done": done,
         "errors": errors,
         "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
@@ -208,7 +234,7 @@ def start_server(args: dict[str, Any], base: Path, num_cpus: int) -> tuple[str, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "local.yaml")
-    p.add_argument("--cases", default="512-jpeg-x2,512-png-x2,12mp-jpeg-x2,12mp-png-x2,512-jpeg-x1")
+    p.add_argument("--cases", default="512-jpeg-x2,512-png-x2,12mp-jpeg-x1,12mp-png-x1,512-jpeg-x1")
     p.add_argument("--mode", choices=["http", "inproc", "both"], default="both")
     p.add_argument("--url", help="drive this running server instead of starting one")
     p.add_argument("--concurrency", type=int, default=8)
@@ -218,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-cpus", type=int, default=4, help="Ray's logical CPUs")
     p.add_argument("--label", default="")
+    p.add_argument("--code", type=Path, default=ROOT, help="checkout whose serve_app runs")
+    p.add_argument("--concurrency-large", type=int, default=4)
     p.add_argument("--out", type=Path)
     opts = p.parse_args(argv)
 
@@ -241,28 +269,33 @@ def main(argv: list[str] | None = None) -> int:
                 inproc(case, args, opts.threads, min(2.0, secs), engine)  # warm-up
                 runs = [inproc(case, args, opts.threads, secs, engine) for _ in range(opts.repeats)]
                 row = report["cases"].setdefault(case.name, {"in_bytes": len(case.data)})
-                row["inproc_runs"] = runs
-                row["inproc"] = statistics.median(runs)
-                print(f"inproc {case.name}: {row['inproc']:.1f}/s  {runs}", flush=True)
+                row["inproc_runs"] = [r["rps"] for r in runs]
+                row["inproc"] = statistics.median(row["inproc_runs"])
+                row["inproc_cpu_ms"] = statistics.median(r["cpu_ms"] for r in runs)
+                print(f"inproc {case.name}: {row['inproc']:.1f}/s {row['inproc_cpu_ms']:.1f} cpu-ms"
+                      f"  {row['inproc_runs']}", flush=True)
         if opts.mode in ("http", "both"):
             url = opts.url
             if url is None:
                 url, ray_mod = start_server(args, base, opts.num_cpus)
             for case in todo:
                 secs = opts.seconds_large if case.large else opts.seconds
-                asyncio.run(http_window(url, case, opts.concurrency, min(3.0, secs)))  # warm-up
-                runs = [asyncio.run(http_window(url, case, opts.concurrency, secs))
-                        for _ in range(opts.repeats)]
+                conc = opts.concurrency_large if case.large else opts.concurrency
+                asyncio.run(http_window(url, case, conc, min(3.0, secs)))  # warm-up
+                runs = [asyncio.run(http_window(url, case, conc, secs)) for _ in range(opts.repeats)]
                 row = report["cases"].setdefault(case.name, {"in_bytes": len(case.data)})
                 row["http_runs"] = [r["rps"] for r in runs]
                 row["http"] = statistics.median(row["http_runs"])
                 row["http_p50_ms"] = statistics.median(r["p50_ms"] or 0 for r in runs)
+                row["http_cpu_ms"] = statistics.median(r["cpu_ms"] for r in runs)
                 row["out_bytes"] = runs[-1]["out_bytes"]
                 row["errors"] = sum(r["errors"] for r in runs)
                 if "inproc" in row:
                     row["ratio"] = row["http"] / row["inproc"]
-                print(f"http {case.name}: {row['http']:.1f}/s  {row['http_runs']} "
-                      f"p50 {row['http_p50_ms']:.0f} ms ratio {row.get('ratio', 0):.2f}", flush=True)
+                    row["cpu_ratio"] = row["inproc_cpu_ms"] / row["http_cpu_ms"]
+                print(f"http {case.name}: {row['http']:.1f}/s {row['http_cpu_ms']:.1f} cpu-ms "
+                      f"{row['http_runs']} p50 {row['http_p50_ms']:.0f} ms ratio "
+                      f"{row.get('ratio', 0):.2f} cpu ratio {row.get('cpu_ratio', 0):.2f}", flush=True)
     finally:
         report["load_after"] = os.getloadavg()
         if ray_mod is not None:

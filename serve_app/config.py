@@ -7,6 +7,7 @@ Numbers that size deployments live in those YAML files, never in code.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -123,6 +124,28 @@ class ModelDeploymentConfig(_Section):
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     health_check_period_s: float = Field(10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    codec_threads: int = Field(
+        0, ge=0, description="Threads per model replica that decode inputs and encode results "
+        "beside the engine (docs/CAPACITY.md sizes them); 0: ceil(num_cpus), at least 1.",
+    )
+
+    def codec_pool_size(self) -> int:
+        return self.codec_threads or max(1, math.ceil(self.num_cpus))
+
+
+class EncodingConfig(_Section):
+    """How results are written (chosen by measurement: docs/BENCHMARKS.md, "Encoders")."""
+
+    png_compression: int = Field(1, ge=0, le=9, description="zlib level of PNG output.")
+    png_strategy: Literal["default", "filtered", "huffman", "rle", "fixed"] = Field(
+        "huffman", description="zlib strategy of PNG output."
+    )
+    png_filter: Literal["none", "sub", "up", "avg", "paeth", "all", "fast"] = Field(
+        "paeth", description="PNG row filter ('all'/'fast': libpng picks per row)."
+    )
+    gpu_jpeg: bool = Field(
+        True, description="On a CUDA replica, decode and encode plain JPEGs with nvJPEG."
+    )
 
 
 class IngressConfig(_Section):
@@ -216,6 +239,7 @@ class AppConfig(_Section):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     model: ModelDeploymentConfig = Field(default_factory=ModelDeploymentConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    encoding: EncodingConfig = Field(default_factory=EncodingConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     def ingress_inflight(self) -> int:

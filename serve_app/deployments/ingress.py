@@ -1,8 +1,9 @@
 """The ingress deployment (CPU): HTTP and Python handles in, the model deployment behind.
 
-It checks and decodes each image once, sends the array to ``Enhancer`` through a handle,
-and encodes the result; decoding and encoding run in threads so the event loop keeps
-accepting requests. From a Ray job or driver::
+It checks each image's header against the limits (``codec.probe``: bombs are refused here)
+and forwards the encoded bytes to ``Enhancer``, which decodes, enhances and encodes where
+the pixels are and returns the encoded result: only compressed images travel between the
+deployments. Python handles take the same path. From a Ray job or driver::
 
     from ray import serve
     handle = serve.get_app_handle("photoenhance")
@@ -13,6 +14,7 @@ accepting requests. From a Ray job or driver::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -29,12 +31,10 @@ from serve_app.api.routes import build_asgi_app
 from serve_app.api.schemas import EnhancedImage
 from serve_app.config import AppConfig
 from serve_app.deployments.admission import AdmissionGate
-from serve_app.engine.types import EnhanceResult
 from serve_app.errors import (
     EngineFailure,
     NotReady,
     Overloaded,
-    PhotoEnhanceError,
     UnsupportedMediaType,
 )
 from serve_app.jobs import start_manager
@@ -45,6 +45,7 @@ LOGGER = logging.getLogger(__name__)
 
 INFO_TIMEOUT_S = 5.0
 INFO_TTL_S = 2.0
+INLINE_PROBE_BYTES = 256 * 1024  # larger bodies are probed on a thread, off the event loop
 
 
 @serve.deployment(name="Ingress")
@@ -107,7 +108,7 @@ class Ingress:
     # ------------------------------------------------------------------ internals
 
     async def _warm_up(self) -> None:
-        tiny = np.full((8, 8, 3), 128, np.uint8)
+        tiny = codec.encode(np.full((8, 8, 3), 128, np.uint8), "png")
         opts = EnhanceOptions(upscale=1, face=False, bg_model="none")
         for _ in range(120):
             try:
@@ -128,52 +129,25 @@ class Ingress:
             if isinstance(options, EnhanceOptions)
             else resolve_options(options or {}, presets=self.presets.custom())
         )
+        data = bytes(data)
         t0 = time.perf_counter()
-        decoded = await asyncio.to_thread(self._decode, bytes(data), opts.upscale)
+        # Headers and limits only (bombs are refused here, before a byte moves on); the model
+        # replica decodes and encodes, so only encoded images cross the network.
+        if len(data) <= INLINE_PROBE_BYTES:
+            codec.probe(data, self.config.limits, opts.upscale)
+        else:
+            await asyncio.to_thread(codec.probe, data, self.config.limits, opts.upscale)
         t1 = time.perf_counter()
-        result: EnhanceResult = await self._call_model(
-            self._model.enhance.remote(decoded.image, opts), self.config.ingress.request_timeout_s
+        result: EnhancedImage = await self._call_model(
+            self._model.enhance.remote(data, opts), self.config.ingress.request_timeout_s
         )
         t2 = time.perf_counter()
-        fmt = codec.output_format(opts.format, decoded.format, result.image)
-        out = await asyncio.to_thread(codec.encode, result.image, fmt, opts.quality)
-        t3 = time.perf_counter()
-
-        # The engine's stages (and its own total, renamed), queue time in the model replica,
-        # and the rest of the model call (argument and result transfer, scheduling).
-        inner = dict(result.timings)
-        engine_total = inner.pop("total", None)
-        stages = sum(inner.values())
-        if engine_total is not None:
-            inner["engine"] = engine_total
-            stages = engine_total + inner.get("queue", 0.0)
-        transfer = max((t2 - t1) - stages, 0.0)
-        timings = {"decode": t1 - t0, **inner, "transfer": transfer, "encode": t3 - t2}
-        timings["total"] = t3 - t0
-        synthetic = await self._synthetic()
+        # The rest of the model call: transfer both ways, routing and scheduling.
+        transfer = max((t2 - t1) - result.timings.get("model", 0.0), 0.0)
+        timings = {"probe": t1 - t0, **result.timings, "transfer": transfer, "total": t2 - t0}
+        timings.pop("model", None)
         metrics.observe_stages(timings)
-        return EnhancedImage(
-            data=out,
-            media_type=codec.MEDIA_TYPES[fmt],
-            format=fmt,
-            width=int(result.image.shape[1]),
-            height=int(result.image.shape[0]),
-            faces=int(result.faces),
-            timings=timings,
-            synthetic=synthetic,
-        )
-
-    def _decode(self, data: bytes, upscale: int) -> codec.DecodedImage:
-        info = codec.probe(data, self.config.limits, upscale)
-        return codec.decode(data, info)
-
-    async def _synthetic(self) -> bool:
-        if self._info is None:
-            try:
-                await self.model_info()
-            except PhotoEnhanceError:
-                return False
-        return bool(self._info and self._info.get("synthetic"))
+        return dataclasses.replace(result, timings=timings)
 
     async def _call_model(self, response: DeploymentResponse, timeout_s: float) -> Any:
         """Await a model call, mapping Ray's failures onto the API's errors."""

@@ -1,5 +1,9 @@
 """The model deployment: one ``Engine`` per replica, fed by pixel-budget micro-batches.
 
+Bytes in, bytes out. ``enhance`` takes the encoded image and returns the encoded result:
+decoding and encoding run on the replica's codec threads (``deployments.transcode``), beside
+the engine, so pixels never cross the network and the CPU work scales with the replicas.
+
 Batching. ``@serve.batch`` with a ``batch_size_fn`` compares only that function's value with
 ``max_batch_size`` (the count is no longer checked), so both limits are folded into one
 cost: an image costs ``max(N * pixels / B, 1)`` where ``N`` is ``batching.max_batch_size``
@@ -26,8 +30,11 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from serve_app import codec
+from serve_app.api.schemas import EnhancedImage
 from serve_app.config import AppConfig
 from serve_app.deployments.backlog import BacklogProbe
+from serve_app.deployments.transcode import Transcoder, accelerator_for
 from serve_app.engine.types import EnhanceResult
 from serve_app.errors import EngineFailure, ImageTooLargeForDevice, PhotoEnhanceError
 from serve_app.options import EnhanceOptions
@@ -129,7 +136,8 @@ class ReplicaMetrics:
 
 @serve.deployment(name="Enhancer")
 class Enhancer:
-    """Holds the engine; ``enhance`` is what the ingress and job actors call."""
+    """Holds the engine and its codec threads; ``enhance`` (encoded bytes in and out) is
+    what the ingress calls."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
@@ -149,6 +157,8 @@ class Enhancer:
         self._broken: str | None = None
         self._backlog = _backlog_probe(self.config)
         self._metrics = _replica_metrics(getattr(self.engine, "device", None))
+        device = getattr(self.engine, "device", None)
+        self._codec = Transcoder(self.config, accelerator_for(self.config, device))
         self._load_s = time.perf_counter() - started
         self._started_at = time.time()
         if self.engine.synthetic:
@@ -159,19 +169,47 @@ class Enhancer:
 
     # ------------------------------------------------------------------ public methods
 
-    async def enhance(self, image: np.ndarray, options: EnhanceOptions) -> EnhanceResult:
-        """Enhance one decoded image; errors belong to this caller only."""
+    async def enhance(self, data: bytes, options: EnhanceOptions) -> EnhancedImage:
+        """Enhance one encoded image: decode, batch through the engine, encode; errors belong
+        to this caller only. Only encoded bytes travel to and from this replica."""
+        self._in_flight += 1
+        try:
+            t0 = time.perf_counter()
+            decoded = await self._codec.decode(bytes(data), options.upscale)
+            t1 = time.perf_counter()
+            result = await self._enhance_pixels(decoded.image, options)
+            t2 = time.perf_counter()
+            out, fmt = await self._codec.encode(
+                result.image, options.format, decoded.format, options.quality
+            )
+            t3 = time.perf_counter()
+        finally:
+            self._in_flight -= 1
+        # The engine's stages and its own total (as "engine"), with the queue before it.
+        inner = dict(result.timings)
+        engine_total = inner.pop("total", None)
+        if engine_total is not None:
+            inner["engine"] = engine_total
+        timings = {"decode": t1 - t0, **inner, "encode": t3 - t2, "model": t3 - t0}
+        return EnhancedImage(
+            data=out,
+            media_type=codec.MEDIA_TYPES[fmt],
+            format=fmt,
+            width=int(result.image.shape[1]),
+            height=int(result.image.shape[0]),
+            faces=int(result.faces),
+            timings=timings,
+            synthetic=bool(self.engine.synthetic),
+        )
+
+    async def _enhance_pixels(self, image: np.ndarray, options: EnhanceOptions) -> EnhanceResult:
         now = time.perf_counter()
         pixels = int(image.shape[0]) * int(image.shape[1])
         work = _Work(image, options, max(self._count * pixels / self._budget, 1.0), now)
-        self._in_flight += 1
-        try:
-            if pixels > self._budget:
-                [result] = await self._run_engine([work])
-            else:
-                result = await self._run_batch(work)
-        finally:
-            self._in_flight -= 1
+        if pixels > self._budget:
+            [result] = await self._run_engine([work])
+        else:
+            result = await self._run_batch(work)
         if isinstance(result, BaseException):
             raise result
         return result
@@ -186,6 +224,7 @@ class Enhancer:
             "max_batch_size": self._count,
             "max_batch_pixels": self._budget,
             "batch_wait_timeout_s": self.config.batching.batch_wait_timeout_s,
+            **self._codec.info(),
         }
 
     def ready(self) -> bool:
