@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opts.mode in ("inproc", "both"):
             from serve_app.config import AppConfig
-            from serve_app.engine import Engine
+            from serve_app.engine.engine import Engine
 
             engine = Engine.from_config(AppConfig.model_validate(args))
             for case in todo:

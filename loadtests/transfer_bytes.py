@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT / "loadtests"))
 
 def main() -> int:
     import ray
-
     from plumbing_bench import make_inputs
+
     from serve_app.api.schemas import EnhancedImage
     from serve_app.config import AppConfig
     from serve_app.deployments.transcode import Transcoder
-    from serve_app.engine import Engine
+    from serve_app.engine.engine import Engine
     from serve_app.engine.types import EnhanceResult
     from serve_app.options import EnhanceOptions
 

@@ -37,8 +37,9 @@ REQUEST_SECONDS = Histogram(
 )
 STAGE_SECONDS = Histogram(
     "photoenhance_stage_seconds",
-    "Seconds per image and stage: decode, queue (wait in the model replica), the engine's "
-    "stages (detect, restore, parse, upsample, paste) and its total (engine), transfer, encode.",
+    "Seconds per image and stage: probe (header check at the ingress), then in the model "
+    "replica decode, queue, the engine's stages (detect, restore, parse, upsample, paste) and "
+    "its total (engine), encode; transfer is the rest of the model call.",
     ["stage"],
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,

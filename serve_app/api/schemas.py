@@ -14,8 +14,9 @@ SYNTHETIC_WARNING = (
 class EnhancedImage:
     """One enhanced image as returned by ``Ingress.enhance`` and ``POST /v1/enhance``.
 
-    ``timings`` are seconds per stage: ``decode``, ``queue`` (waiting in the model replica),
-    the engine's stages, ``transfer`` (the rest of the model call) and ``encode``.
+    ``timings`` are seconds per stage: ``probe`` (the ingress's header check), then in the
+    model replica ``decode``, ``queue`` (waiting for a batch), the engine's stages and
+    ``encode``, and ``transfer`` (the rest of the model call: bytes both ways, routing).
     """
 
     data: bytes
