@@ -2,11 +2,14 @@
 carries a GPU-like resource, the app deployed with its model replicas needing it, and a
 load scenario that makes Serve ask for replicas and the Ray autoscaler add and remove nodes.
 
-    .venv/bin/python cluster/fake_cluster.py --yes --out docs/loadtest-fake-cluster
+    .venv/bin/python cluster/fake_cluster.py --out docs/loadtest-fake-cluster
+    .venv/bin/python cluster/fake_cluster.py --scale-out 1,2,3   # plumbing scale-out benchmark
 
-WARNING: Ray's AutoscalingCluster runs ``ray stop --force`` when it starts and when it stops,
-which ends EVERY Ray process on this machine (other test runs, other people's servers).
-The script refuses to run without ``--yes``. Run it alone.
+The cluster keeps to itself: its head starts in its own temp dir on free ports (GCS, client
+server, dashboard agent), the fake nodes join that GCS only, and ``shutdown`` ends only the
+processes of that temp dir and their children, by PID (never ``ray stop``), so other Ray
+instances on the machine live on. (Ray's ``AutoscalingCluster.start``/``shutdown`` run
+``ray stop --force``, which ends every Ray process here: both are replaced below.)
 
 The head has CPUs only (the ingress, the controller and the job actor live there); each
 ``gpu_sim`` worker node has 1 CPU and 1 ``fake_gpu``, and each model replica needs one
@@ -17,9 +20,13 @@ the autoscaler launch a node. Idle nodes go after ``--idle-timeout-min``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,11 +47,21 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def cluster_class() -> type:
     from ray.cluster_utils import AutoscalingCluster
 
     class FakeGpuCluster(AutoscalingCluster):
-        """AutoscalingCluster whose base config is ``cluster/fake_multinode.yaml``."""
+        """AutoscalingCluster whose base config is ``cluster/fake_multinode.yaml`` and that
+        starts and stops only its own processes (``address`` once started)."""
+
+        address: str | None = None
+        temp_dir: Path | None = None
 
         def _generate_config(
             self,
@@ -55,7 +72,73 @@ def cluster_class() -> type:
         ) -> dict[str, Any]:
             return generate_config(head_resources, worker_node_types, **config_kwargs)
 
+        def start(self, _system_config: Any = None, override_env: dict[str, str] | None = None) -> None:
+            import ray
+
+            # Short: Ray's socket paths live under it and must stay within the Unix limit.
+            self.temp_dir = Path(tempfile.mkdtemp(prefix="pefc-", dir="/tmp"))
+            ip = ray._private.services.get_node_ip_address()
+            port = free_port()
+            self.address = f"{ip}:{port}"
+            self._config.setdefault("provider", {})["gcs_address"] = self.address
+            config_file = self.temp_dir / "autoscaling.json"
+            config_file.write_text(json.dumps(self._config))
+            cmd = [
+                "ray", "start", "--head", f"--port={port}", f"--temp-dir={self.temp_dir}",
+                f"--autoscaling-config={config_file}",
+                f"--num-cpus={self._head_resources.get('CPU', HEAD_CPUS)}",
+                "--include-dashboard=false", "--dashboard-agent-listen-port=0",
+                f"--ray-client-server-port={free_port()}",
+            ]
+            env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
+                   **(override_env or {})}
+            subprocess.check_call(cmd, env=env)
+
+        def shutdown(self) -> None:
+            if self.temp_dir is not None:
+                stop_own_processes(self.temp_dir)
+
     return FakeGpuCluster
+
+
+def own_processes(temp_dir: Path) -> list[Any]:
+    """The processes of the cluster in ``temp_dir``: those whose command line names it (GCS,
+    raylets, the autoscaler monitor and agents) and all their descendants (workers, whose
+    titles Ray rewrites, and the fake nodes' raylets, children of the monitor)."""
+    import psutil
+
+    mark = str(temp_dir)
+    roots = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(mark in part for part in proc.info["cmdline"] or ()):
+                roots.append(proc)
+        except psutil.Error:
+            continue
+    found: dict[int, Any] = {}
+    for root in roots:
+        found[root.pid] = root
+        try:
+            for child in root.children(recursive=True):
+                found[child.pid] = child
+        except psutil.Error:
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop_own_processes(temp_dir: Path, grace_s: float = 10.0) -> None:
+    """SIGTERM this cluster's processes, SIGKILL what is left after ``grace_s``."""
+    import psutil
+
+    procs = own_processes(temp_dir)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive + own_processes(temp_dir):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def generate_config(
@@ -135,7 +218,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     cluster.start()
     try:
         ray.init(
-            address="auto",
+            address=cluster.address,
             log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
         )
@@ -158,7 +241,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             user_rate=opts.user_rate,
             app=APP_NAME,
             deployment="Enhancer",
-            ray_address="auto",
+            ray_address=cluster.address,
             node_resource=RESOURCE,
             sample_every_s=2,
             tail_s=opts.idle_timeout_min * 60 + 20 + opts.tail_margin_s,
@@ -181,9 +264,94 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             cluster.shutdown()
 
 
+def pin_fake_nodes(temp_dir: Path) -> dict[int, int]:
+    """Give each fake node one real core (``taskset``), as a real node has its own CPUs:
+    node raylets (children of the autoscaler monitor) and their descendants, round robin
+    over this process's cores. Workers started later inherit their raylet's affinity."""
+    import psutil
+
+    cores = sorted(os.sched_getaffinity(0))
+    pinned: dict[int, int] = {}
+    raylets = [
+        child
+        for proc in own_processes(temp_dir)
+        if "monitor.py" in " ".join(proc.cmdline())
+        for child in proc.children()
+        if child.name() == "raylet"
+    ]
+    for i, raylet in enumerate(sorted(raylets, key=lambda p: p.pid)):
+        core = cores[i % len(cores)]
+        for proc in [raylet, *raylet.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error, subprocess.CalledProcessError):
+                subprocess.check_call(["taskset", "-a", "-p", "-c", str(core), str(proc.pid)],
+                                      stdout=subprocess.DEVNULL)
+        pinned[raylet.pid] = core
+    return pinned
+
+
+def run_scale_out(opts: argparse.Namespace) -> dict[str, Any]:
+    """Null-engine throughput through the head's proxy and ingress with 1, 2, 3 model
+    replicas, each on its own fake node (its own core)."""
+    import asyncio
+    import statistics
+
+    import plumbing_bench
+    import ray
+    from ray import serve
+
+    from serve_app.deployments.app import APP_NAME, build_app
+
+    counts = [int(n) for n in opts.scale_out.split(",")]
+    nodes = max(counts)
+    data = Path(tempfile.mkdtemp(prefix="pe-fake-cluster-"))
+    types = worker_node_types(nodes)
+    types[WORKER_TYPE]["min_workers"] = nodes
+    cluster = cluster_class()(
+        head_resources={"CPU": HEAD_CPUS}, worker_node_types=types, max_workers=nodes,
+        idle_timeout_minutes=60,
+    )
+    [case] = plumbing_bench.cases([opts.case])
+    report: dict[str, Any] = {"case": opts.case, "concurrency": opts.concurrency, "runs": {}}
+    cluster.start()
+    try:
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        deadline = time.time() + opts.ready_timeout_s
+        while sum(n.get("Resources", {}).get(RESOURCE, 0) for n in ray.nodes() if n["Alive"]) < nodes:
+            if time.time() > deadline:
+                raise TimeoutError(f"{nodes} fake nodes did not start")
+            time.sleep(2)
+        report["pinned"] = pin_fake_nodes(cluster.temp_dir)
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": opts.port})
+        url = f"http://127.0.0.1:{opts.port}"
+        for n in counts:
+            args = app_args(n, data, n)
+            serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+            wait_ready(url, opts.ready_timeout_s)
+            asyncio.run(plumbing_bench.http_window(url, case, opts.concurrency, 5))  # warm-up
+            runs = [asyncio.run(plumbing_bench.http_window(url, case, opts.concurrency, opts.seconds))
+                    for _ in range(opts.repeats)]
+            rps = [r["rps"] for r in runs]
+            report["runs"][n] = {"rps": rps, "median": statistics.median(rps),
+                                 "errors": sum(r["errors"] for r in runs)}
+            print(f"{n} replica(s): {statistics.median(rps):.1f} req/s {rps}", flush=True)
+        base = report["runs"][counts[0]]["median"]
+        for n in counts:
+            report["runs"][n]["speedup"] = report["runs"][n]["median"] / base
+        report["load_after"] = os.getloadavg()
+        Path(opts.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        return report
+    finally:
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            cluster.shutdown()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--yes", action="store_true", help="I know this stops every Ray process here")
+    p.add_argument("--yes", action="store_true", help="accepted for old command lines; no longer needed")
     p.add_argument("--max-workers", type=int, default=2)
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--idle-timeout-min", type=float, default=0.5)
@@ -194,16 +362,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-timeout-s", type=float, default=300)
     p.add_argument("--tail-margin-s", type=float, default=120)
     p.add_argument("--out", default="docs/loadtest-fake-cluster")
+    p.add_argument("--scale-out", default="", help="e.g. 1,2,3: the plumbing scale-out benchmark")
+    p.add_argument("--case", default="512-jpeg-x2", help="scale-out: plumbing_bench case")
+    p.add_argument("--concurrency", type=int, default=16, help="scale-out: connections")
+    p.add_argument("--seconds", type=float, default=15, help="scale-out: window")
+    p.add_argument("--repeats", type=int, default=3, help="scale-out: windows per count")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    if not opts.yes:
-        print("refusing: this stops every Ray process on the machine; pass --yes", file=sys.stderr)
-        return 2
     # AutoscalingCluster shells out to `ray start`: use this interpreter's, not the PATH's.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    if opts.scale_out:
+        print(json.dumps(run_scale_out(opts)["runs"], indent=1))
+        return 0
     report = run(opts)
     keys = ("requests", "throughput_rps", "errors_by_status", "replica_events", "resource_node_events")
     print(json.dumps({k: report.get(k) for k in keys}, indent=1))

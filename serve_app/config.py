@@ -166,6 +166,19 @@ class IngressConfig(_Section):
     queue_timeout_s: float = Field(
         10.0, gt=0, description="A request that waited this long at the door is shed (503)."
     )
+    max_replicas: int | None = Field(
+        None, ge=1, description="Autoscale the ingress between num_replicas and this on the "
+        "requests it holds (Serve's policy); None: a fixed num_replicas.",
+    )
+    target_ongoing_requests: float = Field(
+        32.0, gt=0, description="Requests per ingress replica the autoscaler aims at."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> IngressConfig:
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            raise ValueError("ingress.max_replicas must be >= ingress.num_replicas")
+        return self
 
 
 class StorageConfig(_Section):

@@ -23,7 +23,7 @@ def test_configs_are_valid(name):
     assert serve_file.raw["applications"][0]["import_path"] == "serve_app.deployments.app:build_app"
     model, ingress = deployment_options(serve_file.app)
     assert model["max_ongoing_requests"] >= serve_file.app.batching.max_batch_size
-    assert ingress["num_replicas"] >= 1
+    assert ingress.get("num_replicas", 0) >= 1 or ingress["autoscaling_config"]["min_replicas"] >= 1
 
 
 def test_dev_is_cpu_tiny_synthetic():
@@ -56,3 +56,25 @@ def test_relative_paths_resolve(tmp_path):
 def test_unknown_keys_refused():
     with pytest.raises(ValueError):
         AppConfig.model_validate({"limits": {"max_byts": 1}})
+
+
+def test_ingress_autoscales_only_when_asked():
+    fixed = AppConfig.model_validate({"ingress": {"num_replicas": 2}})
+    assert deployment_options(fixed)[1]["num_replicas"] == 2
+    scaled = AppConfig.model_validate(
+        {"ingress": {"num_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 16}}
+    )
+    ingress = deployment_options(scaled)[1]
+    assert "num_replicas" not in ingress
+    assert ingress["autoscaling_config"] == {
+        "min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 16
+    }
+    with pytest.raises(ValueError, match="max_replicas"):
+        AppConfig.model_validate({"ingress": {"num_replicas": 3, "max_replicas": 2}})
+
+
+def test_codec_threads_follow_the_model_cpus():
+    assert AppConfig.model_validate({"model": {"num_cpus": 6}}).model.codec_pool_size() == 6
+    assert AppConfig.model_validate({"model": {"num_cpus": 0.5}}).model.codec_pool_size() == 1
+    cfg = AppConfig.model_validate({"model": {"num_cpus": 6, "codec_threads": 3}})
+    assert cfg.model.codec_pool_size() == 3

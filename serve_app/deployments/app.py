@@ -67,6 +67,15 @@ def deployment_options(config: AppConfig) -> tuple[dict[str, Any], dict[str, Any
         ),
         "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
     }
+    if i.max_replicas is not None and i.max_replicas > i.num_replicas:
+        # The head's share of each request (header probe, routing) grows with the traffic:
+        # more ingress replicas, never one replica as the ceiling.
+        del ingress["num_replicas"]
+        ingress["autoscaling_config"] = {
+            "min_replicas": i.num_replicas,
+            "max_replicas": i.max_replicas,
+            "target_ongoing_requests": i.target_ongoing_requests,
+        }
     return model, ingress
 
 
