@@ -114,6 +114,52 @@ def test_manifest_stays_exactly_once_when_a_write_fails_part_way(tmp_path: Path)
     assert sorted(indices) == list(range(20)), indices  # each item exactly once
 
 
+@pytest.fixture()
+def small_tmpfs(tmp_path: Path):
+    """A 256 KiB tmpfs: a file system that really fills up. Mounting needs root (CAP_SYS_ADMIN);
+    the RLIMIT_FSIZE test above covers machines where that is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_manifest_stays_exactly_once_on_a_full_file_system(
+    tmp_path: Path, small_tmpfs: Path
+) -> None:
+    async def main() -> None:
+        config = JobsConfig(data_dir=small_tmpfs, min_free_bytes=0, max_inflight=1,
+                            max_inflight_per_job=1)
+        sched = Scheduler(config, Echo(), max_bytes=1 << 20, timeout_s=5.0)
+        spec, folder = new_job(small_tmpfs, 40)
+        # Outputs elsewhere: only the job's own files (the manifest above all) fill the disk.
+        spec = spec.model_copy(update={"output": str(tmp_path / "out")})
+        job = await sched.submit(spec, folder)
+        filler = small_tmpfs / "filler"
+        with open(filler, "wb") as f:  # leave about 5 KiB free (a page and a bit)
+            free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+            f.write(bytes(max(0, free - 5 * 1024)))
+        sched.start()
+        await until(lambda: job.state == "paused" and job.inflight == 0)
+        assert job.reason.startswith("storage_error") and 0 < job.done < 40
+        raw = (folder / "manifest.jsonl").read_bytes()
+        assert raw.endswith(b"\n") and len(raw.splitlines()) == job.done
+        filler.unlink()  # space is freed; the person resumes
+        sched.control(job.id, "resume")
+        await until(lambda: job.state == "completed")
+        await sched.stop()
+        indices = [r.index for _, r in read_manifest(folder / "manifest.jsonl")]
+        assert sorted(indices) == list(range(40)), indices
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------- writers and retention
 
 

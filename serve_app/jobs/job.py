@@ -303,7 +303,10 @@ class Job:
         if state in TERMINAL:
             self.finished_at = time.time()
         self.touch(state_changed=True)
-        self.save_state()
+        try:
+            self.save_state()
+        except OSError:  # a full disk, say: memory is right, the next change saves again
+            LOGGER.exception("job %s: cannot save its state", self.id)
         if state in TERMINAL and self.on_end is not None:
             self.on_end(self)
 
