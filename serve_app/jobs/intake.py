@@ -310,6 +310,10 @@ def _estimate(uris: list[str], count: int) -> int:
 
 
 def _sample_prefix(prefix: str) -> list[str]:
+    """Up to ``SIZE_SAMPLE`` local inputs under ``prefix``; a bucket is not listed here (only
+    local sizes are known without a request, and submission connects nowhere)."""
+    if not is_local(prefix):
+        return []
     out = []
     for uri in sources.iter_prefix(prefix):
         out.append(uri)

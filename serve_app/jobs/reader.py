@@ -88,13 +88,16 @@ class JobReader:
     async def progress(self, job_id: str, *,
                        owner: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """The current snapshot, then one per state change or at most every 500 ms while
-        anything moves; ends after the job's final state."""
+        anything moves; ends after the job's final state (or when it is deleted)."""
         snapshot = await self.get(job_id, owner=owner)
         yield snapshot
         last = _event_key(snapshot)
         while snapshot["state"] not in TERMINAL:
             started = time.monotonic()
-            snapshot = await self._call("watch", job_id, EVENT_INTERVAL_S)
+            try:
+                snapshot = await self._call("watch", job_id, EVENT_INTERVAL_S)
+            except NotFound:  # deleted while watched: the stream just ends
+                return
             key = _event_key(snapshot)
             if key != last:
                 yield snapshot
