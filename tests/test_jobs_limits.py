@@ -5,6 +5,7 @@ deadlines and the per-job fetch cap against loopback HTTP servers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -114,20 +116,25 @@ def test_manifest_stays_exactly_once_when_a_write_fails_part_way(tmp_path: Path)
     assert sorted(indices) == list(range(20)), indices  # each item exactly once
 
 
-@pytest.fixture()
-def small_tmpfs(tmp_path: Path):
-    """A 256 KiB tmpfs: a file system that really fills up. Mounting needs root (CAP_SYS_ADMIN);
-    the RLIMIT_FSIZE test above covers machines where that is not allowed."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size``: a file system that really fills up. Mounting needs root
+    (CAP_SYS_ADMIN); the RLIMIT_FSIZE test above covers machines where that is not allowed."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
-        yield mount
+        yield path
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "small", "256k") as mount:
+        yield mount
 
 
 def test_manifest_stays_exactly_once_on_a_full_file_system(
@@ -158,6 +165,47 @@ def test_manifest_stays_exactly_once_on_a_full_file_system(
         assert sorted(indices) == list(range(40)), indices
 
     asyncio.run(main())
+
+
+def test_a_chunked_upload_stops_at_the_free_space_floor(tmp_path: Path) -> None:
+    """No Content-Length to check up front: the floor is checked while the body streams,
+    on a 32 MiB tmpfs with a 26 MiB floor: the server stops reading once it has written
+    past the floor (not after the whole body), and the half-spooled job leaves nothing."""
+    import httpx
+    from starlette.applications import Starlette
+
+    from serve_app.api.errors import EXCEPTION_HANDLERS
+    from serve_app.api.jobs import JobsApi, job_routes
+
+    with tmpfs(tmp_path / "disk", "32m") as disk:
+        config = AppConfig(jobs=JobsConfig(data_dir=disk, min_free_bytes=26 * 1024 * 1024))
+        app = Starlette(routes=job_routes(JobsApi(config)), exception_handlers=EXCEPTION_HANDLERS)
+        boundary = "b0undary"
+        sent = [0]
+
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(3):  # three files of 5 MiB: 15 MiB would cross the floor
+                sent[0] += 1
+                yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
+                       f"filename=\"f{i}.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
+                for _ in range(5):
+                    yield bytes(1024 * 1024)
+                yield b"\r\n"
+            yield f"--{boundary}--\r\n".encode()
+
+        async def post() -> httpx.Response:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return await client.post("/v1/jobs", content=body(), headers={
+                    "content-type": f"multipart/form-data; boundary={boundary}"})
+
+        r = asyncio.run(post())
+        assert r.status_code == 507, r.text
+        err = r.json()["error"]
+        assert err["code"] == "insufficient_storage" and "details" not in err
+        assert sent[0] < 3, "the whole body was read before the floor was checked"
+        jobs = disk / "data" / "jobs" if (disk / "data").exists() else disk / "jobs"
+        assert not jobs.exists() or not any(jobs.iterdir())
 
 
 # ---------------------------------------------------------------------- writers and retention
