@@ -38,6 +38,15 @@ class WeightsConfig(_Section):
         "auto: official when present, else synthetic with a loud warning.",
     )
     profile: Literal["tiny", "full"] = Field("tiny", description="Synthetic weights profile.")
+    added: str | None = Field(
+        None,
+        description="Folder or fsspec URL (s3://..., gs://...) of the models added with "
+        "`photoenhance models add` (their models.json registry and files); default: `dir`.",
+    )
+
+    @property
+    def added_location(self) -> str:
+        return self.added or str(Path(self.dir).expanduser())
 
 
 class EngineConfig(_Section):

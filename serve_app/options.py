@@ -7,9 +7,17 @@ handles. ``resolve_options`` merges a preset (built-in or saved) under explicit 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from serve_app.errors import InvalidOption
 
@@ -19,6 +27,13 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 FACE_MODELS: tuple[str, ...] = FaceModel.__args__  # type: ignore[attr-defined]
 BG_MODELS: tuple[str, ...] = BgModel.__args__  # type: ignore[attr-defined]
+# A model added with `photoenhance models add`: its name is checked here, its existence and
+# kind by the model replica (the one that reads the weights folder's registry).
+ADDED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+AddedModel = Annotated[str, StringConstraints(pattern=ADDED_NAME_PATTERN)]
+# The model whose denoise strength blends it with its `wdn` twin, as upstream's CLI does.
+DENOISE_MODEL = "realesr-general-x4v3"
+DENOISE_STEP = 0.05  # blended weights are cached per step, so batches still form
 
 
 class EnhanceOptions(BaseModel):
@@ -28,11 +43,21 @@ class EnhanceOptions(BaseModel):
 
     upscale: Literal[1, 2, 4] = Field(2, description="Output scale factor.")
     face: bool = Field(True, description="Detect and restore faces with GFPGAN.")
-    face_model: FaceModel = "GFPGANv1.4"
-    bg_model: BgModel = Field(
+    face_model: FaceModel | AddedModel = Field(
+        "GFPGANv1.4", description="Face restorer: a built-in one or an added face model."
+    )
+    bg_model: BgModel | AddedModel = Field(
         "auto",
         description="Background upsampler; 'auto' picks x2plus for upscale<=2, x4plus for 4; "
-        "'none' resizes the background with Lanczos.",
+        "'none' resizes the background with Lanczos; or an added upscaler, run at its own "
+        "scale and then resized (Lanczos) to `upscale`.",
+    )
+    denoise: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Denoise strength of realesr-general-x4v3 (0: keep noise, 1: strong "
+        "denoise, the plain model; unset: the plain model), rounded to 0.05.",
     )
     weight: float = Field(0.5, ge=0.0, le=1.0, description="GFPGAN fidelity weight.")
     only_center_face: bool = False
@@ -48,6 +73,15 @@ class EnhanceOptions(BaseModel):
         if 0 < v < 32:
             raise ValueError("tile must be 0 (default) or at least 32")
         return v
+
+    @field_validator("denoise")
+    @classmethod
+    def _denoise(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is None:
+            return None
+        if info.data.get("bg_model") != DENOISE_MODEL:
+            raise ValueError(f"denoise applies to bg_model={DENOISE_MODEL!r} only")
+        return round(round(v / DENOISE_STEP) * DENOISE_STEP, 2)
 
     def resolved_bg_model(self) -> str:
         if self.bg_model != "auto":
@@ -107,4 +141,15 @@ def resolve_options(
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "options"
+        if err["loc"] and err["loc"][0] in _MODEL_FIELDS:  # the Literal | added-name union
+            field = str(err["loc"][0])
+            known = FACE_MODELS if field == "face_model" else BG_MODELS
+            raise InvalidOption(
+                f"{field}: neither a built-in model ({', '.join(known)}) nor an added model's "
+                "name (letters, digits, '.', '_', '-'; at most 64)",
+                field=field,
+            ) from None
         raise InvalidOption(f"{field}: {err['msg']}", field=field) from None
+
+
+_MODEL_FIELDS = ("face_model", "bg_model")

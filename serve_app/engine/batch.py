@@ -24,7 +24,6 @@ from serve_app.engine import detect, paste, restore, upsample
 from serve_app.engine.chunks import ItemTooLarge
 from serve_app.engine.pixels import check_image, to_8bit
 from serve_app.engine.types import EnhanceResult
-from serve_app.engine.weights import spec
 from serve_app.errors import EngineFailure, ImageTooLargeForDevice, PhotoEnhanceError
 from serve_app.options import EnhanceOptions
 
@@ -69,8 +68,9 @@ class BatchItem:
         return self.opt.face and not self.opt.aligned
 
 
-def _prepare(item: BatchItem) -> None:
+def _prepare(engine: Engine, item: BatchItem) -> None:
     item.src = check_image(item.src)
+    engine.check(item.opt)
     if not item.opt.face:
         return
     img = item.src
@@ -107,7 +107,7 @@ def _restore(engine: Engine, items: list[BatchItem]) -> None:
             by_model[j.opt.face_model].append(j)
     for model, group in by_model.items():
         crops = [c for j in group for c in j.crops]
-        faces = restore.restore(engine.net(model), crops, engine.budget_mb, engine.dtype)
+        faces = restore.restore(engine.net(model), crops, engine.budget_mb)
         k = 0
         for j in group:
             j.restored, k = faces[k : k + len(j.crops)], k + len(j.crops)
@@ -125,11 +125,15 @@ def _parse(engine: Engine, items: list[BatchItem]) -> None:
 
 
 def _bg_request(engine: Engine, j: BatchItem) -> upsample.Request | None:
-    name = j.opt.resolved_bg_model()
+    name = engine.bg_key(j.opt)
     if name == "none" or (j.opt.face and j.opt.aligned):
         return None
     img = j.work if j.opt.face else j.src
-    return upsample.Request(img, name, j.opt.upscale, j.opt.tile or engine.cfg.tile)
+    tile = j.opt.tile or engine.cfg.tile
+    added = engine.added_model(name)
+    if added is not None and added.tiling == "internal":
+        tile = max(img.shape[:2])  # the model tiles itself; the device-fit retry still halves
+    return upsample.Request(img, name, j.opt.upscale, tile)
 
 
 def _upsample(engine: Engine, items: list[BatchItem]) -> None:
@@ -148,10 +152,12 @@ def _upsample(engine: Engine, items: list[BatchItem]) -> None:
         return
     names = {r.model for r in reqs}
     nets = {n: engine.net(n) for n in names}
-    scales = {n: spec(n).scale for n in names}
+    scales = {n: engine.scale(n) for n in names}
+    # Upstream's mod pad is for its RRDBNet; added models pad to their own size needs.
+    unpadded = {n for n in names if engine.added_model(n) is not None}
     cfg = engine.cfg
     outs = upsample.upsample(nets, scales, reqs, tile_pad=cfg.tile_pad, pre_pad=cfg.pre_pad,
-                             budget_mb=engine.budget_mb, dtype=engine.dtype)
+                             budget_mb=engine.budget_mb, no_mod_pad=unpadded)
     for j, out in zip(owners, outs, strict=True):
         if isinstance(out, PhotoEnhanceError):
             j.error = out
@@ -238,7 +244,7 @@ def run(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptions])
     t0 = time.perf_counter()
     for j in items:
         try:
-            _prepare(j)
+            _prepare(engine, j)
         except Exception as exc:
             j.error = _as_error(exc)
     with torch.inference_mode():

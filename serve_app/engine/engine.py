@@ -20,15 +20,18 @@ from torch import nn
 import serve_app.compat  # noqa: F401
 from serve_app.config import AppConfig, EngineConfig
 from serve_app.engine import batch, models
+from serve_app.engine.catalog import AddedModel, Catalog
 from serve_app.engine.types import EnhanceResult
-from serve_app.engine.weights import LoadedWeightsInfo, spec
+from serve_app.engine.weights import REGISTRY, LoadedWeightsInfo, spec
 from serve_app.engine.weights_folder import resolve
-from serve_app.errors import EngineFailure, PhotoEnhanceError
-from serve_app.options import EnhanceOptions
+from serve_app.errors import EngineFailure, InvalidOption, PhotoEnhanceError
+from serve_app.options import DENOISE_MODEL, EnhanceOptions
 
 LOGGER = logging.getLogger(__name__)
 
 CPU_BUDGET_MB = 64
+WDN_MODEL = "realesr-general-wdn-x4v3"
+_DENOISE_SEP = "@denoise="
 
 
 def pick_device(cfg: EngineConfig) -> torch.device:
@@ -42,9 +45,12 @@ def pick_device(cfg: EngineConfig) -> torch.device:
 class Engine:
     """Loaded networks plus the batched pipeline. Stateless between calls, thread-safe."""
 
-    def __init__(self, cfg: EngineConfig, weights: LoadedWeightsInfo) -> None:
+    def __init__(
+        self, cfg: EngineConfig, weights: LoadedWeightsInfo, added: Catalog | None = None
+    ) -> None:
         self.cfg = cfg
         self.weights = weights
+        self.added = added or Catalog(None)  # models added with `photoenhance models add`
         self.device = pick_device(cfg)
         # fp16 only on CUDA: the CPU path stays fp32 (and is the one equal to upstream).
         self.dtype = torch.float16 if (cfg.half and self.device.type == "cuda") else torch.float32
@@ -64,7 +70,8 @@ class Engine:
 
     @classmethod
     def from_config(cls, app_config: AppConfig) -> Engine:
-        return cls(app_config.engine, resolve(app_config.weights))
+        return cls(app_config.engine, resolve(app_config.weights),
+                   Catalog(app_config.weights.added_location))
 
     @property
     def synthetic(self) -> bool:
@@ -80,7 +87,41 @@ class Engine:
                 self._nets[name] = self._load(name)
             return self._nets[name]
 
+    # ------------------------------------------------------------------ model keys
+    # A key names one loaded network: a built-in name, an added model's name, or the
+    # denoise blend "realesr-general-x4v3@denoise=0.35" (one network per 0.05 step).
+
+    def added_model(self, name: str) -> AddedModel | None:
+        if name in REGISTRY:
+            return None
+        return self.added.get(name)
+
+    def check(self, opt: EnhanceOptions) -> None:
+        """Refuse (422) what this engine cannot run: unknown added models, wrong kinds, a
+        denoise strength without the wdn weights."""
+        self.added.check(opt)
+        if opt.denoise is not None and opt.denoise != 1.0 and WDN_MODEL not in self.weights.files:
+            raise InvalidOption(
+                f"denoise: this server has no {WDN_MODEL} weights to blend with",
+                field="denoise", code="option_unavailable",
+            )
+
+    def bg_key(self, opt: EnhanceOptions) -> str:
+        name = opt.resolved_bg_model()
+        if name == DENOISE_MODEL and opt.denoise is not None and opt.denoise != 1.0:
+            return f"{name}{_DENOISE_SEP}{opt.denoise:.2f}"
+        return name
+
+    def scale(self, key: str) -> int:
+        added = self.added_model(key)
+        return added.scale if added is not None else spec(key.split(_DENOISE_SEP)[0]).scale
+
     def _load(self, name: str) -> nn.Module:
+        if _DENOISE_SEP in name:
+            return self._load_blend(name)
+        added = self.added_model(name)
+        if added is not None:
+            return self._load_added(added)
         # Detection and parsing stay fp32: their outputs feed thresholds and argmax.
         kind = spec(name).kind
         dtype = self.dtype if kind in ("face", "bg") else torch.float32
@@ -90,6 +131,31 @@ class Engine:
             net = net.to(memory_format=torch.channels_last)
         if self.cfg.compile and self.device.type == "cuda" and kind in ("face", "bg"):
             net = torch.compile(net, dynamic=True)
+        return net
+
+    def _load_blend(self, key: str) -> nn.Module:
+        """Upstream's ``dni``: ``strength * plain + (1 - strength) * wdn``, in fp32 on the CPU
+        (as ``RealESRGANer.dni`` computes it), then moved and cast like the plain network."""
+        name, strength = key.split(_DENOISE_SEP)
+        w = float(strength)
+        plain = models.load_state(self.weights.path(name), spec(name))
+        wdn = models.load_state(self.weights.path(WDN_MODEL), spec(WDN_MODEL))
+        blended = {k: w * v + (1 - w) * wdn[k] for k, v in plain.items()}
+        net = models.construct(spec(name), self.weights.profile)
+        net.load_state_dict(blended, strict=True)
+        net.eval().requires_grad_(False)
+        net = net.to(device=self.device, dtype=self.dtype)
+        if self.cfg.channels_last and self.device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        LOGGER.info("blended %s with %s at denoise %s", name, WDN_MODEL, strength)
+        return net
+
+    def _load_added(self, model: AddedModel) -> nn.Module:
+        from serve_app.engine import added, catalog
+
+        data = catalog.read_file(self.added.location, model)
+        net = added.build(model, data, self.device, self.dtype)
+        LOGGER.info("loaded added model %s (%s x%d)", model.name, model.arch, model.scale)
         return net
 
     def info(self) -> dict[str, Any]:
@@ -102,6 +168,7 @@ class Engine:
             "profile": self.weights.profile,
             "weights_dir": str(self.weights.dir),
             "loaded_models": sorted(self._nets),
+            "added_models": self.added.listing(),
             "tile": self.cfg.tile,
             "tile_pad": self.cfg.tile_pad,
             "pre_pad": self.cfg.pre_pad,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve_app.engine.added import Served
 from serve_app.engine.chunks import chunk_size, forward_chunks, gfpgan_bytes, parse_bytes
 
 # facexlib's parsing classes kept in the paste mask (255) or dropped (0)
@@ -30,21 +31,32 @@ def _to_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.sub_(0.5).div_(0.5).to(dtype).contiguous()
 
 
-def restore(net: nn.Module, crops: Sequence[np.ndarray], budget_mb: int,
-            dtype: torch.dtype) -> list[np.ndarray]:
-    """Restored uint8 BGR faces, one per crop (GFPGANer.enhance's per-face loop, batched)."""
+def restore(net: nn.Module, crops: Sequence[np.ndarray], budget_mb: int) -> list[np.ndarray]:
+    """Restored uint8 BGR faces, one per crop (GFPGANer.enhance's per-face loop, batched).
+
+    GFPGAN networks take [-1, 1] as upstream feeds them; an added face model other than
+    GFPGAN (``added.Served``) takes and returns RGB in [0, 1] through spandrel's call.
+    """
     if not crops:
         return []
-    device = next(net.parameters()).device
+    param = next(net.parameters())
+    device, dtype = param.device, param.dtype
     elem = torch.finfo(dtype).bits // 8
-    chunk = chunk_size(budget_mb, gfpgan_bytes(net, elem))
+    served = isinstance(net, Served)
+    per_item = 512 * 512 * 512 * elem if served else gfpgan_bytes(net, elem)
+    chunk = chunk_size(budget_mb, per_item)
     items = [torch.from_numpy(c) for c in crops]
     out: list[np.ndarray] = []
 
     def fwd(x: torch.Tensor) -> torch.Tensor:
-        y = net(_to_input(x.to(device, non_blocking=True), dtype), return_rgb=False)[0]
-        # tensor2img(min_max=(-1, 1)): clamp, to [0, 1], x255, round, RGB -> BGR
-        y = y.float().clamp_(-1, 1).add_(1).div_(2).mul_(255.0).round_()
+        x = x.to(device, non_blocking=True)
+        if served:
+            y = net(x.permute(0, 3, 1, 2).flip(1).to(dtype).div_(255.0))
+            y = y.float().clamp_(0, 1).mul_(255.0).round_()
+        else:
+            y = net(_to_input(x, dtype), return_rgb=False)[0]
+            # tensor2img(min_max=(-1, 1)): clamp, to [0, 1], x255, round, RGB -> BGR
+            y = y.float().clamp_(-1, 1).add_(1).div_(2).mul_(255.0).round_()
         return y.flip(1).permute(0, 2, 3, 1).to(torch.uint8).cpu()
 
     for _, y in forward_chunks(fwd, items, chunk):

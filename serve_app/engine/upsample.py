@@ -43,7 +43,7 @@ class _Plane:
     pad: tuple[int, int] = (0, 0)  # mod pad (h, w)
 
 
-def _prepare(r: Request, scale: int, pre_pad: int) -> tuple[list[_Plane], dict]:
+def _prepare(r: Request, scale: int, pre_pad: int, mod_pad: bool) -> tuple[list[_Plane], dict]:
     img = r.img.astype(np.float32)
     # By dtype (upstream guesses from max > 256, which misreads dark 16-bit images).
     max_range = 65535.0 if r.img.dtype == np.uint16 else 255.0
@@ -64,7 +64,7 @@ def _prepare(r: Request, scale: int, pre_pad: int) -> tuple[list[_Plane], dict]:
         x = torch.from_numpy(np.transpose(p, (2, 0, 1))).float()[None]
         if pre_pad:
             x = F.pad(x, (0, pre_pad, 0, pre_pad), "reflect")
-        mod = {2: 2, 1: 4}.get(scale)
+        mod = {2: 2, 1: 4}.get(scale) if mod_pad else None
         ph = pw = 0
         if mod is not None:
             h, w = x.shape[2:]
@@ -120,9 +120,13 @@ def _finish(planes: list[_Plane], meta: dict, scale: int, pre_pad: int, outscale
 
 def upsample(
     nets: dict[str, nn.Module], scales: dict[str, int], reqs: list[Request], *,
-    tile_pad: int, pre_pad: int, budget_mb: int, dtype: torch.dtype,
+    tile_pad: int, pre_pad: int, budget_mb: int, no_mod_pad: set[str] | frozenset[str] = frozenset(),
 ) -> list[np.ndarray | ImageTooLargeForDevice]:
-    """``RealESRGANer.enhance(img, outscale)`` for every request, tiles batched across them."""
+    """``RealESRGANer.enhance(img, outscale)`` for every request, tiles batched across them.
+
+    Inputs go to each network in its parameters' dtype (fp16 or fp32). ``no_mod_pad`` names
+    the networks that pad to their own size requirements (added models).
+    """
     results: list[np.ndarray | ImageTooLargeForDevice | None] = [None] * len(reqs)
     planes: list[_Plane] = []
     metas: dict[int, dict] = {}
@@ -130,7 +134,7 @@ def upsample(
     groups: dict[tuple[str, int, int], list] = defaultdict(list)
     for i, r in enumerate(reqs):
         scale = scales[r.model]
-        ps, metas[i] = _prepare(r, scale, pre_pad)
+        ps, metas[i] = _prepare(r, scale, pre_pad, r.model not in no_mod_pad)
         for p in ps:
             p.req = i
             h, w = p.x.shape[1:]
@@ -142,14 +146,15 @@ def upsample(
     failed: set[int] = set()
     for (model, th, tw), tiles in groups.items():
         net = nets[model]
-        device = next(net.parameters()).device
+        param = next(net.parameters())
+        device, dtype = param.device, param.dtype
         elem = torch.finfo(dtype).bits // 8
         chunk = chunk_size(budget_mb, sr_bytes(net, th, tw, scales[model], elem))
         pending = [t for t in tiles if t[0].req not in failed]
         while pending:
             items = [p.x[:, src[0], src[1]] for p, src, _, _ in pending]
 
-            def fwd(x: torch.Tensor, net=net, device=device) -> torch.Tensor:
+            def fwd(x: torch.Tensor, net=net, device=device, dtype=dtype) -> torch.Tensor:
                 return net(x.to(device, dtype)).float().cpu()
 
             done = 0
@@ -180,5 +185,5 @@ def upsample(
             continue
         smaller = Request(r.img, r.model, r.outscale, r.tile // 2)
         results[i] = upsample(nets, scales, [smaller], tile_pad=tile_pad, pre_pad=pre_pad,
-                              budget_mb=budget_mb, dtype=dtype)[0]
+                              budget_mb=budget_mb, no_mod_pad=no_mod_pad)[0]
     return results  # type: ignore[return-value]

@@ -1,0 +1,221 @@
+"""The registry of added models: ``models.json`` beside their files, in a folder or a bucket.
+
+Torch-free: the CLI writes it (``photoenhance models add``), every model replica reads it
+(through fsspec, so ``s3://`` and ``gs://`` locations work like local folders), and the
+ingress only sees what the replicas report. One record per model: what spandrel detected
+(architecture, kind, scale, channels, tiling needs) and the SHA-256 sums of the added
+file(s) and of the stored file, which a replica checks before it loads the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from serve_app.errors import InvalidOption, WeightsError
+from serve_app.options import ADDED_NAME_PATTERN, BG_MODELS, FACE_MODELS, EnhanceOptions
+
+LOGGER = logging.getLogger(__name__)
+
+REGISTRY_FILE = "models.json"
+FORMAT_VERSION = 1
+RELOAD_S = 2.0  # a replica re-reads the registry on a miss at most this often
+RESERVED = frozenset((*FACE_MODELS, *BG_MODELS))
+
+
+@dataclass(frozen=True)
+class AddedModel:
+    """One added model, as recorded in ``models.json``."""
+
+    name: str
+    kind: Literal["bg", "face"]  # served as bg_model (upscaler/restorer) or face_model
+    arch: str  # spandrel's architecture id
+    purpose: str  # spandrel's purpose: SR, Restoration or FaceSR
+    scale: int
+    in_channels: int
+    out_channels: int
+    tiling: Literal["supported", "discouraged", "internal"]
+    size: dict[str, Any]  # spandrel's size requirements: minimum, multiple_of, square
+    half: bool  # the architecture runs in fp16 (else fp32 on CUDA)
+    params: int
+    file: str  # stored file, relative to the registry
+    sha256: str  # of the stored file; checked before every load
+    source: dict[str, Any] = field(default_factory=dict)  # added files, their sums, format
+    tags: list[str] = field(default_factory=list)
+    added_at: str = ""
+
+    def public(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` shows (no paths)."""
+        out = asdict(self)
+        out.pop("file")
+        out["source"] = {k: v for k, v in self.source.items() if k != "files"}
+        return out
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fs(location: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(location)
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+def read(location: str) -> dict[str, AddedModel]:
+    """The registry at ``location``; empty when it has none."""
+    fs, root = _fs(location)
+    path = _join(root, REGISTRY_FILE)
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "rb") as fh:
+        raw = json.loads(fh.read())
+    if raw.get("version") != FORMAT_VERSION:
+        raise WeightsError(f"{REGISTRY_FILE}: unknown format version {raw.get('version')!r}")
+    return {name: AddedModel(**rec) for name, rec in raw.get("models", {}).items()}
+
+
+def read_file(location: str, model: AddedModel) -> bytes:
+    """The stored weights of ``model``, checked against their recorded SHA-256."""
+    fs, root = _fs(location)
+    with fs.open(_join(root, model.file), "rb") as fh:
+        data = fh.read()
+    if sha256_bytes(data) != model.sha256:
+        raise WeightsError(
+            f"added model {model.name!r}: its file's SHA-256 differs from the registry's; "
+            "add it again", model=model.name,
+        )
+    return data
+
+
+def write(location: str, model: AddedModel, data: bytes, *, replace: bool = False) -> None:
+    """Store ``data`` as ``model.file`` and record ``model`` (file first, then the registry)."""
+    check_name(model.name)
+    models = read(location)
+    if model.name in models and not replace:
+        raise FileExistsError(f"a model named {model.name!r} is already added (use --replace)")
+    models[model.name] = model
+    body = _dump(models)
+    fs, root = _fs(location)
+    fs.makedirs(root, exist_ok=True)
+    _put(fs, _join(root, model.file), data)
+    _put(fs, _join(root, REGISTRY_FILE), body)
+
+
+def _dump(models: dict[str, AddedModel]) -> bytes:
+    return json.dumps(
+        {"version": FORMAT_VERSION, "models": {n: asdict(m) for n, m in sorted(models.items())}},
+        indent=2,
+    ).encode()
+
+
+def remove(location: str, name: str) -> None:
+    """Drop ``name`` from the registry, then delete its file."""
+    models = read(location)
+    model = models.pop(name)  # KeyError: not added
+    body = _dump(models)
+    fs, root = _fs(location)
+    _put(fs, _join(root, REGISTRY_FILE), body)
+    fs.rm(_join(root, model.file))
+
+
+def _put(fs: Any, path: str, data: bytes) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        # Local: write a temp file and rename, so a replica never reads half a file.
+        folder = os.path.dirname(path)
+        fd, tmp = tempfile.mkstemp(prefix=".added.", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    with fs.open(path, "wb") as fh:  # object stores replace whole objects
+        fh.write(data)
+
+
+def check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(ADDED_NAME_PATTERN, name):
+        raise ValueError(
+            f"model name {name!r}: use letters, digits, '.', '_' and '-' (at most 64, "
+            "starting with a letter or digit)"
+        )
+    if name in RESERVED:
+        raise ValueError(f"model name {name!r} is a built-in name; choose another")
+
+
+class Catalog:
+    """A replica's view of the registry: read at start, re-read on a miss (rate-limited)."""
+
+    def __init__(self, location: str | None) -> None:
+        self.location = location  # None: no added models (an engine built without a config)
+        self._models: dict[str, AddedModel] = {}
+        self._read_at = float("-inf")
+        self._lock = threading.Lock()
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.location is None:
+            return
+        with self._lock:
+            try:
+                self._models = read(self.location)
+            except FileNotFoundError:
+                self._models = {}
+            except Exception as exc:  # an unreadable registry must not stop built-in models
+                LOGGER.error("added-model registry at %s unreadable: %s", self.location, exc)
+            self._read_at = time.monotonic()
+
+    def get(self, name: str) -> AddedModel | None:
+        model = self._models.get(name)
+        if model is None and self.location is not None and time.monotonic() - self._read_at > RELOAD_S:
+            self.refresh()  # added after this replica started
+            model = self._models.get(name)
+        return model
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [m.public() for _, m in sorted(self._models.items())]
+
+    def check(self, opt: EnhanceOptions) -> None:
+        """Refuse (422) options naming an unknown added model or one of the wrong kind."""
+        if opt.face and opt.face_model not in FACE_MODELS:
+            self._expect(opt.face_model, "face", "face_model")
+        bg = opt.resolved_bg_model()
+        if bg not in BG_MODELS and not (opt.face and opt.aligned):
+            self._expect(bg, "bg", "bg_model")
+
+    def _expect(self, name: str, kind: str, field_name: str) -> AddedModel:
+        model = self.get(name)
+        if model is None:
+            raise InvalidOption(
+                f"{field_name}: no model named {name!r} (see GET /v1/models)",
+                field=field_name, code="unknown_model",
+            )
+        if model.kind != kind:
+            other = "face_model" if model.kind == "face" else "bg_model"
+            raise InvalidOption(
+                f"{field_name}: {name!r} is a {_KIND_WORDS[model.kind]}; use it as {other}",
+                field=field_name, code="wrong_model_kind",
+            )
+        return model
+
+
+_KIND_WORDS = {"bg": "whole-image model (upscaler or restorer)", "face": "face restorer"}
