@@ -28,13 +28,23 @@ def test_strings_are_coerced():
 @pytest.mark.parametrize(
     "raw",
     [{"upscale": "3"}, {"upscale": "x"}, {"weight": "2"}, {"face": "maybe"}, {"format": "gif"},
-     {"quality": "0"}, {"tile": "8"}, {"face_model": "v9"}, {"bg_model": "big"}, {"nope": 1},
-     {"preset": "missing"}],
+     {"quality": "0"}, {"tile": "8"}, {"face_model": "v9/x"}, {"bg_model": "../big"}, {"nope": 1},
+     {"preset": "missing"}, {"bg_model": "x" * 65}, {"denoise": "0.5"},
+     {"bg_model": "realesr-general-x4v3", "denoise": "1.5"},
+     {"bg_model": "realesr-general-x4v3", "denoise": "nan"}],
 )
 def test_bad_options_are_422(raw):
     with pytest.raises(InvalidOption) as err:
         resolve_options(raw)
     assert err.value.status == 422 and err.value.code == "invalid_option"
+
+
+def test_denoise_is_quantised_and_model_names_may_be_added_ones():
+    opts = resolve_options({"bg_model": "realesr-general-x4v3", "denoise": "0.33"})
+    assert opts.denoise == 0.35
+    assert resolve_options({"bg_model": "realesr-general-x4v3"}).denoise is None
+    # an added model's name passes here; the model replica checks that it exists (422 there)
+    assert resolve_options({"bg_model": "my-upscaler_x4.v2"}).bg_model == "my-upscaler_x4.v2"
 
 
 def test_presets_apply_under_explicit_values():

@@ -69,6 +69,16 @@ def build_asgi_app(service: Service) -> ObservedApp:
     return ObservedApp(app)
 
 
+def _model_names(info: dict[str, Any] | None) -> dict[str, Any]:
+    """Built-in names, then the added models the model replicas report (docs/MODELS.md)."""
+    added = list((info or {}).get("added_models") or [])
+    return {
+        "face": [*FACE_MODELS, *(m["name"] for m in added if m.get("kind") == "face")],
+        "background": [*BG_MODELS, *(m["name"] for m in added if m.get("kind") == "bg")],
+        "added": added,
+    }
+
+
 class _Api:
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -115,7 +125,7 @@ class _Api:
             "ready": info is not None,
             "synthetic": synthetic,
             "engine": info,
-            "models": {"face": list(FACE_MODELS), "background": list(BG_MODELS)},
+            "models": _model_names(info),
             "options": EnhanceOptions().model_dump(mode="json"),
             "formats": {"input": ["jpeg", "png", "webp", "bmp", "tiff"], "output": list(OUTPUT_FORMATS)},
             "presets": self.service.presets.listing(),

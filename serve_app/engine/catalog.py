@@ -26,7 +26,7 @@ LOGGER = logging.getLogger(__name__)
 
 REGISTRY_FILE = "models.json"
 FORMAT_VERSION = 1
-RELOAD_S = 2.0  # a replica re-reads the registry on a miss at most this often
+RELOAD_S = 5.0  # a replica re-reads the registry (on a miss, or to list it) at most this often
 RESERVED = frozenset((*FACE_MODELS, *BG_MODELS))
 
 
@@ -184,14 +184,19 @@ class Catalog:
                 LOGGER.error("added-model registry at %s unreadable: %s", self.location, exc)
             self._read_at = time.monotonic()
 
+    def _stale(self) -> bool:
+        return self.location is not None and time.monotonic() - self._read_at > RELOAD_S
+
     def get(self, name: str) -> AddedModel | None:
         model = self._models.get(name)
-        if model is None and self.location is not None and time.monotonic() - self._read_at > RELOAD_S:
+        if model is None and self._stale():
             self.refresh()  # added after this replica started
             model = self._models.get(name)
         return model
 
     def listing(self) -> list[dict[str, Any]]:
+        if self._stale():
+            self.refresh()
         return [m.public() for _, m in sorted(self._models.items())]
 
     def check(self, opt: EnhanceOptions) -> None:
