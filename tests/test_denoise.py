@@ -88,7 +88,7 @@ def test_missing_wdn_weights_is_a_clear_422(tiny_weights):  # noqa: F811
     from dataclasses import replace
 
     from serve_app.config import EngineConfig
-    from serve_app.engine import Engine
+    from serve_app.engine.engine import Engine
 
     files = {k: v for k, v in tiny_weights.files.items() if k != WDN}
     eng = Engine(EngineConfig(device="cpu"), replace(tiny_weights, files=files))

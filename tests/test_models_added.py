@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from serve_app.config import EngineConfig
 from serve_app.engine import added, catalog
 from serve_app.engine.catalog import Catalog
-from serve_app.engine.pipeline import Engine
+from serve_app.engine.engine import Engine
 from serve_app.errors import InvalidOption, WeightsError
 from serve_app.options import EnhanceOptions
 

@@ -14,7 +14,7 @@ import pytest
 from serve_app.config import EngineConfig
 from serve_app.engine import added, catalog, ncnn
 from serve_app.engine.catalog import Catalog
-from serve_app.engine.pipeline import Engine
+from serve_app.engine.engine import Engine
 from serve_app.options import EnhanceOptions
 
 try:
@@ -109,7 +109,10 @@ def _anime() -> tuple[str, bytes]:
         (lambda p, b: (p, b[:-4]), "ends before"),
         (lambda p, b: (p, b + b"\0\0\0\0"), "bytes more"),
         (lambda p, b: ("7767516" + p[7:], b), "magic"),
-        (lambda p, b: (p.replace("0=48 1=3", "0=12 1=3", 1), b), "does not match|do not fit"),
+        (lambda p, b: (p.replace("0=48 1=3", "0=12 1=3", 1), b), "bytes more"),
+        # same byte count, another shape: a 1x1 convolution where SRVGG has a 3x3
+        (lambda p, b: (p.replace("1=3 4=1 5=1 6=36864", "1=1 4=0 5=1 6=36864", 1), b),
+         "does not match"),
         (lambda p, b: (p.replace("PReLU", "ReLU", 1), b), "not part of a known graph"),
         (lambda p, b: (p, b"\x01\x02\x03\x04" + b[4:]), "tag"),
     ],
