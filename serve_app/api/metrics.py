@@ -55,6 +55,22 @@ WEIGHTS_SYNTHETIC = Gauge(
     registry=REGISTRY,
 )
 
+DOOR_ACTIVE = Gauge(
+    "photoenhance_door_active",
+    "Enhance requests past this ingress replica's door (decoding, in the model, encoding).",
+    registry=REGISTRY,
+)
+DOOR_WAITING = Gauge(
+    "photoenhance_door_waiting",
+    "Enhance requests waiting at this ingress replica's door.",
+    registry=REGISTRY,
+)
+DOOR_DRAIN_RATE = Gauge(
+    "photoenhance_door_drain_per_second",
+    "Enhance requests finished per second (last 30 s): what Retry-After is derived from.",
+    registry=REGISTRY,
+)
+
 _NOT_STAGES = frozenset({"total"})  # the whole call: photoenhance_request_seconds covers it
 
 

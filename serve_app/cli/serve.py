@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,14 @@ LOGGER = logging.getLogger(__name__)
     "--address", default=None,
     help="Ray cluster to join (default: $RAY_ADDRESS; unset: start a local Ray).",
 )
-def serve_cmd(config_path: Path, host: str | None, port: int | None, address: str | None) -> None:
+@click.option(
+    "--dashboard/--no-dashboard", default=True, show_default=True,
+    help="Start Ray's dashboard with a local Ray (for `ray job submit`, `serve status` and the "
+    "dashboard's Serve view).",
+)
+def serve_cmd(
+    config_path: Path, host: str | None, port: int | None, address: str | None, dashboard: bool
+) -> None:
     """Deploy the application from CONFIG and serve until SIGINT/SIGTERM."""
     import ray
     from ray import serve
@@ -44,7 +52,14 @@ def serve_cmd(config_path: Path, host: str | None, port: int | None, address: st
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     joined = address is not None
-    ray.init(address=address or "local", include_dashboard=False if not joined else None)
+    if not joined:
+        # Ray's processes inherit PATH: a Ray job's `python` entrypoint is then this
+        # interpreter, with the project's packages, not the system's.
+        venv_bin = str(Path(sys.executable).parent)
+        os.environ["PATH"] = os.pathsep.join([venv_bin, os.environ.get("PATH", "")])
+    context = ray.init(
+        address=address or "local", include_dashboard=dashboard if not joined else None
+    )
 
     stop = threading.Event()
 
@@ -64,6 +79,8 @@ def serve_cmd(config_path: Path, host: str | None, port: int | None, address: st
         click.echo(f"PhotoEnhance is serving at {url} (config {config_path}); Ctrl-C stops it.")
         click.echo(f"  curl -sS --data-binary @photo.jpg -H 'Content-Type: image/jpeg' "
                    f"'{url}/v1/enhance?upscale=2' -o out.jpg")
+        if not joined and context.dashboard_url:
+            click.echo(ray_tools_help(f"http://{context.dashboard_url}"))
         while not stop.wait(1.0):
             pass
     finally:
@@ -75,6 +92,24 @@ def serve_cmd(config_path: Path, host: str | None, port: int | None, address: st
         finally:
             ray.shutdown()
         click.echo("stopped.")
+
+
+def ray_tools_help(dashboard: str) -> str:
+    """How to reach this Ray with its own tools (Ray 2.60 turns token auth on for a new local
+    Ray; its CLI sends the token from ~/.ray/auth_token only when RAY_AUTH_MODE=token)."""
+    token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    env = f"RAY_ADDRESS={dashboard} RAY_DASHBOARD_ADDRESS={dashboard}"
+    if token:
+        env += " RAY_AUTH_MODE=token"
+    lines = [
+        f"Ray dashboard: {dashboard}  (Serve view: {dashboard}/#/serve"
+        + (", token: `ray get-auth-token`)" if token else ")"),
+        "  In another shell:",
+        f"  export {env}",
+        "  serve status",
+        "  ray job submit -- python -m serve_app.jobs.run --input IN_DIR --output OUT_DIR",
+    ]
+    return "\n".join(lines)
 
 
 COMMANDS = [serve_cmd]

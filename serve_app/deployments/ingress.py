@@ -62,6 +62,9 @@ class Ingress:
             self.config.ingress.max_queued_requests,
             self.config.ingress.queue_timeout_s,
         )
+        metrics.DOOR_ACTIVE.set_function(lambda: self._door.active)
+        metrics.DOOR_WAITING.set_function(lambda: self._door.waiting)
+        metrics.DOOR_DRAIN_RATE.set_function(self._door.drain_rate)
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
         # The first model call from a new replica costs seconds (router set-up, first result

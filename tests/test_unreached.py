@@ -1,0 +1,320 @@
+"""The answers no ordinary request reaches, reached on purpose through a running application.
+
+A second, tight application (``pe-tight`` at ``/tight``) is deployed into the session's Ray
+beside the dev one: one request past the ingress's door, one waiting, a 1.5 s queue deadline
+and a 4 s model deadline. A slow request (a 640 px image at x4 in 32 px tiles) holds the
+door, so the next ones are shed; killing its model replica gives ``replica_unavailable`` and
+``not_ready``. Every answer is checked for status, code and ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+TIGHT_APP = "pe-tight"
+SLOW = {"upscale": "4", "face": "false", "bg_model": "RealESRGAN_x4plus", "tile": "32"}
+FAST = {"upscale": "1", "face": "false", "bg_model": "none"}
+
+
+def png(h: int, w: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def until(condition: Callable[[], Any], timeout: float = 120.0, every: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something true; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(every)
+
+
+def error_of(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()["error"]
+    assert body["code"] == code, body
+    return body
+
+
+def retry_after(r: httpx.Response) -> int:
+    value = r.headers["retry-after"]
+    assert value.isdigit(), value
+    return int(value)
+
+
+def gauge(text: str, name: str) -> float:
+    match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    assert match, f"{name} missing"
+    return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def tight_args(serve_args: dict[str, Any], tmp_path_factory) -> dict[str, Any]:
+    args = copy.deepcopy(serve_args)
+    args["name"] = TIGHT_APP
+    args["jobs"]["data_dir"] = str(tmp_path_factory.mktemp("tight"))
+    args["model"].update(num_cpus=0, max_ongoing_requests=4, health_check_period_s=2)
+    args["ingress"].update(num_cpus=0, max_inflight=1, max_queued_requests=1,
+                           queue_timeout_s=1.5, request_timeout_s=4)
+    return args
+
+
+@pytest.fixture(scope="module")
+def tight(serve_url: str, tight_args: dict[str, Any]) -> Iterator[str]:
+    from ray import serve
+
+    from serve_app.deployments.app import build_app
+
+    serve.run(build_app(tight_args), name=TIGHT_APP, route_prefix="/tight")
+    url = f"{serve_url}/tight"
+    until(lambda: _ready(url), timeout=300, every=0.5)
+    try:
+        yield url
+    finally:
+        serve.delete(TIGHT_APP)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _door(url: str) -> tuple[float, float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return gauge(text, "photoenhance_door_active"), gauge(text, "photoenhance_door_waiting")
+
+
+def _post(url: str, data: bytes, params: dict[str, str]) -> httpx.Response:
+    return httpx.post(f"{url}/v1/enhance", params=params, content=data, timeout=300)
+
+
+def test_full_queue_queue_deadline_and_model_deadline_are_503s(tight: str) -> None:
+    slow_image, small = png(640, 640, 1), png(16, 16, 2)
+    with ThreadPoolExecutor(4) as pool:
+        started = time.monotonic()
+        slow = pool.submit(_post, tight, slow_image, SLOW)
+        until(lambda: _door(tight) == (1.0, 0.0))
+        queued_at = time.monotonic()
+        queued = pool.submit(_post, tight, small, FAST)
+        until(lambda: _door(tight) == (1.0, 1.0))
+
+        # The waiting room (one place) is taken: shed at once, before any work.
+        refused = _post(tight, small, FAST)
+        body = error_of(refused, 503, "overloaded")
+        assert "queue is full" in body["message"]
+        assert retry_after(refused) >= 1
+
+        # The waiting one passes its 1.5 s deadline while the slow one still holds the door.
+        r = queued.result()
+        waited = time.monotonic() - queued_at
+        body = error_of(r, 503, "overloaded")
+        assert "waited 1.5s" in body["message"] and retry_after(r) >= 1
+        assert waited >= 1.5
+
+        # The slow one runs into the 4 s model deadline.
+        r = slow.result()
+        error_of(r, 503, "timeout")
+        assert retry_after(r) == 5
+        assert time.monotonic() - started >= 4.0
+    until(lambda: _door(tight) == (0.0, 0.0))
+
+
+def _replica_actor(app: str, deployment: str) -> Any:
+    import ray
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    replicas = details["applications"][app]["deployments"][deployment]["replicas"]
+    running = [r for r in replicas if r["state"] == "RUNNING"]
+    assert len(running) == 1, replicas
+    return ray.get_actor(running[0]["actor_name"], namespace="serve"), running[0]["replica_id"]
+
+
+def test_a_killed_model_replica_is_replica_unavailable_then_not_ready(tight: str) -> None:
+    import ray
+
+    until(lambda: _door(tight) == (0.0, 0.0))
+    until(lambda: _ready(tight), timeout=300, every=0.5)
+    actor, replica_id = _replica_actor(TIGHT_APP, "Enhancer")
+    with ThreadPoolExecutor(2) as pool:
+        # A request that takes seconds, in the model when the replica dies.
+        slow = pool.submit(_post, tight, png(256, 256, 3), {**SLOW, "upscale": "2"})
+        until(lambda: _door(tight)[0] == 1.0)
+        time.sleep(0.5)  # past decoding, into the model (the model call is most of it)
+        ray.kill(actor, no_restart=True)
+        r = slow.result()
+    error_of(r, 503, "replica_unavailable")
+    assert retry_after(r) == 1
+
+    # Until Serve has started a new replica, the application says it is not ready.
+    seen = until(lambda: _not_ready(tight), timeout=120, every=0.1)
+    assert retry_after(seen) == 5
+    until(lambda: _ready(tight), timeout=300, every=0.5)
+    assert _replica_actor(TIGHT_APP, "Enhancer")[1] != replica_id
+    ok = _post(tight, png(16, 16, 4), FAST)
+    assert ok.status_code == 200, ok.text
+
+
+def _not_ready(url: str) -> httpx.Response | None:
+    r = httpx.get(f"{url}/readyz", timeout=60)
+    if r.status_code == 503 and r.json()["error"]["code"] == "not_ready":
+        return r
+    return None
+
+
+def test_an_unexpected_fault_is_a_generic_500(tight: str, tight_args: dict[str, Any]) -> None:
+    """A real fault on disk (the presets lock file is a folder) is a logged 500 whose answer
+    says nothing of paths or exceptions."""
+    data_dir = Path(tight_args["jobs"]["data_dir"])
+    lock = data_dir / "presets.lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    try:
+        r = httpx.put(f"{tight}/v1/presets/p1", json={"upscale": 2}, timeout=60)
+        body = error_of(r, 500, "internal_error")
+        assert body == {"code": "internal_error", "message": "internal server error"}
+        assert str(data_dir) not in r.text and "Error" not in r.text
+    finally:
+        lock.rmdir()
+    r = httpx.put(f"{tight}/v1/presets/p1", json={"upscale": 2}, timeout=60)
+    assert r.status_code == 201, r.text
+
+
+# ---------------------------------------------------------------------- on the dev application
+
+
+def test_broken_multipart_is_400_bad_request(http: httpx.Client) -> None:
+    headers = {"content-type": "multipart/form-data; boundary=XyZ"}
+    body = b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+    r = http.post("/v1/enhance", content=body + b"\r\nno closing boundary", headers=headers)
+    error_of(r, 400, "bad_request")
+    r = http.post("/v1/enhance", content=b"--XyZ--garbage", headers={
+        "content-type": "multipart/form-data"})  # no boundary at all
+    assert r.status_code == 400 and r.json()["error"]["code"] in ("bad_request", "missing_image")
+
+
+def test_an_upload_over_the_byte_limit_is_file_too_large(
+    http: httpx.Client, app_config: Any
+) -> None:
+    big = b"\x89PNG\r\n\x1a\n" + b"\0" * (app_config.limits.max_bytes + 1)
+    r = http.post("/v1/jobs", files=[("files", ("big.png", big, "image/png"))])
+    body = error_of(r, 413, "file_too_large")
+    assert "big.png" in body["message"] or "limit" in body["message"]
+
+
+def test_results_zip_of_a_partial_job_and_a_failed_job(
+    http: httpx.Client, shared_data: Path
+) -> None:
+    import zipfile
+
+    from test_jobs_api import done, wait
+
+    good = [("files", (f"ok{i}.png", png(20, 20, 10 + i), "image/png")) for i in range(3)]
+    bad = [("files", ("broken.jpg", (shared_data / "bad" / "truncated.jpg").read_bytes(),
+                      "image/jpeg"))]
+    r = http.post("/v1/jobs", files=good + bad, data={"face": "false", "upscale": "1"})
+    assert r.status_code == 202, r.text
+    snap = wait(http, r.json()["job_id"], done)
+    assert snap["state"] == "partial" and snap["counts"]["failed"] == 1
+    z = http.get(f"/v1/jobs/{snap['job_id']}/results.zip")
+    assert z.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(z.content)) as archive:
+        names = sorted(archive.namelist())
+    assert len(names) == 3 and all(n.endswith(("ok0.png", "ok1.png", "ok2.png")) for n in names)
+
+    r = http.post("/v1/jobs", files=bad, data={"face": "false"})
+    snap = wait(http, r.json()["job_id"], done)
+    assert snap["state"] == "failed"
+    assert snap["counts"] == {"pending": 0, "running": 0, "succeeded": 0, "failed": 1}
+    items = http.get(f"/v1/jobs/{snap['job_id']}/items").json()["items"]
+    assert items[0]["error"]["code"] == "invalid_image"
+
+
+def test_websocket_progress_is_live_and_throttled(http: httpx.Client, app_config: Any) -> None:
+    from websockets.sync.client import connect
+
+    folder = Path(app_config.jobs.data_dir) / "inputs" / "ws-live"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(40):
+        (folder / f"i{i:03d}.png").write_bytes(png(24, 24, 200 + i))
+    r = http.post("/v1/jobs", json={"input_prefix": str(folder), "max_inflight": 1,
+                                    "options": {"face": False, "upscale": 1}})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    ws_url = str(http.base_url).replace("http", "ws", 1).rstrip("/") + f"/v1/jobs/{job_id}/ws"
+    messages: list[tuple[float, dict[str, Any]]] = []
+    with connect(ws_url, open_timeout=30) as ws:
+        for raw in ws:
+            messages.append((time.monotonic(), json.loads(raw)))
+    states = [m["state"] for _, m in messages]
+    assert states[-1] == "completed" and messages[-1][1]["done"] == 40
+    running = [(t, m) for t, m in messages if m["state"] == "running"]
+    assert len(running) >= 3, states  # live: progress while it runs, not only the end
+    dones = [m["done"] for _, m in running]
+    assert dones == sorted(dones) and dones[0] < 40
+    # Counts move many times a second; messages about them come at most every 500 ms.
+    gaps = [b[0] - a[0] for a, b in zip(running, running[1:], strict=False)]
+    assert min(gaps) >= 0.4, gaps
+
+
+def test_micro_batches_of_several_images_form_in_the_server(http: httpx.Client) -> None:
+    """Concurrent requests share engine batches: Ray's metrics port shows batches of more than
+    one image (``ray_photoenhance_batch_size``), counted before and after in this test."""
+    before = _batch_counts()
+    data = [png(32, 32, 300 + i) for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(
+            lambda d: http.post("/v1/enhance", params={"face": "false", "upscale": "2"},
+                                content=d), data))
+    assert [a.status_code for a in answers] == [200] * 12
+    after = until(lambda: _batches_moved(before, 12), timeout=90, every=1.0)
+    images = after["images"] - before["images"]
+    batches = after["batches"] - before["batches"]
+    assert images >= 12 and batches < images, (before, after)
+    assert after["multi"] > before["multi"], (before, after)
+
+
+def _batch_counts() -> dict[str, float]:
+    """From Ray's metrics port: batches, images in them, and batches of more than one."""
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    text = httpx.get(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=30).text
+    out = {"batches": 0.0, "images": 0.0, "multi": 0.0}
+    for line in text.splitlines():
+        if 'application="photoenhance"' not in line:
+            continue
+        if line.startswith("ray_photoenhance_batch_size_count"):
+            out["batches"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("ray_photoenhance_batch_size_sum"):
+            out["images"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("ray_photoenhance_batch_size_bucket") and 'le="1.0"' in line:
+            out["multi"] -= float(line.rsplit(" ", 1)[1])
+    out["multi"] += out["batches"]  # batches above the le=1 bucket
+    return out
+
+
+def _batches_moved(before: dict[str, float], images: int) -> dict[str, float] | None:
+    now = _batch_counts()
+    return now if now["images"] - before["images"] >= images else None
