@@ -7,6 +7,7 @@ that need none of them run without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -107,17 +108,8 @@ def serve_url(serve_args: dict[str, Any], object_stores: dict[str, str]) -> Iter
     port = free_port()
     # As `photoenhance serve` does: a Ray job's `python` is this interpreter.
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-    ray.init(
-        address="local",  # never join another engineer's or test run's cluster
-        num_cpus=4,
-        # The dashboard hosts Ray's job server (tests/test_ray_tools.py submits through it);
-        # a free port, as other Ray instances may run on this machine.
-        include_dashboard=True,
-        dashboard_port=free_port(),
-        _temp_dir=ray_tmp,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **object_stores}},
-        log_to_driver=os.environ.get("PHOTOENHANCE_TEST_LOGS") == "1",
-    )
+    with _dashboard_agent_port(free_port()):
+        _start_ray(ray, ray_tmp, object_stores)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(serve_args), name=APP_NAME, route_prefix="/")
@@ -132,7 +124,42 @@ def serve_url(serve_args: dict[str, Any], object_stores: dict[str, str]) -> Iter
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _wait_ready(url: str, timeout_s: float = 120.0) -> None:
+def _start_ray(ray: Any, ray_tmp: str, object_stores: dict[str, str]) -> None:
+    ray.init(
+        address="local",  # never join another engineer's or test run's cluster
+        num_cpus=4,
+        # The dashboard hosts Ray's job server (tests/test_ray_tools.py submits through it);
+        # a free port, as other Ray instances may run on this machine.
+        include_dashboard=True,
+        dashboard_port=free_port(),
+        _temp_dir=ray_tmp,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **object_stores}},
+        log_to_driver=os.environ.get("PHOTOENHANCE_TEST_LOGS") == "1",
+    )
+
+
+@contextlib.contextmanager
+def _dashboard_agent_port(port: int) -> Iterator[None]:
+    """Ray's job server talks to the node's dashboard agent on a fixed port (52365) that
+    ``ray.init`` cannot change; on a machine where another Ray runs (other test runs, other
+    engineers) that port is taken and job submission finds "no available agent". Give this
+    session's agent a free port instead."""
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original  # type: ignore[method-assign]
+
+
+def _wait_ready(url: str, timeout_s: float = 300.0) -> None:
     """Until /readyz says ready (the proxy's first request also sets up its router)."""
     import time
 

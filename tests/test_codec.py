@@ -109,7 +109,8 @@ def test_png_bomb_refused_from_header_alone(images):
     t0 = time.perf_counter()
     with pytest.raises(TooManyPixels) as err:
         codec.probe(data, LIMITS)
-    assert time.perf_counter() - t0 < 0.5
+    # Generous (a busy 2-core machine): decoding 10^10 pixels would take minutes, not seconds.
+    assert time.perf_counter() - t0 < 10
     assert err.value.status == 413
     # Beyond Pillow's own guard as well: still our 413, never a crash.
     huge = LimitsConfig(max_pixels=10**12, max_side=10**6, max_output_pixels=10**13)

@@ -65,4 +65,14 @@ def internal_error_response() -> JSONResponse:
     return error_response(exc)
 
 
-EXCEPTION_HANDLERS = {PhotoEnhanceError: _photo_error, HTTPException: _http_error}
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # Starlette's server-error middleware answers with this, then re-raises for the log
+    # (``ObservedApp``); without it the answer would be its plain-text page.
+    return internal_error_response()
+
+
+EXCEPTION_HANDLERS = {
+    PhotoEnhanceError: _photo_error,
+    HTTPException: _http_error,
+    Exception: _unexpected,
+}
