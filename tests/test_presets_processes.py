@@ -11,7 +11,7 @@ WRITERS, EACH = 4, 15
 
 
 def _writer(path: str, who: int, start: mp.Event) -> None:
-    from serve_app.api.presets import PresetStore
+    from serve_app.presets import PresetStore
 
     store = PresetStore(Path(path))
     start.wait(60)
