@@ -48,6 +48,10 @@ def serve_args(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("serve")
     args["weights"] = {**args.get("weights", {}), "dir": str(base / "weights")}
     args["jobs"] = {**args.get("jobs", {}), "data_dir": str(base / "data")}
+    # The buckets of the loopback object stores (``object_stores``) that jobs may use.
+    args["jobs"]["storage"] = {**args["jobs"].get("storage", {}),
+                               "input_buckets": ["s3://pe-in-s3", "gs://pe-in-gs"],
+                               "output_buckets": ["s3://pe-out-s3", "gs://pe-out-gs"]}
     return args
 
 

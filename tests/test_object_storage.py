@@ -42,7 +42,7 @@ def test_bucket_prefix_job_survives_an_actor_kill_and_serves_from_the_bucket(
     fs = bucket_fs(scheme, object_stores)
     source, target = f"pe-in-{scheme}", f"pe-out-{scheme}"
     for bucket in (source, target):
-        fs.mkdir(bucket)
+        fs.makedirs(bucket, exist_ok=True)
     for i in range(ITEMS):
         fs.pipe_file(f"{source}/shoot/img{i:03d}.png", png(500 + i))
     fs.pipe_file(f"{source}/shoot/notes.txt", b"not an image: not listed")
@@ -87,18 +87,40 @@ def test_bucket_prefix_job_survives_an_actor_kill_and_serves_from_the_bucket(
             assert hashlib.sha256(archive.read(r["name"])).hexdigest() == r["sha256"]
 
 
+def test_only_allowed_buckets_are_read_and_written(
+    http: httpx.Client, object_stores: dict[str, str]
+) -> None:
+    """``jobs.storage.input_buckets`` / ``output_buckets`` (conftest allows ``pe-in-*`` for
+    reading and ``pe-out-*`` for writing): anything else is refused before a job exists."""
+    fs = bucket_fs("s3", object_stores)
+    fs.makedirs("pe-elsewhere", exist_ok=True)
+    fs.pipe_file("pe-elsewhere/a.png", png(901))
+    cases = [
+        {"input_prefix": "s3://pe-elsewhere/"},
+        {"inputs": ["s3://pe-elsewhere/a.png"]},
+        {"input_prefix": "gs://pe-out-gs/"},  # writable, not readable
+        {"inputs": ["s3://pe-in-s3/a.png"], "output": "s3://pe-in-s3/out"},  # readable only
+        {"inputs": ["s3://pe-in-s3/a.png"], "output": "gs://pe-elsewhere/out"},
+    ]
+    for body in cases:
+        r = http.post("/v1/jobs", json={**body, "options": {"face": False}})
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["code"] == "forbidden_path", (body, r.text)
+        assert "pe-" not in r.json()["error"]["message"]  # no storage names echoed back
+
+
 def test_a_missing_bucket_object_fails_its_item_only(
     http: httpx.Client, object_stores: dict[str, str]
 ) -> None:
     fs = bucket_fs("s3", object_stores)
-    fs.mkdir("pe-mixed")
-    fs.pipe_file("pe-mixed/a.png", png(900))
-    inputs = ["s3://pe-mixed/a.png", "s3://pe-mixed/gone.png"]
+    fs.makedirs("pe-in-s3", exist_ok=True)
+    fs.pipe_file("pe-in-s3/mixed/a.png", png(900))
+    inputs = ["s3://pe-in-s3/mixed/a.png", "s3://pe-in-s3/mixed/gone.png"]
     job = submit(http, inputs=inputs, options={"face": False, "upscale": 1})
     snap = wait(http, job["job_id"], done, timeout=180)
     assert snap["state"] == "partial"
     assert snap["counts"]["succeeded"] == 1 and snap["counts"]["failed"] == 1
     failed = http.get(f"/v1/jobs/{job['job_id']}/items", params={"status": "failed"}).json()
     assert [(i["source"], i["error"]["code"]) for i in failed["items"]] == [
-        ("s3://pe-mixed/gone.png", "source_not_found")
+        ("s3://pe-in-s3/mixed/gone.png", "source_not_found")
     ]
