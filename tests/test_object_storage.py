@@ -33,6 +33,11 @@ def bucket_fs(scheme: str, object_stores: dict[str, str]) -> Any:
     return fsspec.filesystem(scheme, skip_instance_cache=True, **options)
 
 
+def make_bucket(fs: Any, name: str) -> None:
+    if not fs.exists(name):
+        fs.mkdir(name)
+
+
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_bucket_prefix_job_survives_an_actor_kill_and_serves_from_the_bucket(
     http: httpx.Client, app_config: AppConfig, object_stores: dict[str, str], scheme: str
@@ -42,7 +47,7 @@ def test_bucket_prefix_job_survives_an_actor_kill_and_serves_from_the_bucket(
     fs = bucket_fs(scheme, object_stores)
     source, target = f"pe-in-{scheme}", f"pe-out-{scheme}"
     for bucket in (source, target):
-        fs.makedirs(bucket, exist_ok=True)
+        make_bucket(fs, bucket)
     for i in range(ITEMS):
         fs.pipe_file(f"{source}/shoot/img{i:03d}.png", png(500 + i))
     fs.pipe_file(f"{source}/shoot/notes.txt", b"not an image: not listed")
@@ -93,7 +98,7 @@ def test_only_allowed_buckets_are_read_and_written(
     """``jobs.storage.input_buckets`` / ``output_buckets`` (conftest allows ``pe-in-*`` for
     reading and ``pe-out-*`` for writing): anything else is refused before a job exists."""
     fs = bucket_fs("s3", object_stores)
-    fs.makedirs("pe-elsewhere", exist_ok=True)
+    make_bucket(fs, "pe-elsewhere")
     fs.pipe_file("pe-elsewhere/a.png", png(901))
     cases = [
         {"input_prefix": "s3://pe-elsewhere/"},
@@ -113,7 +118,7 @@ def test_a_missing_bucket_object_fails_its_item_only(
     http: httpx.Client, object_stores: dict[str, str]
 ) -> None:
     fs = bucket_fs("s3", object_stores)
-    fs.makedirs("pe-in-s3", exist_ok=True)
+    make_bucket(fs, "pe-in-s3")
     fs.pipe_file("pe-in-s3/mixed/a.png", png(900))
     inputs = ["s3://pe-in-s3/mixed/a.png", "s3://pe-in-s3/mixed/gone.png"]
     job = submit(http, inputs=inputs, options={"face": False, "upscale": 1})
