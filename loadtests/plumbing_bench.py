@@ -137,21 +137,31 @@ def inproc(case: Case, args: dict[str, Any], threads: int, seconds: float, engin
 # ------------------------------------------------------------------ HTTP path
 
 
-def tree_cpu_s() -> float:
-    """CPU seconds of this process and all its descendants (the local Ray it started: GCS,
-    raylet, proxy, controller, replicas), so the HTTP path's CPU per request can be compared
-    with the in-process loop's on a machine that others load too."""
+def tree_cpu() -> dict[str, float]:
+    """CPU seconds of this process (the client) and of all its descendants (the local Ray it
+    started: GCS, raylet, proxy, controller, replicas), by process title, so the HTTP path's
+    CPU per request can be compared with the in-process loop's on a machine that others load
+    too, and split by where it goes."""
     import psutil
 
-    total = 0.0
+    out: dict[str, float] = {}
     me = psutil.Process()
     for proc in [me, *me.children(recursive=True)]:
         try:
             t = proc.cpu_times()
-            total += t.user + t.system
+            title = "client" if proc.pid == me.pid else _title(proc)
+            out[title] = out.get(title, 0.0) + t.user + t.system
         except psutil.Error:
             pass
-    return total
+    return out
+
+
+def _title(proc: Any) -> str:
+    cmd = proc.cmdline()
+    head = (cmd[0] if cmd else proc.name()).split()[0] if (cmd or proc.name()) else "?"
+    if head.startswith("ray::"):
+        return head.removeprefix("ray::").removeprefix("ServeReplica:photoenhance:")
+    return Path(head).name
 
 
 async def http_window(url: str, case: Case, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -167,7 +177,7 @@ async def http_window(url: str, case: Case, concurrency: int, seconds: float) ->
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         stop = time.perf_counter() + seconds
         start_at = time.perf_counter()
-        cpu0 = tree_cpu_s()
+        cpu0 = tree_cpu()
 
         async def worker() -> None:
             nonlocal done, errors, out_bytes
@@ -187,11 +197,15 @@ async def http_window(url: str, case: Case, concurrency: int, seconds: float) ->
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start_at
-        cpu = tree_cpu_s() - cpu0
+        cpu1 = tree_cpu()
+        by_process = {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}
+        cpu = sum(by_process.values())
     latencies.sort()
     return {
         "rps": done / elapsed,
         "cpu_ms": 1000 * cpu / max(done, 1),
+        "cpu_ms_by_process": {k: round(1000 * v / max(done, 1), 2) for k, v in
+                              sorted(by_process.items(), key=lambda kv: -kv[1]) if v > 0},
         "done": done,
         "errors": errors,
         "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
@@ -209,9 +223,19 @@ def start_server(args: dict[str, Any], base: Path, num_cpus: int) -> tuple[str, 
         from serve_app.serving.app import APP_NAME, build_app  # type: ignore[no-redef]
 
     port = free_port()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             _temp_dir=str(base / "ray"), log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    # On a loaded machine the dashboard agent can miss the raylet's start-up deadline.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    for attempt in range(3):  # a loaded machine can miss Ray's start-up deadlines
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     _temp_dir=str(base / f"ray{attempt}"), log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+            break
+        except Exception as exc:  # noqa: BLE001
+            print(f"ray start failed ({exc}); retrying", file=sys.stderr)
+            ray.shutdown()
+    else:
+        raise RuntimeError("Ray did not start")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -288,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["http"] = statistics.median(row["http_runs"])
                 row["http_p50_ms"] = statistics.median(r["p50_ms"] or 0 for r in runs)
                 row["http_cpu_ms"] = statistics.median(r["cpu_ms"] for r in runs)
+                row["http_cpu_ms_by_process"] = runs[len(runs) // 2]["cpu_ms_by_process"]
                 row["out_bytes"] = runs[-1]["out_bytes"]
                 row["errors"] = sum(r["errors"] for r in runs)
                 if "inproc" in row:
@@ -295,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                     row["cpu_ratio"] = row["inproc_cpu_ms"] / row["http_cpu_ms"]
                 print(f"http {case.name}: {row['http']:.1f}/s {row['http_cpu_ms']:.1f} cpu-ms "
                       f"{row['http_runs']} p50 {row['http_p50_ms']:.0f} ms ratio "
-                      f"{row.get('ratio', 0):.2f} cpu ratio {row.get('cpu_ratio', 0):.2f}", flush=True)
+                      f"{row.get('ratio', 0):.2f} cpu ratio {row.get('cpu_ratio', 0):.2f}\n"
+                      f"  cpu-ms by process: {row['http_cpu_ms_by_process']}", flush=True)
     finally:
         report["load_after"] = os.getloadavg()
         if ray_mod is not None:

@@ -117,9 +117,31 @@ def test_fake_cluster_config_and_app() -> None:
     ServeAutoscalingConfig(**autoscaling_options(app.model.autoscaling))
 
 
-def test_fake_cluster_refuses_without_yes(capsys: pytest.CaptureFixture[str]) -> None:
-    assert fake_cluster.main([]) == 2
-    assert "--yes" in capsys.readouterr().err
+def test_fake_cluster_stops_only_its_own_processes(tmp_path: Path) -> None:
+    """The processes naming the cluster's temp dir and their children go; others stay."""
+    import subprocess
+    import time
+
+    own_dir = tmp_path / "pefc-own"
+    own_dir.mkdir()
+    parent = subprocess.Popen(  # like a raylet: names the temp dir, has a child
+        [sys.executable, "-c", "import subprocess, sys, time; "
+         "subprocess.Popen(['sleep', '120']); time.sleep(120)", f"--temp-dir={own_dir}"]
+    )
+    other = subprocess.Popen(["sleep", "120"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(fake_cluster.own_processes(own_dir)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        found = {p.pid for p in fake_cluster.own_processes(own_dir)}
+        assert parent.pid in found and other.pid not in found and len(found) == 2
+        fake_cluster.stop_own_processes(own_dir, grace_s=5)
+        assert parent.wait(timeout=10) is not None
+        assert fake_cluster.own_processes(own_dir) == []
+        assert other.poll() is None  # not ours: still running
+    finally:
+        other.kill()
+        parent.kill()
 
 
 def test_prometheus_scrapes_ray_and_the_ingress() -> None:
