@@ -315,7 +315,8 @@ def test_pause_resume_cancel(http: httpx.Client, data_dir: Path) -> None:
     wait(http, job_id, lambda s: s["done"] >= settled + 2)
     r = http.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
-    # In-flight items are abandoned, not awaited (a generous deadline: the machine may be busy).
+    # Items in flight are cancelled, not waited for (tests/test_jobs_core.py proves it with
+    # items that never return); here a generous deadline, not a timing.
     snap = wait(http, job_id, lambda s: s["counts"]["running"] == 0, timeout=60)
     assert snap["state"] == "cancelled" and snap["done"] < 60
     r = http.post(f"/v1/jobs/{job_id}/resume")

@@ -361,3 +361,36 @@ def test_fetches_in_flight_are_capped_per_job(tmp_path: Path, slow_server: str) 
         await sched.stop()
 
     asyncio.run(main())
+
+
+class _Hosts(BaseHTTPRequestHandler):
+    hosts: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802
+        _Hosts.hosts.append(self.headers["Host"])
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_fetch_connects_to_the_address_that_was_checked(tmp_path: Path) -> None:
+    """The request goes to the checked address (no second DNS lookup to rebind), keeping the
+    name in the Host header."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hosts)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    gate = loopback_gate(tmp_path)
+    try:
+        pinned = gate.pin(f"http://localhost:{port}/a.png?x=1")
+        assert pinned.url == f"http://127.0.0.1:{port}/a.png?x=1"
+        assert pinned.headers == {"Host": f"localhost:{port}"}
+        assert pinned.extensions == {"sni_hostname": "localhost"}
+        data = asyncio.run(sources.fetch(f"http://localhost:{port}/a.png", max_bytes=100,
+                                         timeout_s=10.0, gate=gate))
+        assert data == b"hello" and _Hosts.hosts[-1] == f"localhost:{port}"
+    finally:
+        server.shutdown()

@@ -18,7 +18,8 @@ Accepted forms, nothing else (every refusal a JSON 400 before a job exists):
 Refused on purpose: chained URLs (``dir::file://...``, ``simplecache::s3://...``), fsspec's
 aliases and other protocols (``local://``, ``memory://``, ``gcs://``, ``s3a://``, ``ftp://``,
 ``sftp://``, ...), relative paths, ``~``. Validating never connects anywhere: the only
-network use is a DNS lookup of an http(s) host, to check its addresses.
+network use is a DNS lookup of an http(s) host, to check its addresses. Requests go to the
+address that was checked (``Gate.pin``), not to a second lookup's answer.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, Overloaded
@@ -96,6 +97,16 @@ def protocol_of(uri: str) -> str:
     return scheme
 
 
+@dataclass(frozen=True)
+class Pinned:
+    """An http(s) request's target after ``Gate.pin``: the URL with a checked address as its
+    host, and the header and TLS name that keep the original host."""
+
+    url: str
+    headers: dict[str, str]
+    extensions: dict[str, Any]
+
+
 class Gate:
     """The checks of one server configuration (cheap to build; holds resolved roots)."""
 
@@ -157,6 +168,19 @@ class Gate:
         if resolve:
             resolve_host(host, port, self.allow_private)
         return text
+
+    def pin(self, url: str) -> Pinned:
+        """Check ``url`` and name the address to connect to: the request goes to an address
+        the check looked at (no DNS rebinding between the check and the connection), with the
+        original ``Host`` header and TLS server name."""
+        text = _text(url, "URL")
+        host, port = parse_url(text)
+        address = resolve_host(host, port, self.allow_private)[0]
+        parts = urlsplit(text)
+        literal = f"[{address}]" if ":" in address else address
+        netloc = literal + (f":{parts.port}" if parts.port is not None else "")
+        return Pinned(urlunsplit(parts._replace(netloc=netloc)), {"Host": parts.netloc},
+                      {"sni_hostname": host})
 
     def _local(self, text: str) -> Path:
         if text.lower().startswith("file://"):

@@ -173,10 +173,13 @@ async def _fetch_http(url: str, max_bytes: int, timeout_s: float, gate: Gate | N
     async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False,
                                  headers=headers) as client:
         for _ in range(MAX_REDIRECTS + 1):
+            target, extra, extensions = url, {}, {}
             if gate is not None:
-                await asyncio.to_thread(gate.url, url)
+                pinned = await asyncio.to_thread(gate.pin, url)
+                target, extra, extensions = pinned.url, pinned.headers, pinned.extensions
             try:
-                async with client.stream("GET", url) as response:
+                async with client.stream("GET", target, headers=extra,
+                                         extensions=extensions) as response:
                     if response.is_redirect and "location" in response.headers:
                         url = urljoin(url, response.headers["location"])
                         continue

@@ -105,11 +105,13 @@ async def deliver(url: str, payload: dict[str, Any], *, secret: bytes, gate: Gat
         record["attempts"] = record.get("attempts", 0) + 1
         record["at"] = round(time.time(), 3)
         try:
-            if gate is not None:
-                await asyncio.to_thread(gate.url, url)
+            target, extra, extensions = url, {}, {}
+            if gate is not None:  # checked again: DNS may have changed since submission
+                pinned = await asyncio.to_thread(gate.pin, url)
+                target, extra, extensions = pinned.url, pinned.headers, pinned.extensions
             ts = int(time.time())
-            response = await client.post(url, content=body, headers={
-                "Content-Type": "application/json", TIMESTAMP: str(ts),
+            response = await client.post(target, content=body, extensions=extensions, headers={
+                **extra, "Content-Type": "application/json", TIMESTAMP: str(ts),
                 SIGNATURE: sign(secret, ts, body), EVENT: "job.ended", DELIVERY: delivery,
             })
         except httpx.HTTPError as exc:
