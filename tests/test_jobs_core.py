@@ -42,9 +42,12 @@ class FakeModel:
         self.calls: dict[bytes, int] = {}
         self.delay = delay
         self.gate: asyncio.Event | None = None
+        self.block_after: int | None = None  # calls past this many never return
 
     async def __call__(self, data: bytes, options: object) -> FakeImage:
         self.calls[data] = self.calls.get(data, 0) + 1
+        if self.block_after is not None and sum(self.calls.values()) > self.block_after:
+            await asyncio.Event().wait()
         if self.gate is not None:
             await self.gate.wait()
         if self.delay:
@@ -278,11 +281,11 @@ def test_cancel_pause_resume(tmp_path: Path) -> None:
         with pytest.raises(Exception) as info:
             sched.control(job.id, "pause")
         assert info.value.status == 409
+        model.block_after = sum(model.calls.values()) + 6
         sched.control(job.id, "resume")
         await until(lambda: job.done >= done + 4)
-        model.gate = asyncio.Event()  # never set: calls from now on never come back
-        before = sum(model.calls.values())
-        await until(lambda: sum(model.calls.values()) > before)  # one is stuck in the model
+        # Six more calls returned; the next ones are stuck in the model until cancelled.
+        await until(lambda: sum(model.calls.values()) > model.block_after)
         sched.control(job.id, "cancel")
         # Only a cancelled task leaves the model: in flight reaches 0 because cancel cancels.
         await until(lambda: job.inflight == 0)
