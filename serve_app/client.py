@@ -5,6 +5,7 @@
         result = client.enhance(open("in.jpg", "rb").read(), upscale=2)
         open(f"out.{result.format}", "wb").write(result.data)
 
+An API key (servers with keys on) comes from ``api_key=`` or ``$PHOTOENHANCE_API_KEY``.
 Answers of ``503`` (queue full, not ready) and dropped connections are retried with
 backoff, honouring ``Retry-After``; other errors raise ``ApiError`` at once.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import mimetypes
+import os
 from typing import Any
 
 import httpx
@@ -27,6 +29,7 @@ from tenacity import (
 from serve_app.api.schemas import EnhancedImage
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+API_KEY_ENV = "PHOTOENHANCE_API_KEY"
 _RETRY_STATUSES = {502, 503, 504}
 
 
@@ -98,9 +101,11 @@ class Client:
         timeout: float = 600.0,
         retries: int = 5,
         max_backoff_s: float = 30.0,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        headers = auth_headers(api_key)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
         self._retries = retries
         self._max_backoff = max_backoff_s
 
@@ -169,6 +174,12 @@ class Client:
 
     def delete_preset(self, name: str) -> None:
         self._request("DELETE", f"/v1/presets/{name}")
+
+
+def auth_headers(api_key: str | None = None) -> dict[str, str]:
+    """``Authorization`` for ``api_key``, else ``$PHOTOENHANCE_API_KEY``; none when unset."""
+    key = api_key or os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _param(value: Any) -> str:

@@ -251,6 +251,57 @@ class JobsConfig(_Section):
     webhook_timeout_s: float = Field(10.0, gt=0)
 
 
+class AuthConfig(_Section):
+    """API keys and per-key limits. Off by default (local use on 127.0.0.1); see
+    docs/SECURITY.md for making keys and rotating them."""
+
+    enabled: bool = Field(False, description="Require `Authorization: Bearer <key>` on /v1.")
+    keys_file: Path | None = Field(
+        None, description="File of `NAME ROLE sha256:HEX` lines (hashes only); re-read when "
+        "it changes, so keys rotate without a restart.",
+    )
+    keys_env: str | None = Field(
+        "PHOTOENHANCE_API_KEYS", description="Environment variable holding more such lines.",
+    )
+    requests_per_second: float = Field(20.0, gt=0, description="Per key, per ingress replica.")
+    burst: int = Field(40, ge=1, description="Requests a key may send at once before 429.")
+    max_jobs_in_flight: int = Field(
+        16, ge=1, description="Unfinished (queued, running, paused) jobs per key."
+    )
+    max_items_in_flight: int = Field(
+        100_000, ge=1, description="Unfinished items across a key's unfinished jobs."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AuthConfig:
+        if self.enabled and self.keys_file is None and not self.keys_env:
+            raise ValueError("auth.enabled needs auth.keys_file or auth.keys_env")
+        return self
+
+
+class HttpConfig(_Section):
+    """What one HTTP client may hold: JSON shape, event streams, and the early-answer drain."""
+
+    cors_origins: tuple[str, ...] = Field(
+        (), description="Origins allowed to call the API from a browser; empty: CORS off."
+    )
+    max_streams: int = Field(
+        32, ge=1, description="Open event streams (SSE + WebSocket) per ingress replica; at "
+        "most half of ingress.max_ongoing_requests, so streams never fill the ingress.",
+    )
+    max_streams_per_job: int = Field(4, ge=1)
+    stream_heartbeat_s: float = Field(15.0, gt=0, description="Keep-alive comment interval.")
+    stream_idle_timeout_s: float = Field(
+        300.0, gt=0, description="A stream whose job has not changed for this long ends."
+    )
+    drain_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=0,
+        description="After an early answer (413, 401, ...), unread body bytes read and "
+        "discarded so simple clients can read the answer; beyond this the connection closes.",
+    )
+    drain_timeout_s: float = Field(10.0, ge=0, description="Time bound of that drain.")
+
+
 class AppConfig(_Section):
     """Everything the application reads, as passed in a Serve config's ``args``."""
 
@@ -263,6 +314,8 @@ class AppConfig(_Section):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     encoding: EncodingConfig = Field(default_factory=EncodingConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
 
     def ingress_inflight(self) -> int:
         """Enhance requests one ingress replica lets past its door at once."""
@@ -275,6 +328,8 @@ class AppConfig(_Section):
     def _check(self) -> AppConfig:
         if self.model.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("model.max_ongoing_requests must be >= batching.max_batch_size")
+        if self.http.max_streams > self.ingress.max_ongoing_requests // 2:
+            raise ValueError("http.max_streams must be <= ingress.max_ongoing_requests / 2")
         return self
 
 

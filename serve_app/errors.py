@@ -7,6 +7,7 @@ pickle by their constructor arguments.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -66,6 +67,33 @@ class InvalidOption(PhotoEnhanceError):
 class InvalidRequest(PhotoEnhanceError):
     status = 400
     default_code = "invalid_request"
+
+
+class Unauthorized(PhotoEnhanceError):
+    """No key, or not a valid one (when keys are on)."""
+
+    status = 401
+    default_code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="photoenhance"'}
+
+
+class Forbidden(PhotoEnhanceError):
+    """A valid key whose role may not do this (wrong owners get ``NotFound`` instead)."""
+
+    status = 403
+    default_code = "forbidden"
+
+
+class TooManyRequests(PhotoEnhanceError):
+    """A per-key or per-job limit; ``retry_after_s`` says when to try again."""
+
+    status = 429
+    default_code = "rate_limited"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.details.get("retry_after_s", 1))))}
 
 
 class NotFound(PhotoEnhanceError):

@@ -6,6 +6,7 @@ handles. ``resolve_options`` merges a preset (built-in or saved) under explicit 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -99,6 +100,7 @@ BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _TRUE = {"1", "true", "yes", "on"}
+_INT_RE = re.compile(r"[+-]?[0-9]{1,9}\Z")
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -113,8 +115,9 @@ def _coerce(raw: Mapping[str, Any]) -> dict[str, Any]:
             elif low in _FALSE:
                 value = False
         elif isinstance(value, str) and key in {"upscale", "tile", "quality"}:
-            # Literal[1, 2, 4] does not coerce "4"; a non-number stays a string and fails there.
-            value = int(value) if value.strip().lstrip("-").isdigit() else value
+            # Literal[1, 2, 4] does not coerce "4"; anything but a short ASCII integer
+            # ("--2", "²", 5000 digits) stays a string and fails validation as a 422.
+            value = int(value) if _INT_RE.match(value.strip()) else value
         if value == "" or value is None:
             continue
         out[key] = value
@@ -133,7 +136,7 @@ def resolve_options(
     table = {**BUILTIN_PRESETS, **(presets or {})}
     preset = values.get("preset")
     if preset is not None:
-        if preset not in table:
+        if not isinstance(preset, str) or preset not in table:
             raise InvalidOption(f"unknown preset {preset!r}; known: {sorted(table)}", field="preset")
         values = {**table[preset], **values}
     try:

@@ -20,12 +20,63 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from serve_app.auth import Principal
 from serve_app.errors import Conflict, InvalidOption, NotFound
 from serve_app.options import BUILTIN_PRESETS, resolve_options
 
 LOGGER = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Anchored with \Z: "$" would also accept a trailing newline.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+OWNED_DIR = "presets.d"
+
+
+class PresetCatalog:
+    """Built-in presets, global saved ones and each key's own.
+
+    Keys off (or a trusted handle): saved presets are global. Keys on: an admin saves and
+    deletes global presets; a user key saves its own (``presets.d/<key name>.json``), sees
+    built-in, global and its own (its own win over a global one of the same name), and
+    cannot change global ones.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.shared = PresetStore(self.folder / "presets.json")
+        self._owned: dict[str, PresetStore] = {}
+
+    def store_for(self, principal: Principal | None) -> PresetStore:
+        if principal is None or principal.is_admin:
+            return self.shared
+        store = self._owned.get(principal.name)
+        if store is None:
+            store = PresetStore(self.folder / OWNED_DIR / f"{principal.name}.json")
+            self._owned[principal.name] = store
+        return store
+
+    def for_owner(self, owner: str | None) -> dict[str, dict[str, Any]]:
+        """Saved presets a job submitted by ``owner`` may name (an admin's own file stays
+        empty: admins save global presets)."""
+        if owner is None:
+            return self.shared.custom()
+        return self.table(Principal(owner, "user"))
+
+    def table(self, principal: Principal | None) -> dict[str, dict[str, Any]]:
+        """Saved presets a caller may name (built-in ones are added by ``resolve_options``)."""
+        own = self.store_for(principal)
+        if own is self.shared:
+            return self.shared.custom()
+        return {**self.shared.custom(), **own.custom()}
+
+    def listing(self, principal: Principal | None) -> list[dict[str, Any]]:
+        own = self.store_for(principal)
+        out = self.shared.listing(scope="global")
+        if own is not self.shared:
+            mine = own.listing(scope="own")
+            names = {p["name"] for p in mine}
+            out = [p for p in out if p["builtin"] or p["name"] not in names]
+            out += [p for p in mine if not p["builtin"]]
+        return out
 
 
 class PresetStore:
@@ -54,10 +105,13 @@ class PresetStore:
         """Built-in and saved presets; built-in names cannot be shadowed."""
         return {**self.custom(), **BUILTIN_PRESETS}
 
-    def listing(self) -> list[dict[str, Any]]:
-        builtin = [{"name": n, "builtin": True, "options": o} for n, o in BUILTIN_PRESETS.items()]
+    def listing(self, scope: str = "global") -> list[dict[str, Any]]:
+        builtin = [
+            {"name": n, "builtin": True, "scope": "builtin", "options": o}
+            for n, o in BUILTIN_PRESETS.items()
+        ]
         custom = [
-            {"name": n, "builtin": False, "options": o}
+            {"name": n, "builtin": False, "scope": scope, "options": o}
             for n, o in sorted(self.custom().items())
             if n not in BUILTIN_PRESETS
         ]
@@ -104,7 +158,7 @@ class PresetStore:
             self._write(data)
 
     def _check_name(self, name: str) -> None:
-        if not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.match(name):
             raise InvalidOption(
                 "preset names are 1-64 letters, digits, '.', '_' or '-'", field="name"
             )

@@ -167,7 +167,8 @@ def test_presets_crud(http, images, app_config):
     assert decode(r.content).shape == (16, 16, 3)
     assert_error(http.put("/v1/presets/portrait", json={"upscale": 1}), 409)
     assert_error(http.put("/v1/presets/bad", json={"upscale": 3}), 422, "invalid_option")
-    assert_error(http.put("/v1/presets/bad", content=b"{nope"), 400, "invalid_json")
+    assert_error(http.put("/v1/presets/bad", content=b"{nope",
+                          headers={"content-type": "application/json"}), 400, "invalid_json")
     assert http.delete("/v1/presets/tiny-x1").status_code == 204
     assert_error(http.delete("/v1/presets/tiny-x1"), 404)
     assert_error(http.post("/v1/enhance?preset=tiny-x1", content=data), 422)

@@ -99,6 +99,8 @@ def test_200_image_prefix_job_completes_once_with_live_events(
         for line in r.iter_lines():
             if line.startswith("data:"):
                 events.append(json.loads(line[5:]))
+    # The stream ends with its `end` event (docs/SECURITY.md, "Event streams").
+    assert events.pop() == {"reason": "finished"}
     assert events[-1]["state"] == "completed"
     done_counts = [e["done"] for e in events]
     assert done_counts == sorted(done_counts) and len(events) >= 3

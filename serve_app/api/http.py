@@ -5,6 +5,7 @@ counts requests and turns unexpected exceptions into a logged, generic 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -28,6 +29,8 @@ OPTION_NAMES: frozenset[str] = frozenset(EnhanceOptions.model_fields)
 IMAGE_FIELD = "image"
 # Room for the multipart envelope and option fields around the image itself.
 MULTIPART_OVERHEAD = 256 * 1024
+# Lists and objects inside lists and objects: a jobs body needs 3; 8 leaves room.
+MAX_JSON_DEPTH = 8
 _REFUSED_TYPES = ("image/svg+xml", "text/html", "application/xhtml+xml", "image/gif")
 
 
@@ -86,13 +89,53 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def read_json_body(request: Request, limit: int = 64 * 1024) -> Any:
+    """The JSON body, which must be sent as ``application/json`` (a cross-site page cannot
+    send that type without a CORS preflight) and nest at most ``MAX_JSON_DEPTH`` deep."""
+    if _media_type(request) != "application/json":
+        raise UnsupportedMediaType(
+            "send the body as JSON with 'Content-Type: application/json'",
+            code="unsupported_media_type",
+        )
     body = await read_body(request, limit)
     if not body.strip():
         return {}
+    return loads(body, "body")
+
+
+def loads(text: str | bytes, what: str) -> Any:
+    """``json.loads`` refusing deep nesting (400 ``json_too_deep``) and bad JSON (400)."""
     try:
-        return json.loads(body)
-    except ValueError as exc:
-        raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
+        value = json.loads(text)
+    except RecursionError:  # deeper than the parser's recursion limit
+        value = _TOO_DEEP
+    except ValueError as exc:  # also: integers past Python's digit limit
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}", code="invalid_json") from None
+    if value is _TOO_DEEP or _depth(value) > MAX_JSON_DEPTH:
+        raise InvalidRequest(
+            f"{what} nests deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep"
+        )
+    return value
+
+
+_TOO_DEEP = object()
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar: 0)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _media_type(request: Request) -> str:
@@ -165,9 +208,10 @@ def parse_option_sources(*sources: Mapping[str, Any]) -> dict[str, Any]:
 def _json_options(value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         try:
-            value = json.loads(value) if value.strip() else {}
-        except ValueError as exc:
-            raise InvalidOption(f"options is not valid JSON: {exc}", field="options") from None
+            value = loads(value, "options") if value.strip() else {}
+        except InvalidRequest as exc:  # a bad option (422), not a bad request body
+            code = exc.code if exc.code == "json_too_deep" else None
+            raise InvalidOption(exc.message, code=code, field="options") from None
     if not isinstance(value, Mapping):
         raise InvalidOption("options must be a JSON object", field="options")
     return parse_option_sources(value)
@@ -214,3 +258,70 @@ class ObservedApp:
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
             metrics.observe_request(name, status, time.perf_counter() - start)
+
+
+class DrainBody:
+    """Lets a client that sends its whole body before reading (Python's urllib, many
+    scripts) read an early answer (413, 401, 415, ...) instead of a connection reset.
+
+    When a response ends while the request body is still arriving, the response's bytes go
+    out first; then the rest of the body is read and discarded, at most ``max_bytes`` or
+    ``timeout_s``, and only then is the response ended (and the connection closed or kept).
+    Clients that read while sending see the answer at once.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        done = False
+
+        async def tracked_receive() -> Message:
+            nonlocal done
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                done = True
+            return message
+
+        async def draining_send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False) \
+                    and not done:
+                if message.get("body"):
+                    await send({**message, "more_body": True})
+                await self._drain(tracked_receive)
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app(scope, tracked_receive, draining_send)
+
+    async def _drain(self, receive: Receive) -> None:
+        drained = 0
+
+        async def discard() -> None:
+            nonlocal drained
+            while drained <= self.max_bytes:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                drained += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+
+        try:
+            await asyncio.wait_for(discard(), self.timeout_s)
+        except TimeoutError:
+            LOGGER.info("stopped draining an unread request body after %.0fs", self.timeout_s)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding" and b"chunked" in value.lower():
+            return True
+        if name == b"content-length" and value.strip() not in (b"", b"0"):
+            return True
+    return False

@@ -2,24 +2,25 @@
 
 This module knows requests and responses only; what a job is, where its files live and how
 its inputs are checked is the jobs package's. Errors are ``PhotoEnhanceError``s; the app's
-handlers give them their JSON shape. ``owner_of`` says as which owner a request reads and
-submits (``None``: all jobs, keys off).
+handlers give them their JSON shape. ``owner_of`` says as which owner a request reads
+(``None``: all jobs: keys off or an admin key); a new job belongs to the submitting key
+(``serve_app.api.guard.owner_name``). Event streams are bounded by ``JobStreams``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
+from serve_app.api.guard import owner_name
 from serve_app.api.http import limit_body, read_json_body
+from serve_app.api.streams import JobStreams
 from serve_app.config import AppConfig
-from serve_app.errors import InvalidRequest, PhotoEnhanceError
+from serve_app.errors import InvalidRequest, TooManyRequests, UnsupportedMediaType
 from serve_app.jobs import JobIntake, JobReader, Presets
 
 Owner = Callable[[Request | WebSocket], str | None]
@@ -62,12 +63,15 @@ class JobsApi:
         self.intake = JobIntake(config, presets)
         self.reader = JobReader(config)
         self.owner_of = owner_of
+        self.streams = JobStreams(config.http)
 
     # ------------------------------------------------------------------ submit
 
     async def submit(self, request: Request) -> Response:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        owner = self.owner_of(request)
+        owner = owner_name(request)  # the job belongs to the submitting key, admins' too
+        if owner is not None:
+            await self._check_quota(owner)
         if media_type == "multipart/form-data":
             declared = request.headers.get("content-length", "")
             limited = limit_body(request, self.intake.upload_limit())
@@ -77,17 +81,35 @@ class JobsApi:
                 owner=owner,
                 declared_bytes=int(declared) if declared.isdigit() else None,
             )
-        elif media_type in ("application/json", ""):
+        elif media_type in ("application/json", ""):  # no type: read_json_body answers 415
             body = await read_json_body(request, self.config.jobs.max_json_bytes)
             snapshot = await self.intake.submit(body, owner=owner)
         else:
-            raise InvalidRequest(
-                "send multipart/form-data with 'files', or JSON with 'inputs' or 'input_prefix'",
-                code="unsupported_body",
+            raise UnsupportedMediaType(
+                "send multipart/form-data with 'files', or application/json with 'inputs' "
+                "or 'input_prefix'",
+                code="unsupported_media_type",
             )
         job_id = snapshot["job_id"]
         body = {**snapshot, "urls": _urls(job_id)}
         return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+    async def _check_quota(self, owner: str) -> None:
+        """Per-key limits on unfinished jobs and items (``auth.max_*_in_flight``): 429."""
+        auth = self.config.auth
+        live = [j for j in await self.reader.list(owner=owner) if j["finished_at"] is None]
+        if len(live) >= auth.max_jobs_in_flight:
+            raise TooManyRequests(
+                f"this key has {len(live)} unfinished jobs (the limit is "
+                f"{auth.max_jobs_in_flight}); wait for one to end", code="too_many_jobs",
+                retry_after_s=30,
+            )
+        items = sum(max((j["total"] or 0) - j["done"], 0) for j in live)
+        if items >= auth.max_items_in_flight:
+            raise TooManyRequests(
+                f"this key has {items} unfinished items (the limit is "
+                f"{auth.max_items_in_flight})", code="too_many_items", retry_after_s=30,
+            )
 
     # ------------------------------------------------------------------ reading
 
@@ -162,31 +184,16 @@ class JobsApi:
     # ------------------------------------------------------------------ progress
 
     async def events(self, request: Request) -> Response:
-        from sse_starlette import EventSourceResponse
-
-        stream = self.reader.progress(request.path_params["job_id"], owner=self.owner_of(request))
-        first = await anext(stream)  # a 404 before the stream starts
-
-        async def messages() -> AsyncIterator[dict[str, Any]]:
-            yield {"data": json.dumps(first), "id": str(first["version"])}
-            async for snapshot in stream:
-                yield {"data": json.dumps(snapshot), "id": str(snapshot["version"])}
-
-        return EventSourceResponse(messages(), ping=15)
+        job_id = request.path_params["job_id"]
+        owner = self.owner_of(request)
+        return await self.streams.events(job_id, lambda: self.reader.progress(job_id, owner=owner))
 
     async def websocket(self, websocket: WebSocket) -> None:
         job_id = websocket.path_params["job_id"]
-        await websocket.accept()
-        try:
-            async for snapshot in self.reader.progress(job_id, owner=self.owner_of(websocket)):
-                await websocket.send_json(snapshot)
-        except PhotoEnhanceError as exc:
-            await websocket.send_json({"error": exc.to_dict()})
-            await websocket.close(code=4000 + exc.status)
-            return
-        except WebSocketDisconnect:
-            return
-        await websocket.close(code=1000)
+        owner = self.owner_of(websocket)
+        await self.streams.websocket(
+            websocket, job_id, lambda: self.reader.progress(job_id, owner=owner)
+        )
 
 
 # ---------------------------------------------------------------------- helpers

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -20,25 +22,31 @@ from starlette.routing import BaseRoute, Route
 from serve_app import __version__
 from serve_app.api import metrics
 from serve_app.api.errors import EXCEPTION_HANDLERS, as_photo_error, error_response
-from serve_app.api.http import ObservedApp, read_image_request, read_json_body
+from serve_app.api.guard import Guard, owner_filter, principal_of
+from serve_app.api.http import DrainBody, ObservedApp, read_image_request, read_json_body
 from serve_app.api.jobs import build_job_routes
 from serve_app.api.schemas import SYNTHETIC_WARNING, EnhancedImage
 from serve_app.codec import OUTPUT_FORMATS
 from serve_app.config import AppConfig
 from serve_app.errors import NotFound, NotReady
-from serve_app.options import BG_MODELS, FACE_MODELS, EnhanceOptions
-from serve_app.presets import PresetStore
+from serve_app.options import BG_MODELS, FACE_MODELS, EnhanceOptions, resolve_options
+from serve_app.presets import PresetCatalog
 
 LOGGER = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+# Engine facts anyone may read; the rest (folders, tuning) only admins (keys on) and the log.
+PUBLIC_ENGINE_FIELDS = (
+    "ready", "synthetic", "profile", "device", "loaded_models", "started_at",
+    "max_batch_size", "max_batch_pixels", "batch_wait_timeout_s", "tile",
+)
 
 Enhance = Callable[[bytes, Mapping[str, Any] | EnhanceOptions | None], Awaitable[EnhancedImage]]
 
 
 class Service(Protocol):
     config: AppConfig
-    presets: PresetStore
+    presets: PresetCatalog
 
     async def enhance(
         self, data: bytes, options: Mapping[str, Any] | EnhanceOptions | None = None
@@ -49,7 +57,7 @@ class Service(Protocol):
         ...
 
 
-def build_asgi_app(service: Service) -> ObservedApp:
+def build_asgi_app(service: Service) -> DrainBody:
     config = service.config
     api = _Api(service)
     routes: list[BaseRoute] = [
@@ -64,9 +72,28 @@ def build_asgi_app(service: Service) -> ObservedApp:
         Route("/v1/presets/{name}", api.put_preset, methods=["PUT"]),
         Route("/v1/presets/{name}", api.delete_preset, methods=["DELETE"]),
     ]
-    routes += build_job_routes(config, lambda owner: service.presets.custom())
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
-    return ObservedApp(app)
+    routes += build_job_routes(config, service.presets.for_owner, owner_filter)
+    middleware = []
+    if config.http.cors_origins:  # outside the guard: preflights carry no key
+        middleware.append(Middleware(
+            CORSMiddleware,
+            allow_origins=list(config.http.cors_origins),
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After", "WWW-Authenticate", "Location", "Server-Timing"],
+        ))
+    middleware.append(Middleware(Guard, config=config))
+    app = Starlette(
+        routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS  # type: ignore[arg-type]
+    )
+    http = config.http
+    return DrainBody(ObservedApp(app), http.drain_max_bytes, http.drain_timeout_s)
+
+
+def public_engine_info(info: dict[str, Any] | None, admin: bool) -> dict[str, Any] | None:
+    if info is None or admin:
+        return info
+    return {k: info[k] for k in PUBLIC_ENGINE_FIELDS if k in info}
 
 
 def _model_names(info: dict[str, Any] | None) -> dict[str, Any]:
@@ -100,7 +127,9 @@ class _Api:
             err = as_photo_error(exc) or NotReady("the model deployment is not ready")
             return error_response(err)
         synthetic = bool(info.get("synthetic"))
-        body: dict[str, Any] = {"status": "ready", "synthetic": synthetic, "model": info}
+        # Open to anyone, so never the admin view.
+        model = public_engine_info(info, admin=False)
+        body: dict[str, Any] = {"status": "ready", "synthetic": synthetic, "model": model}
         headers = {}
         if synthetic:
             body["warning"] = SYNTHETIC_WARNING
@@ -112,7 +141,9 @@ class _Api:
 
     async def enhance(self, request: Request) -> Response:
         incoming = await read_image_request(request, self.config.limits)
-        result = await self.service.enhance(incoming.data, incoming.options)
+        presets = self.service.presets.table(principal_of(request))
+        options = resolve_options(incoming.options, presets=presets)
+        result = await self.service.enhance(incoming.data, options)
         return Response(result.data, media_type=result.media_type, headers=result.headers())
 
     async def models(self, request: Request) -> Response:
@@ -121,14 +152,15 @@ class _Api:
         except Exception:
             info = None
         synthetic = bool(info and info.get("synthetic"))
+        principal = principal_of(request)
         body: dict[str, Any] = {
             "ready": info is not None,
             "synthetic": synthetic,
-            "engine": info,
+            "engine": public_engine_info(info, admin=principal is not None and principal.is_admin),
             "models": _model_names(info),
             "options": EnhanceOptions().model_dump(mode="json"),
             "formats": {"input": ["jpeg", "png", "webp", "bmp", "tiff"], "output": list(OUTPUT_FORMATS)},
-            "presets": self.service.presets.listing(),
+            "presets": self.service.presets.listing(principal),
             "limits": self.config.limits.model_dump(mode="json"),
             "batching": self.config.batching.model_dump(mode="json"),
         }
@@ -137,11 +169,11 @@ class _Api:
         return JSONResponse(body)
 
     async def list_presets(self, request: Request) -> Response:
-        return JSONResponse({"presets": self.service.presets.listing()})
+        return JSONResponse({"presets": self.service.presets.listing(principal_of(request))})
 
     async def get_preset(self, request: Request) -> Response:
         name = request.path_params["name"]
-        for preset in self.service.presets.listing():
+        for preset in self.service.presets.listing(principal_of(request)):
             if preset["name"] == name:
                 return JSONResponse(preset)
         raise NotFound(f"no preset named {name!r}", code="preset_not_found")
@@ -151,11 +183,16 @@ class _Api:
         body = await read_json_body(request)
         if isinstance(body, dict) and set(body) == {"options"}:
             body = body["options"]
-        stored, created = await asyncio.to_thread(self.service.presets.put, name, body)
+        principal = principal_of(request)
+        store = self.service.presets.store_for(principal)
+        stored, created = await asyncio.to_thread(store.put, name, body)
+        scope = "global" if store is self.service.presets.shared else "own"
         return JSONResponse(
-            {"name": name, "builtin": False, "options": stored}, status_code=201 if created else 200
+            {"name": name, "builtin": False, "scope": scope, "options": stored},
+            status_code=201 if created else 200,
         )
 
     async def delete_preset(self, request: Request) -> Response:
-        await asyncio.to_thread(self.service.presets.delete, request.path_params["name"])
+        store = self.service.presets.store_for(principal_of(request))
+        await asyncio.to_thread(store.delete, request.path_params["name"])
         return Response(status_code=204)

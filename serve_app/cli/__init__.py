@@ -12,9 +12,9 @@ def main() -> None:
 
 def _register() -> None:
     # Imported here so that `photoenhance --help` stays cheap and each module owns its commands.
-    from serve_app.cli import bench, enhance, jobs, models, serve, weights
+    from serve_app.cli import bench, enhance, jobs, keys, models, serve, weights
 
-    for module in (serve, enhance, weights, bench, jobs, models):
+    for module in (serve, enhance, weights, bench, jobs, models, keys):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -24,7 +24,10 @@ server_option = click.option(
 def _client(server: str) -> Any:
     import httpx
 
-    return httpx.Client(base_url=server, timeout=httpx.Timeout(60.0, read=None))
+    from serve_app.client import auth_headers
+
+    return httpx.Client(base_url=server, timeout=httpx.Timeout(60.0, read=None),
+                        headers=auth_headers())
 
 
 def _check(response: Any) -> Any:
@@ -120,13 +123,28 @@ def status_cmd(job_id: str | None, as_json: bool, server: str) -> None:
 
 
 def _events(client: Any, job_id: str) -> Iterator[dict[str, Any]]:
-    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
-        if response.status_code >= 400:
-            response.read()
-            _check(response)
-        for line in response.iter_lines():
-            if line.startswith("data:"):
-                yield json.loads(line[5:])
+    """Snapshots from the job's event stream until it ends; a stream that ends as ``idle``
+    (nothing changed for a while, e.g. paused) or drops is opened again."""
+    while True:
+        ending = None
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            if response.status_code >= 400:
+                response.read()
+                _check(response)
+            event = "message"
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line[5:])
+                    if event == "end":
+                        ending = data.get("reason")
+                    else:
+                        yield data
+                elif not line:
+                    event = "message"
+        if ending not in (None, "idle"):
+            return
 
 
 def _watch(client: Any, job_id: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -77,10 +78,12 @@ def serve_cmd(
         serve.run(build_app(config), name=name, route_prefix=serve_file.route_prefix)
         url = f"http://{http_options['host']}:{http_options['port']}"
         click.echo(f"PhotoEnhance is serving at {url} (config {config_path}); Ctrl-C stops it.")
-        click.echo(f"  curl -sS --data-binary @photo.jpg -H 'Content-Type: image/jpeg' "
+        auth = "-H 'Authorization: Bearer $PHOTOENHANCE_API_KEY' " if config.auth.enabled else ""
+        click.echo(f"  curl -sS --data-binary @photo.jpg -H 'Content-Type: image/jpeg' {auth}"
                    f"'{url}/v1/enhance?upscale=2' -o out.jpg")
         if not joined and context.dashboard_url:
             click.echo(ray_tools_help(f"http://{context.dashboard_url}"))
+        announce_keys(config.auth.enabled, str(http_options["host"]))
         while not stop.wait(1.0):
             pass
     finally:
@@ -110,6 +113,33 @@ def ray_tools_help(dashboard: str) -> str:
         "  ray job submit -- python -m serve_app.jobs.run --input IN_DIR --output OUT_DIR",
     ]
     return "\n".join(lines)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def announce_keys(enabled: bool, host: str) -> None:
+    """Say at start whether API keys are required; shout when nobody needs one to reach a
+    server on a network address."""
+    if enabled:
+        click.echo("API keys: ON (Authorization: Bearer <key>; see docs/SECURITY.md).")
+    elif is_loopback(host):
+        click.echo(f"API keys: off (only this machine can reach {host}; see docs/SECURITY.md).")
+    else:
+        banner = "!" * 78
+        message = (
+            f"{banner}\nWARNING: serving on {host} with API keys OFF: anyone who can reach "
+            "this address\ncan submit jobs, read every job's results and use the GPUs. Turn "
+            "keys on\n(auth.enabled, docs/SECURITY.md) or bind to 127.0.0.1.\n" + banner
+        )
+        LOGGER.warning("API keys are off on non-loopback address %s", host)
+        click.secho(message, fg="red", bold=True, err=True)
 
 
 COMMANDS = [serve_cmd]

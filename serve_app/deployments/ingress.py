@@ -39,7 +39,7 @@ from serve_app.errors import (
 )
 from serve_app.jobs import start_manager
 from serve_app.options import EnhanceOptions, resolve_options
-from serve_app.presets import PresetStore
+from serve_app.presets import PresetCatalog
 
 LOGGER = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Ingress:
     async def __init__(self, config: dict[str, Any], model: DeploymentHandle) -> None:
         self.config = AppConfig.model_validate(config)
         self._model = model
-        self.presets = PresetStore(self.config.jobs.data_dir / "presets.json")
+        self.presets = PresetCatalog(self.config.jobs.data_dir)
         self._door = AdmissionGate(
             self.config.ingress_inflight(),
             self.config.ingress.max_queued_requests,
@@ -130,7 +130,7 @@ class Ingress:
         opts = (
             options
             if isinstance(options, EnhanceOptions)
-            else resolve_options(options or {}, presets=self.presets.custom())
+            else resolve_options(options or {}, presets=self.presets.table(None))
         )
         data = bytes(data)
         t0 = time.perf_counter()

@@ -1,0 +1,222 @@
+"""What a hostile request costs: CPU seconds and peak memory per server process, per case, and
+a normal 512 px request's latency while the 8 costliest cases are sent over and over.
+
+Starts its own one-machine Ray and the application from ``configs/dev.yaml`` (tiny synthetic
+weights, temporary folders, a free port). For each case of ``tests/test_hostile.py`` and
+``tests/test_bad_inputs.py`` (plus a body over ``max_bytes`` sent whole by ``urllib``) it
+reads ``/proc/<pid>/stat`` (user + system CPU) and ``VmHWM`` (peak resident memory, reset
+through ``clear_refs`` before each case) of the proxy, the ingress, the model replica and the
+job actor. Targets (issue 9): no case over 2 s CPU or 512 MiB peak in any process; a normal
+request within 1 s of its usual time under the load.
+
+    .venv/bin/python loadtests/hostile_cost.py [--rounds 3] [--json docs/hostile-cost.json]
+
+Not a test: it prints a table (and optionally JSON) for docs/SECURITY.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "loadtests"))
+
+from job_memory_bench import find_pid  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+PROCESSES = {
+    "proxy": "ProxyActor",
+    "ingress": "ServeReplica:photoenhance:Ingress",
+    "model": "ServeReplica:photoenhance:Enhancer",
+    "job actor": "JobManager",
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def peak_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def reset_peak(pid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+class Meter:
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    def __enter__(self) -> Meter:
+        for pid in self.pids.values():
+            reset_peak(pid)
+        self.cpu0 = {n: cpu_seconds(p) for n, p in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu = {n: round(cpu_seconds(p) - self.cpu0[n], 3) for n, p in self.pids.items()}
+        self.peak = {n: round(peak_mib(p), 1) for n, p in self.pids.items()}
+
+
+def cases(url: str, app_config: Any) -> list[tuple[str, Any]]:
+    """(name, a function sending the request once) for every hostile case."""
+    import httpx
+    from conftest import SHARED_DATA, Images
+    from test_bad_inputs import bad_requests
+    from test_hostile import api_cases
+
+    out: list[tuple[str, Any]] = []
+    for case in api_cases(Images):
+        out.append((case.name, lambda c=case: httpx.request(
+            c.method, url + c.path, timeout=120, **c.kwargs)))
+    for name, kwargs, _status in bad_requests(Images, SHARED_DATA, app_config):
+        if name.startswith("shared/"):
+            continue
+        out.append((f"image: {name}", lambda k=kwargs: httpx.post(
+            url + "/v1/enhance", timeout=120, **k)))
+    big = b"\xff\xd8\xff" + b"\0" * (app_config.limits.max_bytes + 4 * 2**20)
+
+    def urllib_413() -> None:
+        request = urllib.request.Request(url + "/v1/enhance", data=big, method="POST",
+                                         headers={"Content-Type": "image/jpeg"})
+        try:
+            urllib.request.urlopen(request, timeout=120)
+        except urllib.error.HTTPError as err:
+            err.read()
+
+    out.append(("body over max_bytes, urllib", urllib_413))
+    return out
+
+
+def normal_request(url: str, photo: bytes) -> float:
+    import httpx
+
+    t0 = time.perf_counter()
+    r = httpx.post(url + "/v1/enhance", content=photo, timeout=120,
+                   headers={"content-type": "image/jpeg"})
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="Times each case is measured.")
+    parser.add_argument("--normal", type=int, default=8, help="Normal requests timed per phase.")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    import ray
+    import yaml
+    from conftest import Images
+    from ray import serve
+
+    from serve_app.config import AppConfig
+    from serve_app.deployments.app import APP_NAME, build_app
+
+    base = Path(tempfile.mkdtemp(prefix="pe-hostile-"))
+    raw = yaml.safe_load((ROOT / "configs" / "dev.yaml").read_text())
+    serve_args = dict(raw["applications"][0]["args"])
+    serve_args["weights"] = {**serve_args.get("weights", {}), "dir": str(base / "weights")}
+    serve_args["jobs"] = {**serve_args.get("jobs", {}), "data_dir": str(base / "data")}
+    app_config = AppConfig.model_validate(serve_args)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray-pe-"), log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(serve_args), name=APP_NAME, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        photo = Images.photo("0014.jpg", max_side=512)
+        normal_request(url, photo)  # warm
+        pids = {name: find_pid(title) for name, title in PROCESSES.items()}
+        pids = {n: p for n, p in pids.items() if p}
+
+        rows = []
+        for name, send in cases(url, app_config):
+            runs = []
+            for _ in range(args.rounds):
+                with Meter(pids) as meter:
+                    send()
+                runs.append(meter)
+            worst = max(runs, key=lambda m: sum(m.cpu.values()))
+            rows.append({"case": name, "cpu_s": worst.cpu, "peak_mib": worst.peak,
+                         "cpu_total_s": round(sum(worst.cpu.values()), 3)})
+            print(f"{name:<40} " + "  ".join(
+                f"{n} {worst.cpu[n]:.2f}s/{worst.peak[n]:.0f}MiB" for n in pids), flush=True)
+
+        baseline = [normal_request(url, photo) for _ in range(args.normal)]
+        costly = sorted(rows, key=lambda r: -r["cpu_total_s"])[:8]
+        senders = {r["case"]: send for name, send in cases(url, app_config)
+                   for r in costly if r["case"] == name}
+        stop = threading.Event()
+
+        def hammer(send: Any) -> None:
+            while not stop.is_set():
+                try:
+                    send()
+                except Exception:
+                    time.sleep(0.1)
+
+        threads = [threading.Thread(target=hammer, args=(s,), daemon=True)
+                   for s in senders.values()]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+        loaded = [normal_request(url, photo) for _ in range(args.normal)]
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(base, ignore_errors=True)
+
+    figures = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU, configs/dev.yaml",
+        "rounds": args.rounds,
+        "cases": rows,
+        "max_cpu_s": max(max(r["cpu_s"].values()) for r in rows),
+        "max_peak_mib": max(max(r["peak_mib"].values()) for r in rows),
+        "worst_8": [r["case"] for r in costly],
+        "normal_512px_s": {"alone_median": round(statistics.median(baseline), 3),
+                           "under_load_median": round(statistics.median(loaded), 3),
+                           "under_load_max": round(max(loaded), 3)},
+    }
+    print(json.dumps({k: v for k, v in figures.items() if k != "cases"}, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
