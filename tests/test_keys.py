@@ -213,6 +213,25 @@ def test_a_user_sees_and_controls_only_their_own_jobs(keyed, images):
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "job_not_found"
 
 
+def test_a_user_cannot_read_another_users_inputs(keyed, images):
+    """Another job's uploads are not an input root, by prefix or by file."""
+    with keyed.client("alice") as alice, keyed.client("bob") as bob:
+        mine = submit(alice, images, count=1)
+        wait_ended(alice, mine)
+        folder = keyed.data_dir / "jobs" / mine
+        uploads = sorted((folder / "inputs").iterdir())
+        assert uploads
+        tries = [{"input_prefix": str(folder)}, {"input_prefix": f"file://{folder}"},
+                 {"input_prefix": str(folder / "inputs")}]
+        tries += [{"inputs": [str(p)]} for p in uploads]
+        before = {j["job_id"] for j in bob.get("/v1/jobs").json()["jobs"]}
+        for body in tries:
+            r = bob.post("/v1/jobs", json=body)
+            assert 400 <= r.status_code < 500, (body, r.status_code, r.text[:200])
+            assert str(keyed.data_dir) not in r.text
+        assert {j["job_id"] for j in bob.get("/v1/jobs").json()["jobs"]} == before
+
+
 def test_jobs_in_flight_per_key(keyed):
     """``auth.max_jobs_in_flight`` (3 here): a fourth unfinished job is refused with 429."""
     hang = socket.socket()
