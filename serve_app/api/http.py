@@ -248,6 +248,10 @@ class ObservedApp:
         metrics.IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            if not started:
+                status = 499  # the client went away first: not a server error
+            raise
         except Exception:
             LOGGER.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             status = 500
