@@ -206,7 +206,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     import run_scenario
     from ray import serve
 
-    from serve_app.deployments.app import APP_NAME, build_app
+    from serve_app.config import APP_NAME
+    from serve_app.deployments.app import build_app
 
     data = Path(tempfile.mkdtemp(prefix="pe-fake-cluster-"))
     cluster = cluster_class()(

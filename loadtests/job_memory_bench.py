@@ -103,7 +103,8 @@ def main() -> int:
     import yaml
     from ray import serve
 
-    from serve_app.deployments.app import APP_NAME, build_app
+    from serve_app.config import APP_NAME
+    from serve_app.deployments.app import build_app
 
     base = Path(tempfile.mkdtemp(prefix="pe-jobbench-"))
     raw = yaml.safe_load((ROOT / "configs" / "dev.yaml").read_text())

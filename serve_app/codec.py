@@ -40,11 +40,11 @@ from serve_app.errors import (
     TooManyPixels,
     UnsupportedMediaType,
 )
+from serve_app.options import OUTPUT_FORMATS, OutputFormat
 
 LOGGER = logging.getLogger(__name__)
 
 InputFormat = Literal["jpeg", "png", "webp", "bmp", "tiff"]
-OutputFormat = Literal["png", "jpeg", "webp"]
 
 MEDIA_TYPES: dict[str, str] = {
     "jpeg": "image/jpeg",
@@ -53,7 +53,6 @@ MEDIA_TYPES: dict[str, str] = {
     "bmp": "image/bmp",
     "tiff": "image/tiff",
 }
-OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 
 # Pillow's names for the formats we accept; MPO is a multi-picture JPEG from cameras.
 _PIL_FORMATS: dict[str, tuple[str, ...]] = {

@@ -16,6 +16,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+APP_NAME = "photoenhance"
+"""The Serve application's default name; the job actor (``<name>-jobs``) finds the ingress
+under it."""
+
+MULTIPART_OVERHEAD = 256 * 1024
+"""Bytes a multipart body may add around one file of ``limits.max_bytes``: boundary, part
+headers and small form fields. A protocol allowance, not a deployment number."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -305,7 +313,7 @@ class HttpConfig(_Section):
 class AppConfig(_Section):
     """Everything the application reads, as passed in a Serve config's ``args``."""
 
-    name: str = "photoenhance"
+    name: str = APP_NAME
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

@@ -1,14 +1,18 @@
 """The exception hierarchy. Each error carries a stable ``code`` and its HTTP ``status``.
 
-This module is the one place where errors meet status codes; ``serve_app.api.errors``
+This module is the one place where errors meet status codes, and ``engine_error`` the one
+place where an unexpected exception becomes what a caller sees; ``serve_app.api.errors``
 turns any of them into the JSON error shape. Errors cross Ray process boundaries, so they
 pickle by their constructor arguments.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, ClassVar
+
+LOGGER = logging.getLogger(__name__)
 
 
 class PhotoEnhanceError(Exception):
@@ -140,3 +144,30 @@ class WeightsError(PhotoEnhanceError):
 
     status = 503
     default_code = "weights_unavailable"
+
+
+def as_photo_error(exc: BaseException) -> PhotoEnhanceError | None:
+    """The ``PhotoEnhanceError`` inside ``exc`` (Ray wraps remote errors), or None."""
+    if isinstance(exc, PhotoEnhanceError):
+        return exc
+    cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
+    if isinstance(cause, PhotoEnhanceError):
+        return cause
+    return None
+
+
+def engine_error(exc: BaseException, context: str = "engine error") -> PhotoEnhanceError:
+    """What an exception raised while enhancing an image becomes for the caller.
+
+    Our own errors (also inside Ray's wrapper) pass unchanged. Running out of memory
+    (``MemoryError``, which the engine's ``ItemTooLarge`` is, or a device allocator's "out of
+    memory") is the image's size: 413. Anything else is a bug: logged here with its traceback
+    under ``context``, and answered with a generic message that holds no exception text.
+    """
+    err = as_photo_error(exc)
+    if err is not None:
+        return err
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return ImageTooLargeForDevice("the image does not fit the device's memory")
+    LOGGER.error("%s", context, exc_info=exc)
+    return EngineFailure("the engine failed on this image")

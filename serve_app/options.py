@@ -28,6 +28,7 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 FACE_MODELS: tuple[str, ...] = FaceModel.__args__  # type: ignore[attr-defined]
 BG_MODELS: tuple[str, ...] = BgModel.__args__  # type: ignore[attr-defined]
+OUTPUT_FORMATS: tuple[str, ...] = OutputFormat.__args__  # type: ignore[attr-defined]
 # A model added with `photoenhance models add`: its name is checked here, its existence and
 # kind by the model replica (the one that reads the weights folder's registry).
 ADDED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

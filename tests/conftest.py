@@ -105,7 +105,8 @@ def serve_url(serve_args: dict[str, Any], object_stores: dict[str, str]) -> Iter
     import ray
     from ray import serve
 
-    from serve_app.deployments.app import APP_NAME, build_app
+    from serve_app.config import APP_NAME
+    from serve_app.deployments.app import build_app
 
     # A short temp dir: Ray's socket paths must stay under the Unix limit.
     ray_tmp = tempfile.mkdtemp(prefix="ray-pe-")

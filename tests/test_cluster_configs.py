@@ -15,8 +15,7 @@ import yaml
 from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import AppConfig
-from serve_app.deployments.app import APP_NAME
+from serve_app.config import APP_NAME, AppConfig
 from serve_app.deployments.autoscaling import POLICY_FUNCTION, autoscaling_options
 
 ROOT = Path(__file__).resolve().parents[1]

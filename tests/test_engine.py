@@ -110,6 +110,7 @@ def test_a_failing_stage_stays_with_its_image(engine, monkeypatch):
     good, odd = read("0014.jpg", 96), read("0014.jpg", 97)
     res = engine.enhance_batch([good, odd, good], [EnhanceOptions(upscale=1)] * 3)
     assert isinstance(res[1], PhotoEnhanceError) and res[1].code == "engine_error"
+    assert res[1].status == 500 and "boom" not in res[1].message  # generic: no exception text
     assert isinstance(res[0], EnhanceResult) and isinstance(res[2], EnhanceResult)
 
 

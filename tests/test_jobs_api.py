@@ -368,7 +368,8 @@ def test_whole_server_restart_resumes_unfinished_jobs(
     import ray
     from ray import serve
 
-    from serve_app.deployments.app import APP_NAME, build_app
+    from serve_app.config import APP_NAME
+    from serve_app.deployments.app import build_app
 
     folder = image_folder(data_dir, "restart", 60)
     job = submit(http, input_prefix=str(folder), options={"face": False})

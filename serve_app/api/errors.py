@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from serve_app.errors import EngineFailure, PhotoEnhanceError
+from serve_app.errors import EngineFailure, PhotoEnhanceError, as_photo_error
 
 LOGGER = logging.getLogger(__name__)
 
@@ -30,16 +30,6 @@ def error_response(exc: PhotoEnhanceError) -> JSONResponse:
     return JSONResponse(
         {"error": exc.to_dict()}, status_code=exc.status, headers=exc.headers() or None
     )
-
-
-def as_photo_error(exc: BaseException) -> PhotoEnhanceError | None:
-    """The ``PhotoEnhanceError`` inside ``exc`` (Ray wraps remote errors), or None."""
-    if isinstance(exc, PhotoEnhanceError):
-        return exc
-    cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
-    if isinstance(cause, PhotoEnhanceError):
-        return cause
-    return None
 
 
 async def _photo_error(_: Request, exc: Exception) -> JSONResponse:

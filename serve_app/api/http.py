@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.api import metrics
 from serve_app.api.errors import internal_error_response
-from serve_app.config import LimitsConfig
+from serve_app.config import MULTIPART_OVERHEAD, LimitsConfig
 from serve_app.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from serve_app.options import EnhanceOptions
 
@@ -28,7 +28,6 @@ LOGGER = logging.getLogger(__name__)
 OPTION_NAMES: frozenset[str] = frozenset(EnhanceOptions.model_fields)
 IMAGE_FIELD = "image"
 # Room for the multipart envelope and option fields around the image itself.
-MULTIPART_OVERHEAD = 256 * 1024
 # Lists and objects inside lists and objects: a jobs body needs 3; 8 leaves room.
 MAX_JSON_DEPTH = 8
 _REFUSED_TYPES = ("image/svg+xml", "text/html", "application/xhtml+xml", "image/gif")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,15 +21,20 @@ from starlette.routing import BaseRoute, Route
 
 from serve_app import __version__
 from serve_app.api import metrics
-from serve_app.api.errors import EXCEPTION_HANDLERS, as_photo_error, error_response
+from serve_app.api.errors import EXCEPTION_HANDLERS, error_response
 from serve_app.api.guard import Guard, owner_filter, principal_of
 from serve_app.api.http import DrainBody, ObservedApp, read_image_request, read_json_body
 from serve_app.api.jobs import build_job_routes
 from serve_app.api.schemas import SYNTHETIC_WARNING, EnhancedImage
-from serve_app.codec import OUTPUT_FORMATS
 from serve_app.config import AppConfig
-from serve_app.errors import NotFound, NotReady
-from serve_app.options import BG_MODELS, FACE_MODELS, EnhanceOptions, resolve_options
+from serve_app.errors import NotFound, NotReady, as_photo_error
+from serve_app.options import (
+    BG_MODELS,
+    FACE_MODELS,
+    OUTPUT_FORMATS,
+    EnhanceOptions,
+    resolve_options,
+)
 from serve_app.presets import PresetCatalog
 
 LOGGER = logging.getLogger(__name__)
@@ -40,8 +45,6 @@ PUBLIC_ENGINE_FIELDS = (
     "ready", "synthetic", "profile", "device", "loaded_models", "started_at",
     "max_batch_size", "max_batch_pixels", "batch_wait_timeout_s", "tile",
 )
-
-Enhance = Callable[[bytes, Mapping[str, Any] | EnhanceOptions | None], Awaitable[EnhancedImage]]
 
 
 class Service(Protocol):

@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from serve_app.options import OUTPUT_FORMATS
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 
@@ -36,7 +38,7 @@ def expand_paths(paths: tuple[Path, ...]) -> list[Path]:
 @click.option("--weight", type=float, default=None, help="GFPGAN fidelity weight, 0..1.")
 @click.option("--only-center-face", is_flag=True, default=None)
 @click.option("--aligned", is_flag=True, default=None, help="Inputs are aligned 512x512 faces.")
-@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp"]), default=None)
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
 @click.option("--quality", type=int, default=None)
 @click.option("--tile", type=int, default=None)
 @click.option("--preset", default=None)

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from serve_app.cli.enhance import expand_paths
+from serve_app.options import OUTPUT_FORMATS
 
 TERMINAL = {"completed", "partial", "failed", "cancelled"}
 
@@ -66,7 +67,7 @@ def job_group() -> None:
 @click.option("--preset", default=None)
 @click.option("--upscale", type=click.Choice(["1", "2", "4"]), default=None)
 @click.option("--face/--no-face", default=None)
-@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp"]), default=None)
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
 @click.option("--watch", "follow", is_flag=True, help="Follow progress until the job ends.")
 @server_option
 def submit_cmd(

@@ -39,13 +39,13 @@ def serve_cmd(
     import ray
     from ray import serve
 
-    from serve_app.config import load_serve_file
+    from serve_app.config import APP_NAME, load_serve_file
     from serve_app.deployments.app import build_app, resolve_paths
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     serve_file = load_serve_file(config_path)
     app_spec: dict[str, Any] = serve_file.raw["applications"][0]
-    name = app_spec.get("name", "photoenhance")
+    name = app_spec.get("name", APP_NAME)
     http_options = dict(serve_file.raw.get("http_options") or {})
     http_options["host"] = host or serve_file.http_host
     http_options["port"] = port or serve_file.http_port

@@ -17,9 +17,6 @@ from serve_app.deployments.autoscaling import autoscaling_options
 
 LOGGER = logging.getLogger(__name__)
 
-APP_NAME = "photoenhance"
-
-
 def resolve_paths(config: AppConfig, base: Path | None = None) -> AppConfig:
     """Make relative folders absolute (against ``base`` or the working directory), so that
     replicas, whose working directory is Ray's, find the same ones."""

@@ -51,7 +51,6 @@ class BacklogProbe:
         self.lookup_every_s = lookup_every_s
         self.metric = metric
         self.last = 0.0
-        self.read_at: float | None = None
         self._actor: Any = None
         self._looked_up_at = -math.inf
 
@@ -80,7 +79,6 @@ class BacklogProbe:
             return self.last
         if math.isfinite(value):
             self.last = max(value, 0.0)
-            self.read_at = time.time()
         return self.last
 
     async def _lookup(self) -> Any:

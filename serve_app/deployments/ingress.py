@@ -26,16 +26,15 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve_app import codec
 from serve_app.api import metrics
-from serve_app.api.errors import as_photo_error
 from serve_app.api.routes import build_asgi_app
 from serve_app.api.schemas import EnhancedImage
 from serve_app.config import AppConfig
 from serve_app.deployments.admission import AdmissionGate
 from serve_app.errors import (
-    EngineFailure,
     NotReady,
     Overloaded,
     UnsupportedMediaType,
+    engine_error,
 )
 from serve_app.jobs import start_manager
 from serve_app.options import EnhanceOptions, resolve_options
@@ -176,8 +175,4 @@ class Ingress:
                 "a model replica went away; retry", code="replica_unavailable", retry_after_s=1
             ) from None
         except Exception as exc:
-            err = as_photo_error(exc)
-            if err is not None:
-                raise err from None
-            LOGGER.exception("model call failed")
-            raise EngineFailure("the model call failed") from None
+            raise engine_error(exc, "model call failed") from None

@@ -36,7 +36,7 @@ from serve_app.config import AppConfig
 from serve_app.deployments.backlog import BacklogProbe
 from serve_app.deployments.transcode import Transcoder, accelerator_for
 from serve_app.engine.types import EnhanceResult
-from serve_app.errors import EngineFailure, ImageTooLargeForDevice, PhotoEnhanceError
+from serve_app.errors import EngineFailure, PhotoEnhanceError, engine_error
 from serve_app.options import EnhanceOptions
 
 LOGGER = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class Enhancer:
         self._engine_lock = asyncio.Lock()
         self._in_flight = 0
         self._broken: str | None = None
-        self._backlog = _backlog_probe(self.config)
+        self._backlog = BacklogProbe.for_app(self.config)
         self._metrics = _replica_metrics(getattr(self.engine, "device", None))
         device = getattr(self.engine, "device", None)
         self._codec = Transcoder(self.config, accelerator_for(self.config, device))
@@ -237,8 +237,7 @@ class Enhancer:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Figures for the queue-depth policy: this replica's work and the job backlog."""
         stats = {"in_flight": float(self._in_flight)}
-        if self._backlog is not None:
-            stats.update(await self._backlog.stats())
+        stats.update(await self._backlog.stats())
         return stats
 
     # ------------------------------------------------------------------ batching
@@ -276,16 +275,7 @@ class Enhancer:
                 return [(await self._call_engine([w]))[0] for w in works]
             if "cuda error" in str(exc).lower():
                 self._broken = str(exc)[:200]  # check_health fails; Serve replaces the replica
-            return [_as_error(exc)]
-
-
-def _backlog_probe(config: AppConfig) -> BacklogProbe | None:
-    """The job backlog reader of the autoscaling policy (job actor ``<app name>-jobs``)."""
-    try:
-        return BacklogProbe.for_app(config)
-    except Exception:  # the jobs package failed to import: report no backlog
-        LOGGER.warning("job backlog probe unavailable; reporting no backlog", exc_info=True)
-        return None
+            return [engine_error(exc)]
 
 
 def _replica_metrics(device: Any) -> ReplicaMetrics | None:
@@ -300,14 +290,6 @@ def _safe(result: Any) -> EnhanceResult | PhotoEnhanceError:
     if isinstance(result, EnhanceResult | PhotoEnhanceError):
         return result
     if isinstance(result, BaseException):
-        return _as_error(result)
+        return engine_error(result)
     return EngineFailure(f"engine returned {type(result).__name__}")
 
-
-def _as_error(exc: BaseException) -> PhotoEnhanceError:
-    if isinstance(exc, PhotoEnhanceError):
-        return exc
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return ImageTooLargeForDevice("the image does not fit the device's memory")
-    LOGGER.error("engine error", exc_info=exc)
-    return EngineFailure("the engine failed on this image")

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 
 from serve_app.engine import detect, paste, restore, upsample
-from serve_app.engine.chunks import ItemTooLarge
 from serve_app.engine.pixels import check_image, to_8bit
 from serve_app.engine.types import EnhanceResult
-from serve_app.errors import EngineFailure, ImageTooLargeForDevice, PhotoEnhanceError
+from serve_app.errors import PhotoEnhanceError, engine_error
 from serve_app.options import EnhanceOptions
 
 if TYPE_CHECKING:
@@ -58,10 +57,6 @@ class BatchItem:
     masks: list[np.ndarray] = field(default_factory=list)
     background: np.ndarray | None = None
     result: np.ndarray | None = None
-
-    @property
-    def face_path(self) -> bool:
-        return self.opt.face
 
     @property
     def pastes(self) -> bool:
@@ -211,22 +206,13 @@ _STAGES: list[tuple[str, Callable[[Engine, list[BatchItem]], None]]] = [
 ]
 
 
-def _as_error(exc: BaseException) -> PhotoEnhanceError:
-    if isinstance(exc, PhotoEnhanceError):
-        return exc
-    if isinstance(exc, ItemTooLarge):
-        return ImageTooLargeForDevice("a face or tile of this image does not fit the device")
-    LOGGER.exception("engine stage failed", exc_info=exc)
-    return EngineFailure(f"{type(exc).__name__}: {exc}")
-
-
 def _run_stage(engine: Engine, name: str, fn, items: list[BatchItem]) -> None:
     t0 = time.perf_counter()
     try:
         fn(engine, items)
     except Exception as exc:
         if len(items) == 1:
-            items[0].error = _as_error(exc)
+            items[0].error = engine_error(exc, "engine stage failed")
         else:
             # Isolate the culprit: the same stage, image by image.
             LOGGER.warning("stage %s failed on a batch of %d (%s); retrying one by one",
@@ -246,7 +232,7 @@ def run(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptions])
         try:
             _prepare(engine, j)
         except Exception as exc:
-            j.error = _as_error(exc)
+            j.error = engine_error(exc, "engine stage failed")
     with torch.inference_mode():
         for name, fn in _STAGES:
             live = [j for j in items if j.error is None]

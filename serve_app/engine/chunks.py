@@ -10,8 +10,10 @@ import torch
 LOGGER = logging.getLogger(__name__)
 
 
-class ItemTooLarge(Exception):
-    """One item alone does not fit the device; ``index`` is its position in the input."""
+class ItemTooLarge(MemoryError):
+    """One item alone does not fit the device; ``index`` is its position in the input.
+
+    A ``MemoryError``, so that ``serve_app.errors.engine_error`` answers it with a 413."""
 
     def __init__(self, index: int) -> None:
         super().__init__(f"item {index} does not fit the device alone")

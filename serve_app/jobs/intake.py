@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve_app.config import AppConfig
+from serve_app.config import MULTIPART_OVERHEAD, AppConfig
 from serve_app.errors import InvalidOption, InvalidRequest, NotFound
 from serve_app.jobs import manager as mgr
 from serve_app.jobs import sources, webhooks
@@ -37,7 +37,6 @@ LOGGER = logging.getLogger(__name__)
 
 SIZE_SAMPLE = 32
 # Room for each part's multipart envelope around the file itself.
-MULTIPART_PART_OVERHEAD = 64 * 1024
 ACTIONS = ("cancel", "pause", "resume")
 
 # Saved presets a submission may name, by the submitting owner (None: keys off).
@@ -185,7 +184,7 @@ class JobIntake:
 
     def upload_limit(self) -> int:
         """The most bytes an upload body may have."""
-        return self.jobs.max_upload_files * (self.config.limits.max_bytes + MULTIPART_PART_OVERHEAD)
+        return self.jobs.max_upload_files * (self.config.limits.max_bytes + MULTIPART_OVERHEAD)
 
     async def _create(self, folder: Path, spec: Any) -> dict[str, Any]:
         try:

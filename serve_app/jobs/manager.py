@@ -20,10 +20,10 @@ from typing import Any
 import ray
 
 from serve_app.config import AppConfig
-from serve_app.errors import NotReady
+from serve_app.errors import NotReady, as_photo_error
 from serve_app.jobs.gate import Gate
 from serve_app.jobs.manifest import ManifestRecord
-from serve_app.jobs.scheduler import Scheduler, unwrap
+from serve_app.jobs.scheduler import Scheduler
 from serve_app.jobs.spec import ACTIVE, PENDING, JobSpec
 from serve_app.options import EnhanceOptions
 
@@ -221,7 +221,7 @@ async def call_manager(config: AppConfig, method: str, *args: Any) -> Any:
         try:
             return await getattr(handle, method).remote(*args)
         except (RayActorError, ActorUnavailableError) as exc:
-            err = unwrap(exc)
+            err = as_photo_error(exc)
             if err is not None:
                 raise err from None
             # Restarting, or gone for good: look it up (or create it) again by name.
@@ -230,7 +230,7 @@ async def call_manager(config: AppConfig, method: str, *args: Any) -> Any:
                 raise NotReady("the job manager is restarting; retry", retry_after_s=2) from None
             await asyncio.sleep(0.25)
         except Exception as exc:
-            err = unwrap(exc)
+            err = as_photo_error(exc)
             if err is not None:
                 raise err from None
             raise

@@ -22,14 +22,14 @@ from typing import Any
 
 import click
 
-from serve_app.config import JobsConfig, LimitsConfig
+from serve_app.config import APP_NAME, JobsConfig, LimitsConfig
 from serve_app.errors import Conflict, InvalidRequest, PhotoEnhanceError
 from serve_app.jobs.job import Job
 from serve_app.jobs.naming import new_job_id
 from serve_app.jobs.scheduler import Scheduler
 from serve_app.jobs.spec import JOB_JSON, TERMINAL, JobSpec, read_json
 from serve_app.jobs.storage import is_local, local_path
-from serve_app.options import EnhanceOptions, resolve_options
+from serve_app.options import OUTPUT_FORMATS, EnhanceOptions, resolve_options
 
 LOGGER = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ async def run_job(
     output: str,
     options: EnhanceOptions,
     *,
-    app_name: str = "photoenhance",
+    app_name: str = APP_NAME,
     concurrency: int = 8,
     state_dir: str | None = None,
     max_attempts: int = 3,
@@ -132,7 +132,7 @@ def _bar(job: Job) -> Any:
 @click.option("--input", "input_uri", required=True, help="Folder or bucket prefix to enhance.")
 @click.option("--output", required=True, help="Output folder or bucket prefix.")
 @click.option("--state-dir", default=None, help="Local folder for the manifest (default: output).")
-@click.option("--app", "app_name", default="photoenhance", show_default=True)
+@click.option("--app", "app_name", default=APP_NAME, show_default=True)
 @click.option("--address", default="auto", show_default=True, help="Ray address.")
 @click.option("--namespace", default="serve", show_default=True)
 @click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 1024))
@@ -140,7 +140,7 @@ def _bar(job: Job) -> Any:
 @click.option("--preset", default=None)
 @click.option("--upscale", type=click.Choice(["1", "2", "4"]), default=None)
 @click.option("--face/--no-face", default=None)
-@click.option("--format", "fmt", type=click.Choice(["png", "jpeg", "webp"]), default=None)
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
 @click.option("--quality", type=int, default=None)
 @click.option("-o", "--option", "extra", multiple=True, help="Any option as NAME=VALUE.")
 def main(

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.config import JobsConfig
-from serve_app.errors import Conflict, PhotoEnhanceError
+from serve_app.errors import Conflict, as_photo_error
 from serve_app.jobs import sources, webhooks
 from serve_app.jobs.gate import ForbiddenPath, Gate, Location, protocol_of
 from serve_app.jobs.job import Job
@@ -47,14 +47,6 @@ SPACE_CHECK_S = 1.0
 EXPIRE_EVERY_S = 60.0
 
 
-def unwrap(exc: BaseException) -> PhotoEnhanceError | None:
-    """The ``PhotoEnhanceError`` in ``exc``; Ray wraps remote errors and keeps it as ``cause``."""
-    if isinstance(exc, PhotoEnhanceError):
-        return exc
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, PhotoEnhanceError) else None
-
-
 UNAVAILABLE = frozenset({"not_ready", "DeploymentUnavailableError"})
 
 
@@ -63,7 +55,7 @@ def classify(exc: BaseException) -> tuple[str, str, str]:
     once), ``unavailable`` when the application is not running (wait, without spending an
     attempt) and ``transient`` for everything else: overload, timeouts, a replica or actor
     that died, a 5xx from a source."""
-    err = unwrap(exc)
+    err = as_photo_error(exc)
     if err is not None:
         if err.code in UNAVAILABLE:
             return "unavailable", err.code, err.message
