@@ -1,0 +1,108 @@
+"""The tree's structure (docs/ARCHITECTURE.md): layers import one way, no import cycles, and
+no torch where only the CPU side runs.
+
+The layer and torch rules are import-linter contracts in ``pyproject.toml``; cycles are found
+with grimp (import-linter's graph) counting imports inside functions too, so a cycle cannot
+hide in a function-level import. Each check also runs on a copy of the package with one bad
+import added, to show it fails when it should.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
+
+LINT = (
+    "import sys; from importlinter.cli import lint_imports; "
+    "sys.exit(lint_imports(config_filename=sys.argv[1], no_cache=True, no_logo=True))"
+)
+# Every direct import a -> b (TYPE_CHECKING blocks aside) where b leads back to a.
+CYCLES = """
+import grimp
+g = grimp.build_graph("serve_app", exclude_type_checking_imports=True, cache_dir=None)
+for a in sorted(g.modules):
+    for b in sorted(g.find_modules_directly_imported_by(a)):
+        if a != b and g.chain_exists(importer=b, imported=a):
+            print(a, "->", b)
+"""
+# What an ingress replica and the job actor import; none of it may load torch.
+CPU_SIDE = """
+import sys
+import serve_app.deployments.app, serve_app.deployments.ingress, serve_app.jobs
+assert "serve_app.deployments.ingress" in sys.modules
+print("torch" in sys.modules)
+"""
+
+
+def run(code: str, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def copy_with(tmp_path: Path, module: str, line: str) -> Path:
+    """A copy of the package in ``tmp_path`` whose ``module`` ends with ``line``."""
+    shutil.copytree(ROOT / "serve_app", tmp_path / "serve_app",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    path = tmp_path / (module.replace(".", "/") + ".py")
+    path.write_text(path.read_text() + "\n" + line + "\n")
+    return tmp_path
+
+
+def test_layers_import_one_way_and_torch_stays_in_the_engine():
+    res = run(LINT, ROOT, str(PYPROJECT))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Contracts: 2 kept, 0 broken." in res.stdout
+
+
+def test_a_wrong_way_import_breaks_the_layers(tmp_path):
+    root = copy_with(tmp_path, "serve_app.api.errors", "from serve_app.deployments import ingress")
+    res = run(LINT, root, str(PYPROJECT))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Layers import one way BROKEN" in res.stdout
+    assert "serve_app.api.errors -> serve_app.deployments.ingress" in res.stdout
+
+
+def test_torch_below_the_api_breaks_its_contract(tmp_path):
+    root = copy_with(tmp_path, "serve_app.options", "def _f():\n    import torch  # noqa")
+    res = run(LINT, root, str(PYPROJECT))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "is not allowed to import torch" in res.stdout
+
+
+def test_no_import_cycles():
+    res = run(CYCLES, ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "", "import cycles:\n" + res.stdout
+
+
+def test_a_cycle_inside_a_function_is_found(tmp_path):
+    root = copy_with(tmp_path, "serve_app.engine.weights",
+                     "def _f():\n    from serve_app.engine import synthetic  # noqa")
+    res = run(CYCLES, root)
+    assert res.returncode == 0, res.stderr
+    assert "serve_app.engine.weights -> serve_app.engine.synthetic" in res.stdout
+
+
+def test_the_ingress_and_the_job_actor_load_without_torch():
+    res = run(CPU_SIDE, ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
+def test_torch_reached_from_the_ingress_is_seen(tmp_path):
+    root = copy_with(tmp_path, "serve_app.api.metrics", "import torch  # noqa")
+    res = run(CPU_SIDE, root)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "True"
