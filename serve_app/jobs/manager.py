@@ -189,14 +189,6 @@ def forget_manager(config: AppConfig) -> None:
     _HANDLES.pop(manager_name(config), None)
 
 
-def lookup_manager(config: AppConfig) -> Any | None:
-    """The running job actor, or None (never creates one)."""
-    try:
-        return ray.get_actor(manager_name(config), namespace=NAMESPACE)
-    except ValueError:
-        return None
-
-
 ACTOR_RETRY_S = 30.0
 
 

@@ -120,10 +120,6 @@ class ManifestWriter:
             self._size = offset + written
         return offset
 
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:

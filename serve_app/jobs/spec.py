@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.options import EnhanceOptions
 
-JobState = Literal["queued", "running", "paused", "completed", "partial", "failed", "cancelled"]
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 TERMINAL: frozenset[str] = frozenset({"completed", "partial", "failed", "cancelled"})
 

@@ -34,12 +34,6 @@ def local_path(uri: str) -> Path:
     return Path(uri).expanduser()
 
 
-def within(path: Path, roots: list[Path] | tuple[Path, ...]) -> bool:
-    """Whether ``path`` (resolved, symlinks followed) lies inside one of ``roots``."""
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(root.resolve()) for root in roots)
-
-
 class Storage:
     """One output folder (or prefix) addressed by a URI."""
 
