@@ -300,7 +300,8 @@ def run_scale_out(opts: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from serve_app.deployments.app import APP_NAME, build_app
+    from serve_app.config import APP_NAME
+    from serve_app.deployments.app import build_app
 
     counts = [int(n) for n in opts.scale_out.split(",")]
     nodes = max(counts)

@@ -217,10 +217,8 @@ def start_server(args: dict[str, Any], base: Path, num_cpus: int) -> tuple[str, 
     import ray
     from ray import serve
 
-    try:
-        from serve_app.deployments.app import APP_NAME, build_app
-    except ImportError:  # after the module moves
-        from serve_app.serving.app import APP_NAME, build_app  # type: ignore[no-redef]
+    from serve_app.config import APP_NAME
+    from serve_app.deployments.app import build_app
 
     port = free_port()
     # On a loaded machine the dashboard agent can miss the raylet's start-up deadline.
