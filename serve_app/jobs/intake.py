@@ -121,7 +121,6 @@ class JobIntake:
 
     def __init__(self, config: AppConfig, presets: Presets | None = None) -> None:
         self.config = config
-        self.jobs = config.jobs
         self.jobs_dir = mgr.jobs_dir(config)
         self.presets: Presets = presets or (lambda owner: {})
         self.gate = Gate(config)
@@ -152,12 +151,12 @@ class JobIntake:
         """A job over the files of a ``multipart/form-data`` stream (field ``files``); other
         fields are job fields (``priority``, ``output``, ``max_inflight``) or options."""
         if declared_bytes is not None:
-            Storage(str(self.jobs_dir)).check_space(declared_bytes, self.jobs.min_free_bytes)
+            Storage(str(self.jobs_dir)).check_space(declared_bytes, self.config.jobs.min_free_bytes)
         job_id = new_job_id()
         folder = self.jobs_dir / job_id
 
         async def spec() -> JobSpec:
-            spooler = UploadSpooler(folder / "inputs", max_files=self.jobs.max_upload_files,
+            spooler = UploadSpooler(folder / "inputs", max_files=self.config.jobs.max_upload_files,
                                     max_file_bytes=self.config.limits.max_bytes,
                                     check_space=self._spool_space)
             spooled = await spooler.spool(content_type, stream)
@@ -180,11 +179,11 @@ class JobIntake:
     def _spool_space(self, _: int) -> None:
         # The floor holds for uploads too, checked as they stream (chunked bodies declare
         # no length up front).
-        Storage(str(self.jobs_dir)).check_space(0, self.jobs.min_free_bytes)
+        Storage(str(self.jobs_dir)).check_space(0, self.config.jobs.min_free_bytes)
 
     def upload_limit(self) -> int:
         """The most bytes an upload body may have."""
-        return self.jobs.max_upload_files * (self.config.limits.max_bytes + MULTIPART_OVERHEAD)
+        return self.config.jobs.max_upload_files * (self.config.limits.max_bytes + MULTIPART_OVERHEAD)
 
     async def _create(self, folder: Path, spec: Any) -> dict[str, Any]:
         try:
@@ -246,13 +245,13 @@ class JobIntake:
     ) -> JobSpec:
         output = self._output(req.output, folder)
         if req.callback_url is not None:
-            webhooks.secret_for(self.jobs, owner)  # 400 when callbacks are not enabled
+            webhooks.secret_for(self.config.jobs, owner)  # 400 when callbacks are not enabled
             try:
                 self.gate.url(req.callback_url)
             except HostUnresolved as exc:  # checked again before every attempt
                 LOGGER.info("callback not checked now: %s", exc.message)
         if is_local(output):  # object stores report no free space; nothing to connect to
-            Storage(output).check_space(estimate, self.jobs.min_free_bytes)
+            Storage(output).check_space(estimate, self.config.jobs.min_free_bytes)
         return JobSpec(
             job_id=job_id,
             created_at=time.time(),
