@@ -137,8 +137,8 @@ def main() -> int:
     from conftest import Images
     from ray import serve
 
-    from serve_app.config import AppConfig
-    from serve_app.deployments.app import APP_NAME, build_app
+    from serve_app.config import APP_NAME, AppConfig
+    from serve_app.deployments.app import build_app
 
     base = Path(tempfile.mkdtemp(prefix="pe-hostile-"))
     raw = yaml.safe_load((ROOT / "configs" / "dev.yaml").read_text())
