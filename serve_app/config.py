@@ -81,6 +81,19 @@ class LimitsConfig(_Section):
     max_output_pixels: int = Field(
         200_000_000, ge=1, description="Largest output (input pixels * upscale^2)."
     )
+    # Structure, counted before any decoder runs (serve_app.codec.structure).
+    max_jpeg_scans: int = Field(100, ge=1, description="Scans of a (progressive) JPEG.")
+    max_jpeg_markers: int = Field(1000, ge=8, description="Markers (segments) of a JPEG.")
+    max_chunks: int = Field(20_000, ge=8, description="PNG/WebP chunks or HEIF/AVIF boxes.")
+    max_frames: int = Field(256, ge=1, description="Frames or pages (only the first is used).")
+    max_tiff_strips: int = Field(32_768, ge=1, description="Strips or tiles of a TIFF page.")
+    max_tiff_tags: int = Field(512, ge=16, description="Tags of a TIFF page.")
+    max_heif_items: int = Field(1024, ge=1, description="Items (tiles, thumbnails) of HEIF/AVIF.")
+    decode_cpu_s: float = Field(10.0, gt=0, description="CPU seconds one decode may use.")
+    encode_cpu_s: float = Field(60.0, gt=0, description="CPU seconds one encode may use.")
+    codec_memory_mb: int = Field(
+        4096, ge=128, description="Memory (data segment) of one decode/encode worker process."
+    )
 
 
 class BatchingConfig(_Section):
@@ -162,6 +175,9 @@ class EncodingConfig(_Section):
     )
     gpu_jpeg: bool = Field(
         True, description="On a CUDA replica, decode and encode plain JPEGs with nvJPEG."
+    )
+    metadata: Literal["keep", "strip", "keep-no-gps"] = Field(
+        "keep", description="Default of the `metadata` option when a request does not set it."
     )
 
 

@@ -53,6 +53,18 @@ class TooManyPixels(PayloadTooLarge):
     default_code = "too_many_pixels"
 
 
+class ImageTooComplex(PayloadTooLarge):
+    """The container's structure (scans, strips, chunks, frames) passes a limit."""
+
+    default_code = "image_too_complex"
+
+
+class CodecBudgetExceeded(PayloadTooLarge):
+    """Decoding or encoding passed its CPU-time or memory budget and was stopped."""
+
+    default_code = "decode_too_costly"
+
+
 class UnsupportedMediaType(PhotoEnhanceError):
     status = 415
     default_code = "unsupported_media_type"

@@ -24,7 +24,9 @@ from serve_app.errors import InvalidOption
 
 FaceModel = Literal["GFPGANv1.3", "GFPGANv1.4"]
 BgModel = Literal["auto", "none", "RealESRGAN_x2plus", "RealESRGAN_x4plus", "realesr-general-x4v3"]
-OutputFormat = Literal["png", "jpeg", "webp"]
+OutputFormat = Literal["png", "jpeg", "webp", "avif"]
+MetadataMode = Literal["keep", "strip", "keep-no-gps"]
+ColorMode = Literal["keep", "srgb"]
 
 FACE_MODELS: tuple[str, ...] = FaceModel.__args__  # type: ignore[attr-defined]
 BG_MODELS: tuple[str, ...] = BgModel.__args__  # type: ignore[attr-defined]
@@ -64,7 +66,19 @@ class EnhanceOptions(BaseModel):
     weight: float = Field(0.5, ge=0.0, le=1.0, description="GFPGAN fidelity weight.")
     only_center_face: bool = False
     aligned: bool = Field(False, description="Input is an aligned 512x512 face crop.")
-    format: OutputFormat | None = Field(None, description="Default: the input's, PNG with alpha.")
+    format: OutputFormat | None = Field(
+        None, description="Default: the input's (JPEG for HEIC), PNG with alpha or 16 bits."
+    )
+    metadata: MetadataMode | None = Field(
+        None,
+        description="EXIF, XMP and IPTC of the input in the output: keep, strip, or keep-no-gps "
+        "(drops location). Default: the server's (configs: codec.metadata).",
+    )
+    color: ColorMode = Field(
+        "keep",
+        description="keep: the output in the input's ICC profile; srgb: converted to sRGB, "
+        "with an sRGB profile attached.",
+    )
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
     tile: int = Field(0, ge=0, le=4096, description="Tile size for the upsampler; 0: engine default.")
     preset: str | None = None

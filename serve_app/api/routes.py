@@ -26,6 +26,7 @@ from serve_app.api.guard import Guard, owner_filter, principal_of
 from serve_app.api.http import DrainBody, ObservedApp, read_image_request, read_json_body
 from serve_app.api.jobs import build_job_routes
 from serve_app.api.schemas import SYNTHETIC_WARNING, EnhancedImage
+from serve_app.codec import INPUT_FORMATS
 from serve_app.config import AppConfig
 from serve_app.errors import NotFound, NotReady, as_photo_error
 from serve_app.options import (
@@ -161,8 +162,11 @@ class _Api:
             "synthetic": synthetic,
             "engine": public_engine_info(info, admin=principal is not None and principal.is_admin),
             "models": _model_names(info),
-            "options": EnhanceOptions().model_dump(mode="json"),
-            "formats": {"input": ["jpeg", "png", "webp", "bmp", "tiff"], "output": list(OUTPUT_FORMATS)},
+            "options": {
+                **EnhanceOptions().model_dump(mode="json"),
+                "metadata": self.config.encoding.metadata,  # the server's default
+            },
+            "formats": {"input": list(INPUT_FORMATS), "output": list(OUTPUT_FORMATS)},
             "presets": self.service.presets.listing(principal),
             "limits": self.config.limits.model_dump(mode="json"),
             "batching": self.config.batching.model_dump(mode="json"),

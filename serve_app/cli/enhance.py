@@ -11,7 +11,9 @@ import click
 
 from serve_app.options import OUTPUT_FORMATS
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {
+    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif",
+}
 
 
 def expand_paths(paths: tuple[Path, ...]) -> list[Path]:
@@ -23,6 +25,35 @@ def expand_paths(paths: tuple[Path, ...]) -> list[Path]:
         else:
             out.append(path)
     return out
+
+
+def output_stems(paths: list[Path]) -> dict[Path, str]:
+    """A distinct output stem per input: the input's stem, its whole name where two inputs
+    share a stem (``image.bmp`` -> ``image.bmp.png``), and a ``-2``, ``-3``... suffix where
+    even that collides (``a/x.jpg``, ``b/x.jpg``). Compared without case, as some file
+    systems do."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        counts[path.stem.lower()] = counts.get(path.stem.lower(), 0) + 1
+    taken: set[str] = set()
+    stems: dict[Path, str] = {}
+    for path in paths:
+        stem = path.stem if counts[path.stem.lower()] == 1 else path.name
+        candidate, n = stem, 1
+        while candidate.lower() in taken or (candidate != path.stem and candidate.lower() in counts):
+            n += 1
+            candidate = f"{stem}-{n}"
+        taken.add(candidate.lower())
+        stems[path] = candidate
+    return stems
+
+
+def _existing(out_dir: Path, stem: str) -> str | None:
+    """A finished output for ``stem`` (any extension), or None."""
+    for entry in out_dir.iterdir():
+        if entry.is_file() and not entry.name.startswith(".") and entry.stem == stem:
+            return entry.name
+    return None
 
 
 @click.command("enhance")
@@ -39,6 +70,10 @@ def expand_paths(paths: tuple[Path, ...]) -> list[Path]:
 @click.option("--only-center-face", is_flag=True, default=None)
 @click.option("--aligned", is_flag=True, default=None, help="Inputs are aligned 512x512 faces.")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
+@click.option("--metadata", type=click.Choice(["keep", "strip", "keep-no-gps"]), default=None,
+              help="EXIF/XMP/IPTC in the outputs (default: the server's, usually keep).")
+@click.option("--color", type=click.Choice(["keep", "srgb"]), default=None,
+              help="keep: the input's ICC profile; srgb: convert to sRGB (default: keep).")
 @click.option("--quality", type=int, default=None)
 @click.option("--tile", type=int, default=None)
 @click.option("--preset", default=None)
@@ -56,19 +91,25 @@ def enhance_cmd(
 
     options["format"] = fmt
     options = {k: v for k, v in options.items() if v is not None}
-    paths = expand_paths(files)
+    paths = list(dict.fromkeys(expand_paths(files)))  # a file named twice is done once
+    stems = output_stems(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures: list[tuple[Path, str]] = []
+    skipped: list[Path] = []
     synthetic = False
 
     def one(path: Path) -> str:
         nonlocal synthetic
-        existing = list(out_dir.glob(f"{path.stem}.*"))
+        stem = stems[path]
+        existing = _existing(out_dir, stem)
         if existing and not overwrite:
-            return f"skipped (exists: {existing[0].name})"
+            skipped.append(path)
+            return f"skipped (exists: {existing})"
         result = client.enhance(path.read_bytes(), filename=path.name, **options)
         synthetic = synthetic or result.synthetic
-        target = out_dir / f"{path.stem}.{'jpg' if result.format == 'jpeg' else result.format}"
+        target = out_dir / f"{stem}.{'jpg' if result.format == 'jpeg' else result.format}"
+        if existing and existing != target.name:
+            (out_dir / existing).unlink(missing_ok=True)  # --overwrite: one output per input
         tmp = target.with_name(f".{target.name}.part")
         tmp.write_bytes(result.data)
         tmp.replace(target)
@@ -92,7 +133,12 @@ def enhance_cmd(
     if synthetic:
         click.echo("WARNING: the server runs SYNTHETIC weights; outputs are not real "
                    "restorations.", err=True)
-    click.echo(f"{len(paths) - len(failures)} of {len(paths)} enhanced into {out_dir}")
+    written = len(paths) - len(failures) - len(skipped)
+    click.echo(
+        f"{written} of {len(paths)} written into {out_dir}"
+        + (f", {len(skipped)} skipped (output exists)" if skipped else "")
+        + (f", {len(failures)} failed" if failures else "")
+    )
     if failures:
         sys.exit(1)
 

@@ -3,16 +3,20 @@
 ``probe`` reads format and size from the header without decoding a pixel, so that oversized
 inputs (decompression bombs included) are refused before any memory is spent on them.
 ``decode`` returns the array in OpenCV's layout (``IMREAD_UNCHANGED``: HxW gray, HxWx3 BGR,
-HxWx4 BGRA; uint8 or uint16) with EXIF orientation applied. ``encode`` writes PNG, JPEG or
-WebP. No input bytes, however broken, raise anything but a ``PhotoEnhanceError``.
+HxWx4 BGRA; uint8 or uint16) with EXIF orientation applied, in sRGB (``color``), and the
+photo's metadata beside it (``metadata``). ``encode`` writes PNG, JPEG, WebP or AVIF, with
+the metadata made true for the new size. No input bytes, however broken, raise anything but
+a ``PhotoEnhanceError``. ``bounded`` runs decode and encode in stoppable workers.
 
 Format rules (also in the README):
 
-- accepted inputs: JPEG, PNG, WebP, BMP, TIFF, recognised by their magic bytes (the declared
-  content type is not trusted); the first frame of an animated or multi-page file is used;
+- accepted inputs: JPEG, PNG, WebP, BMP, TIFF, HEIC/HEIF and AVIF, recognised by their magic
+  bytes (the declared content type is not trusted); the first frame of an animated or
+  multi-page file is used (the primary image of a HEIF);
 - kept: gray stays gray, alpha stays alpha, 16 bits stay 16 bits; CMYK, palette, YCbCr and
   1-bit inputs become BGR (BGRA when the palette has transparency);
-- default output format: the input's when it is PNG, JPEG or WebP, otherwise PNG; PNG as
+- default output format: the input's when it is PNG, JPEG, WebP or AVIF, JPEG for HEIC/HEIF,
+  otherwise PNG; PNG as
   well when the result has alpha and the input's format is JPEG, or when it is 16-bit and
   the format would be JPEG or WebP (only PNG keeps 16 bits);
 - an explicit ``format=jpeg`` on an image with alpha flattens it onto white; an explicit
@@ -24,13 +28,16 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from serve_app.codec import color as colorm
+from serve_app.codec.metadata import ImageMetadata, attach, pillow_args, prepare, read_metadata
+from serve_app.codec.structure import check_structure
 from serve_app.config import EncodingConfig, LimitsConfig
 from serve_app.errors import (
     InvalidImage,
@@ -44,7 +51,7 @@ from serve_app.options import OUTPUT_FORMATS, OutputFormat
 
 LOGGER = logging.getLogger(__name__)
 
-InputFormat = Literal["jpeg", "png", "webp", "bmp", "tiff"]
+InputFormat = Literal["jpeg", "png", "webp", "bmp", "tiff", "heif", "avif"]
 
 MEDIA_TYPES: dict[str, str] = {
     "jpeg": "image/jpeg",
@@ -52,7 +59,10 @@ MEDIA_TYPES: dict[str, str] = {
     "webp": "image/webp",
     "bmp": "image/bmp",
     "tiff": "image/tiff",
+    "heif": "image/heic",
+    "avif": "image/avif",
 }
+INPUT_FORMATS: tuple[str, ...] = tuple(MEDIA_TYPES)
 
 # Pillow's names for the formats we accept; MPO is a multi-picture JPEG from cameras.
 _PIL_FORMATS: dict[str, tuple[str, ...]] = {
@@ -61,9 +71,24 @@ _PIL_FORMATS: dict[str, tuple[str, ...]] = {
     "webp": ("WEBP",),
     "bmp": ("BMP", "DIB"),
     "tiff": ("TIFF",),
+    "heif": ("HEIF",),
+    "avif": ("AVIF",),
 }
+# ISO base media brands (the `ftyp` box) of the two still-image formats we read.
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
+# AVIF: libaom's speed 8 costs about half the CPU of its default (6) for a slightly larger file.
+AVIF_SPEED = 8
 
-_EXIF_ORIENTATION = 0x0112
+
+def _register_heif() -> None:
+    import pillow_heif
+
+    # The primary image only: no thumbnails, depth or auxiliary images are decoded.
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+
+
+_register_heif()
 
 # We enforce our own pixel limits (``check_pixels``) before decoding, and a broken file's
 # TIFF tags are refused or ignored by us: Pillow's warnings about either would only flood
@@ -92,10 +117,12 @@ class ImageInfo:
 
 @dataclass
 class DecodedImage:
-    """Pixels in OpenCV layout, after EXIF orientation."""
+    """Pixels in OpenCV layout, after EXIF orientation, in sRGB where the input had a profile
+    that could be converted (``metadata.pixels_in_srgb``); the photo's metadata beside them."""
 
     image: np.ndarray
     format: InputFormat
+    metadata: ImageMetadata = field(default_factory=ImageMetadata)
 
     @property
     def height(self) -> int:
@@ -132,24 +159,31 @@ def sniff(data: bytes) -> InputFormat | None:
         return "webp"
     if head.startswith(b"BM"):
         return "bmp"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "tiff"
+    if data[4:8] == b"ftyp":
+        size = int.from_bytes(data[:4], "big")
+        brands = {data[i:i + 4] for i in range(8, min(max(size, 16), 64, len(data)), 4)}
+        if brands & _AVIF_BRANDS:
+            return "avif"
+        if brands & _HEIF_BRANDS:
+            return "heif"
     return None
 
 
 def _describe_unsupported(data: bytes) -> str:
     text = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if b"<svg" in text or (text.startswith(b"<?xml") and b"svg" in data[:4096].lower()):
-        return "SVG is not supported; send JPEG, PNG, WebP, BMP or TIFF"
+        return "SVG is not supported; send JPEG, PNG, WebP, BMP, TIFF, HEIC or AVIF"
     if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text:
-        return "HTML is not an image; send JPEG, PNG, WebP, BMP or TIFF"
+        return "HTML is not an image; send JPEG, PNG, WebP, BMP, TIFF, HEIC or AVIF"
     if text.startswith(b"<"):
-        return "XML is not an image; send JPEG, PNG, WebP, BMP or TIFF"
+        return "XML is not an image; send JPEG, PNG, WebP, BMP, TIFF, HEIC or AVIF"
     if text.startswith(b"gif8"):
-        return "GIF is not supported; send JPEG, PNG, WebP, BMP or TIFF"
+        return "GIF is not supported; send JPEG, PNG, WebP, BMP, TIFF, HEIC or AVIF"
     if _looks_like_text(data[:1024]):
-        return "text is not an image; send JPEG, PNG, WebP, BMP or TIFF"
-    return "not a supported image; send JPEG, PNG, WebP, BMP or TIFF"
+        return "text is not an image; send JPEG, PNG, WebP, BMP, TIFF, HEIC or AVIF"
+    return "not a supported image; send JPEG, PNG, WebP, BMP, TIFF, HEIC or AVIF"
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -215,6 +249,7 @@ def probe(data: bytes, limits: LimitsConfig, upscale: int = 1) -> ImageInfo:
     if fmt == "png" and len(data) >= 24 and data[12:16] == b"IHDR":
         # Check the claimed size before any parser sees the rest of the file.
         check_pixels(int.from_bytes(data[16:20]), int.from_bytes(data[20:24]), limits, upscale)
+    check_structure(data, fmt, limits)
     with _open(data, fmt) as im:
         width, height = im.size
         mode = im.mode
@@ -235,34 +270,40 @@ def decode(data: bytes, info: ImageInfo | None = None) -> DecodedImage:
     if fmt is None:
         raise UnsupportedMediaType(_describe_unsupported(data))
     try:
-        image = _decode(data, fmt)
+        image, meta = _decode(data, fmt)
     except PhotoEnhanceError:
+        raise
+    except MemoryError:
         raise
     except Exception as exc:  # never let a decoder's failure escape as a 500
         raise InvalidImage(f"broken {fmt} image: {_short(exc)}") from None
     if image.size == 0:
         raise InvalidImage("image decoded to no pixels")
-    return DecodedImage(image=np.ascontiguousarray(image), format=fmt)
+    meta = replace(meta, size=(int(image.shape[1]), int(image.shape[0])))
+    return DecodedImage(image=np.ascontiguousarray(image), format=fmt, metadata=meta)
 
 
-def _decode(data: bytes, fmt: InputFormat) -> np.ndarray:
+def _decode(data: bytes, fmt: InputFormat) -> tuple[np.ndarray, ImageMetadata]:
     with _open(data, fmt) as im:
-        orientation = _orientation(im)
+        meta, orientation = read_metadata(im, fmt)
+        icc = meta.icc_profile
+        converted = False
         if _is_deep_color(im, data, fmt):
             # Pillow cannot hold 16-bit colour; OpenCV keeps it.
             image = _cv2_decode(data)
+            if colorm.usable(icc, "RGB;16"):
+                srgb = colorm.array_convert(image, icc, to_srgb=True)  # type: ignore[arg-type]
+                if srgb is not None:
+                    image, converted = srgb, True
         else:
             im.load()  # raises on truncated or corrupt data
+            if icc and im.mode in ("P", "PA"):
+                im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+            if colorm.usable(icc, im.mode):
+                im = colorm.pil_to_srgb(im, icc)  # type: ignore[arg-type]
+                converted = True
             image = _pil_to_array(im)
-    return _apply_orientation(image, orientation)
-
-
-def _orientation(im: Image.Image) -> int:
-    try:
-        value = im.getexif().get(_EXIF_ORIENTATION, 1)
-        return int(value) if value in range(1, 9) else 1
-    except Exception:  # a broken EXIF block is not worth refusing the photo
-        return 1
+    return _apply_orientation(image, orientation), replace(meta, pixels_in_srgb=converted)
 
 
 def _is_deep_color(im: Image.Image, data: bytes, fmt: InputFormat) -> bool:
@@ -349,7 +390,10 @@ def output_format(requested: str | None, input_format: str, image: np.ndarray) -
                 f"format must be one of {list(OUTPUT_FORMATS)}", field="format"
             )
         return requested  # type: ignore[return-value]
-    fmt: OutputFormat = input_format if input_format in OUTPUT_FORMATS else "png"  # type: ignore[assignment]
+    fmt: OutputFormat = (  # type: ignore[assignment]
+        input_format if input_format in OUTPUT_FORMATS
+        else "jpeg" if input_format == "heif" else "png"
+    )
     if image.dtype == np.uint16 and fmt != "png":
         return "png"
     if has_alpha(image) and fmt == "jpeg":
@@ -387,16 +431,27 @@ _PNG_FILTERS = {
 
 
 def encode(
-    image: np.ndarray, fmt: str = "png", quality: int = 95, settings: EncodingConfig | None = None
+    image: np.ndarray, fmt: str = "png", quality: int = 95,
+    settings: EncodingConfig | None = None, *, metadata: ImageMetadata | None = None, keep: str = "keep", color: str = "keep",
 ) -> bytes:
-    """Encode an OpenCV-layout array. JPEG flattens alpha onto white; JPEG/WebP are 8-bit.
-    JPEG goes through OpenCV's libjpeg-turbo (measured as fast as the alternatives)."""
+    """Encode an OpenCV-layout array. JPEG flattens alpha onto white; JPEG/WebP/AVIF are 8-bit.
+
+    ``metadata`` (a ``DecodedImage``'s) is written back as ``keep`` says (``keep``, ``strip``,
+    ``keep-no-gps``), in the profile ``color`` says (``keep``: the input's, converted back;
+    ``srgb``: sRGB, with an sRGB profile attached). JPEG goes through OpenCV's libjpeg-turbo
+    (measured as fast as the alternatives); ``settings`` tune PNG.
+    """
     if fmt not in OUTPUT_FORMATS:
         raise InvalidOption(f"format must be one of {list(OUTPUT_FORMATS)}", field="format")
-    if fmt in ("jpeg", "webp") and image.dtype == np.uint16:
+    meta = metadata or ImageMetadata()
+    image, icc = _output_color(image, meta, color)
+    if fmt in ("jpeg", "webp", "avif") and image.dtype == np.uint16:
         image = (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     if fmt == "jpeg" and has_alpha(image):
         image = _flatten_on_white(image)
+    out = prepare(meta, keep, int(image.shape[1]), int(image.shape[0]), icc)
+    if fmt == "avif" or (fmt == "webp" and not out.empty):
+        return _pil_encode(image, fmt, quality, out)
     if fmt == "png":
         params = png_params(settings)
         ext = ".png"
@@ -409,7 +464,52 @@ def encode(
     ok, buf = cv2.imencode(ext, np.ascontiguousarray(image), params)
     if not ok:
         raise InvalidImage(f"could not encode the result as {fmt}", code="encode_failed")
-    return buf.tobytes()
+    return attach(buf.tobytes(), fmt, out) if not out.empty else buf.tobytes()
+
+
+def _output_color(
+    image: np.ndarray, meta: ImageMetadata, color: str
+) -> tuple[np.ndarray, bytes | None]:
+    """The pixels in the output's profile, and the profile to attach (None: none)."""
+    icc = meta.icc_profile
+    colour_image = image.ndim == 3 and image.shape[2] in (3, 4)
+    if not colour_image:  # gray: its own profile, if any, fits only gray
+        return image, icc if icc and _icc_space(icc) == "GRAY" else None
+    if color == "srgb":
+        if icc and not meta.pixels_in_srgb and not colorm.is_srgb(icc):
+            return image, icc  # a profile we could not convert from: still the truth
+        return image, colorm.srgb_profile()
+    if not icc or _icc_space(icc) != "RGB":
+        return image, colorm.srgb_profile() if meta.pixels_in_srgb else None
+    if not meta.pixels_in_srgb:
+        return image, icc
+    back = colorm.array_convert(image, icc, to_srgb=False)
+    return (back, icc) if back is not None else (image, colorm.srgb_profile())
+
+
+def _icc_space(icc: bytes) -> str:
+    return icc[16:20].decode("ascii", "replace").strip() if len(icc) >= 20 else ""
+
+
+def _pil_encode(image: np.ndarray, fmt: str, quality: int, meta: ImageMetadata) -> bytes:
+    if image.ndim == 2:
+        pil = Image.fromarray(image, "L")
+    elif image.shape[2] == 4:
+        pil = Image.fromarray(cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA), "RGBA")
+    else:
+        pil = Image.fromarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), "RGB")
+    args = pillow_args(meta)
+    if fmt == "avif":
+        args.update(speed=AVIF_SPEED, max_threads=1)
+    buf = io.BytesIO()
+    try:
+        pil.save(buf, fmt.upper(), quality=int(quality), **args)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        LOGGER.warning("%s encoding failed: %s", fmt, _short(exc))
+        raise InvalidImage(f"could not encode the result as {fmt}", code="encode_failed") from None
+    return buf.getvalue()
 
 
 def _flatten_on_white(image: np.ndarray) -> np.ndarray:

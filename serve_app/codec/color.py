@@ -1,0 +1,224 @@
+"""Colour management: pixels in sRGB for the models, the photo's own profile on the way out.
+
+An input with an ICC profile is converted to sRGB when decoded (the models were trained on
+sRGB), and the output either goes back to the original profile (``color=keep``) or stays in
+sRGB with an sRGB profile attached (``color=srgb``). Rendering intent: relative colorimetric,
+as LittleCMS applies it by default to display profiles.
+
+Pillow's ImageCms (LittleCMS) does 8-bit images. It has no 16-bit RGB mode, so 16-bit images
+take a float path written here for matrix-shaper profiles (the ``rXYZ``/``gXYZ``/``bXYZ``
+colorants and ``rTRC``/``gTRC``/``bTRC`` curves that sRGB, Display P3, Adobe RGB, ProPhoto
+and Rec. 2020 profiles are made of): the same maths LittleCMS does for them, in float32, so
+16 bits stay 16 bits. A 16-bit image with a LUT-based profile is left as it is, profile
+included (docs: README "Formats").
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import struct
+
+import numpy as np
+from PIL import Image, ImageCms
+
+LOGGER = logging.getLogger(__name__)
+
+ColorMode = str  # "keep" | "srgb"
+COLOR_MODES: tuple[str, ...] = ("keep", "srgb")
+
+
+@functools.cache
+def srgb_profile() -> bytes:
+    """The sRGB profile LittleCMS builds (attached to ``color=srgb`` outputs)."""
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def is_srgb(icc: bytes) -> bool:
+    desc = _description(icc).lower()
+    return icc == srgb_profile() or desc.startswith(("srgb", "s rgb")) or "iec61966-2" in desc
+
+
+def _description(icc: bytes) -> str:
+    try:
+        return ImageCms.getProfileDescription(_profile(_key(icc), icc)).strip()
+    except Exception:
+        return ""
+
+
+def _key(icc: bytes) -> str:
+    return hashlib.sha1(icc).hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def _profile(key: str, icc: bytes) -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.core.profile_frombytes(icc))
+
+
+@functools.lru_cache(maxsize=32)
+def _transform(key: str, icc: bytes, mode: str, to_srgb: bool) -> ImageCms.ImageCmsTransform:
+    src = _profile(key, icc)
+    srgb = _profile(_key(srgb_profile()), srgb_profile())
+    a, b = (src, srgb) if to_srgb else (srgb, src)
+    return ImageCms.buildTransform(
+        a, b, mode, mode, renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC
+    )
+
+
+def usable(icc: bytes | None, mode: str) -> bool:
+    """Whether an input profile can (and needs to) be converted for a Pillow ``mode``."""
+    if not icc or mode not in ("RGB", "RGBA", "CMYK", "I;16", "I;16B", "RGB;16"):
+        return False
+    try:
+        space = _profile(_key(icc), icc).profile.xcolor_space.strip()
+    except Exception:  # a broken profile is ignored, as browsers do
+        LOGGER.info("ignoring an unreadable ICC profile")
+        return False
+    return space == ("CMYK" if mode == "CMYK" else "RGB") and not (mode != "CMYK" and is_srgb(icc))
+
+
+def pil_to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
+    """An 8-bit RGB, RGBA or CMYK Pillow image converted from ``icc`` to sRGB."""
+    out_mode = "RGB" if im.mode == "CMYK" else im.mode
+    if im.mode == "CMYK":
+        transform = ImageCms.buildTransform(
+            _profile(_key(icc), icc), _profile(_key(srgb_profile()), srgb_profile()),
+            "CMYK", "RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL,
+        )
+        return ImageCms.applyTransform(im, transform)
+    return ImageCms.applyTransform(im, _transform(_key(icc), icc, out_mode, True))
+
+
+def array_convert(image: np.ndarray, icc: bytes, to_srgb: bool) -> np.ndarray | None:
+    """An OpenCV-layout BGR(A) array (8 or 16 bits) between ``icc`` and sRGB; None if the
+    profile cannot do it at this depth (then nothing is converted)."""
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        return None
+    if image.dtype == np.uint8:
+        mode = "RGBA" if image.shape[2] == 4 else "RGB"
+        rgb = image[..., [2, 1, 0, 3]] if mode == "RGBA" else image[..., ::-1]
+        im = Image.fromarray(np.ascontiguousarray(rgb), mode)
+        out = np.asarray(ImageCms.applyTransform(im, _transform(_key(icc), icc, mode, to_srgb)))
+        return out[..., [2, 1, 0, 3]] if mode == "RGBA" else out[..., ::-1]
+    shaper = matrix_shaper(icc)
+    if shaper is None:
+        return None
+    return shaper.convert(image, to_srgb)
+
+
+# --------------------------------------------------------------------------- 16 bits
+
+
+class MatrixShaper:
+    """A matrix-shaper profile: curves to linear light, then a 3x3 matrix to PCS XYZ (D50)."""
+
+    def __init__(self, matrix: np.ndarray, curves: list[np.ndarray]) -> None:
+        self.matrix = matrix  # linear RGB -> XYZ
+        self.curves = curves  # each: 4096-entry table, encoded [0,1] -> linear
+
+    def to_linear(self, rgb: np.ndarray) -> np.ndarray:
+        return np.stack([_lookup(c, rgb[..., i]) for i, c in enumerate(self.curves)], axis=-1)
+
+    def from_linear(self, lin: np.ndarray) -> np.ndarray:
+        return np.stack([_inverse_lookup(c, lin[..., i]) for i, c in enumerate(self.curves)], axis=-1)
+
+    def convert(self, image: np.ndarray, to_srgb: bool) -> np.ndarray:
+        srgb = matrix_shaper(srgb_profile())
+        assert srgb is not None
+        src, dst = (self, srgb) if to_srgb else (srgb, self)
+        top = float(np.iinfo(image.dtype).max)
+        rgb = image[..., 2::-1].astype(np.float32) / top
+        m = (np.linalg.inv(dst.matrix) @ src.matrix).astype(np.float32)
+        lin = np.clip(src.to_linear(rgb) @ m.T, 0.0, 1.0)
+        out = dst.from_linear(lin)
+        result = (out[..., ::-1] * top + 0.5).astype(image.dtype)
+        if image.shape[2] == 4:
+            result = np.dstack([result, image[..., 3]])
+        return result
+
+
+_TABLE = 4096
+
+
+def _lookup(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return np.interp(x, np.linspace(0.0, 1.0, len(table), dtype=np.float32), table).astype(np.float32)
+
+
+def _inverse_lookup(table: np.ndarray, y: np.ndarray) -> np.ndarray:
+    grid = np.linspace(0.0, 1.0, len(table), dtype=np.float32)
+    return np.interp(y, np.maximum.accumulate(table), grid).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _matrix_shaper(key: str, icc: bytes) -> MatrixShaper | None:
+    tags = _tags(icc)
+    try:
+        cols = [_xyz(icc, tags[name]) for name in (b"rXYZ", b"gXYZ", b"bXYZ")]
+        curves = [_curve(icc, tags[name]) for name in (b"rTRC", b"gTRC", b"bTRC")]
+    except (KeyError, ValueError, struct.error):
+        return None
+    if any(c is None for c in curves):
+        return None
+    return MatrixShaper(np.array(cols, dtype=np.float64).T, curves)  # type: ignore[arg-type]
+
+
+def matrix_shaper(icc: bytes) -> MatrixShaper | None:
+    return _matrix_shaper(_key(icc), icc)
+
+
+def _tags(icc: bytes) -> dict[bytes, tuple[int, int]]:
+    if len(icc) < 132:
+        return {}
+    count = struct.unpack_from(">I", icc, 128)[0]
+    out = {}
+    for i in range(min(count, 200)):
+        sig, offset, size = struct.unpack_from(">4sII", icc, 132 + 12 * i)
+        if offset + size <= len(icc):
+            out[sig] = (offset, size)
+    return out
+
+
+def _s15(value: int) -> float:
+    return value / 65536.0
+
+
+def _xyz(icc: bytes, where: tuple[int, int]) -> list[float]:
+    offset, _ = where
+    if icc[offset:offset + 4] != b"XYZ ":
+        raise ValueError("not an XYZ tag")
+    return [_s15(v) for v in struct.unpack_from(">iii", icc, offset + 8)]
+
+
+def _curve(icc: bytes, where: tuple[int, int]) -> np.ndarray | None:
+    offset, _ = where
+    kind = icc[offset:offset + 4]
+    x = np.linspace(0.0, 1.0, _TABLE)
+    if kind == b"curv":
+        n = struct.unpack_from(">I", icc, offset + 8)[0]
+        if n == 0:
+            return x.astype(np.float32)
+        if n == 1:
+            gamma = struct.unpack_from(">H", icc, offset + 12)[0] / 256.0
+            return (x**gamma).astype(np.float32)
+        table = np.frombuffer(icc, ">u2", n, offset + 12).astype(np.float64) / 65535.0
+        return np.interp(x, np.linspace(0.0, 1.0, n), table).astype(np.float32)
+    if kind == b"para":
+        ftype = struct.unpack_from(">H", icc, offset + 8)[0]
+        nparams = {0: 1, 1: 3, 2: 4, 3: 5, 4: 7}.get(ftype)
+        if nparams is None:
+            return None
+        p = [_s15(v) for v in struct.unpack_from(f">{nparams}i", icc, offset + 12)]
+        g, a, b, c, d, e, f = (p + [0.0] * 7)[:7]
+        if ftype == 0:
+            y = x**g
+        elif ftype == 1:
+            y = np.where(x >= -b / a, np.clip(a * x + b, 0, None) ** g, 0.0)
+        elif ftype == 2:
+            y = np.where(x >= -b / a, np.clip(a * x + b, 0, None) ** g + c, c)
+        elif ftype == 3:
+            y = np.where(x >= d, np.clip(a * x + b, 0, None) ** g, c * x)
+        else:
+            y = np.where(x >= d, np.clip(a * x + b, 0, None) ** g + e, c * x + f)
+        return np.clip(y, 0.0, 1.0).astype(np.float32)
+    return None
