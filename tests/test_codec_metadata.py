@@ -11,6 +11,7 @@ import io
 import struct
 import zlib
 
+import _icc
 import cv2
 import numpy as np
 import pillow_heif
@@ -21,7 +22,6 @@ from serve_app import codec
 from serve_app.codec import color as colorm
 from serve_app.codec.metadata import EXIF_PREFIX
 from serve_app.config import LimitsConfig
-import _icc
 
 LIMITS = LimitsConfig()
 P3 = _icc.make_profile("p3")

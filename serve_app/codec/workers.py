@@ -205,6 +205,8 @@ class CodecWorkers:
         self.memory_bytes = memory_mb * 1024 * 1024
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._starting = 0  # replacements being started in the background
         self._slots = threading.BoundedSemaphore(self.size)
         self.stopped = {"cpu": 0, "deadline": 0, "cancelled": 0, "memory": 0}
         self.busy = {"decode": 0, "encode": 0}  # calls running in a worker now, by kind
@@ -213,16 +215,21 @@ class CodecWorkers:
 
     def _take(self) -> _Worker:
         with self._lock:
-            while self._idle:
-                worker = self._idle.pop()
-                if worker.alive:
-                    return worker
-                worker.kill()
+            while True:
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.alive:
+                        return worker
+                    worker.kill()
+                # A replacement on its way is sooner than a new start of our own.
+                if not self._starting or not self._ready.wait(timeout=30):
+                    break
         return _Worker(self.memory_bytes)
 
     def _give(self, worker: _Worker) -> None:
         with self._lock:
             self._idle.append(worker)
+            self._ready.notify()
 
     def _replace(self) -> None:
         """Start a worker in the background, so the next call does not pay the start-up."""
@@ -231,6 +238,13 @@ class CodecWorkers:
                 self._give(_Worker(self.memory_bytes))
             except OSError:
                 LOGGER.warning("could not start a codec worker", exc_info=True)
+            finally:
+                with self._lock:
+                    self._starting -= 1
+                    self._ready.notify_all()
+
+        with self._lock:
+            self._starting += 1
 
         threading.Thread(target=start, name="codec-worker-start", daemon=True).start()
 
@@ -281,16 +295,16 @@ class CodecWorkers:
                 worker = self._take()
                 sent = share(args)
                 worker.conn.send((fn, sent, cpu_s))
-            self.busy[what] = self.busy.get(what, 0) + 1
+            self._count(self.busy, what, 1)
             try:
                 reason = self._wait(worker, end, cancel)
             finally:
-                self.busy[what] -= 1
+                self._count(self.busy, what, -1)
             if reason is not None:
                 worker.kill()
                 self._replace()
                 discard(sent)
-                self.stopped[reason] += 1
+                self._count(self.stopped, reason, 1)
                 raise self._exceeded(what, reason)
             try:
                 status, value = worker.conn.recv()
@@ -303,7 +317,7 @@ class CodecWorkers:
                 self._replace()
                 discard(sent)
                 if code in (-signal.SIGXCPU, -signal.SIGKILL):
-                    self.stopped["cpu"] += 1
+                    self._count(self.stopped, "cpu", 1)
                     raise self._exceeded(what, "cpu") from None
                 status, value = "crash", f"worker exited with {code}"
             else:
@@ -315,10 +329,14 @@ class CodecWorkers:
         if status == "error":
             raise value
         if status == "memory":
-            self.stopped["memory"] += 1
+            self._count(self.stopped, "memory", 1)
             raise self._exceeded(what, "memory")
         LOGGER.error("codec worker failed in %s: %s", what, value)
         raise InvalidImage(f"the image could not be {what}d", code=f"{what}_failed")
+
+    def _count(self, table: dict[str, int], key: str, step: int) -> None:
+        with self._lock:
+            table[key] = table.get(key, 0) + step
 
     @staticmethod
     def _wait(worker: _Worker, end: float | None, cancel: threading.Event) -> str | None:
