@@ -432,7 +432,8 @@ _PNG_FILTERS = {
 
 def encode(
     image: np.ndarray, fmt: str = "png", quality: int = 95,
-    settings: EncodingConfig | None = None, *, metadata: ImageMetadata | None = None, keep: str = "keep", color: str = "keep",
+    settings: EncodingConfig | None = None, *, metadata: ImageMetadata | None = None,
+    keep: str = "keep", color: str = "keep",
 ) -> bytes:
     """Encode an OpenCV-layout array. JPEG flattens alpha onto white; JPEG/WebP/AVIF are 8-bit.
 
@@ -443,13 +444,7 @@ def encode(
     """
     if fmt not in OUTPUT_FORMATS:
         raise InvalidOption(f"format must be one of {list(OUTPUT_FORMATS)}", field="format")
-    meta = metadata or ImageMetadata()
-    image, icc = _output_color(image, meta, color)
-    if fmt in ("jpeg", "webp", "avif") and image.dtype == np.uint16:
-        image = (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
-    if fmt == "jpeg" and has_alpha(image):
-        image = _flatten_on_white(image)
-    out = prepare(meta, keep, int(image.shape[1]), int(image.shape[0]), icc)
+    image, out = prepare_output(image, fmt, metadata, keep, color)
     if fmt == "avif" or (fmt == "webp" and not out.empty):
         return _pil_encode(image, fmt, quality, out)
     if fmt == "png":
@@ -465,6 +460,39 @@ def encode(
     if not ok:
         raise InvalidImage(f"could not encode the result as {fmt}", code="encode_failed")
     return attach(buf.tobytes(), fmt, out) if not out.empty else buf.tobytes()
+
+
+def encode_positional(
+    image: np.ndarray, fmt: str, quality: int, settings: EncodingConfig | None,
+    metadata: ImageMetadata | None, keep: str, color: str,
+) -> bytes:
+    """``encode`` with every argument by position: what a codec worker is sent."""
+    return encode(image, fmt, quality, settings, metadata=metadata, keep=keep, color=color)
+
+
+def prepare_output(
+    image: np.ndarray, fmt: str, metadata: ImageMetadata | None, keep: str = "keep",
+    color: str = "keep",
+) -> tuple[np.ndarray, ImageMetadata]:
+    """The pixels as ``fmt`` takes them (output profile, 8 bits, alpha flattened for JPEG) and
+    the metadata to attach afterwards (``attach``): for encoders other than ``encode``'s."""
+    meta = metadata or ImageMetadata()
+    image, icc = _output_color(image, meta, color)
+    if fmt in ("jpeg", "webp", "avif") and image.dtype == np.uint16:
+        image = (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    if fmt == "jpeg" and has_alpha(image):
+        image = _flatten_on_white(image)
+    return image, prepare(meta, keep, int(image.shape[1]), int(image.shape[0]), icc)
+
+
+def header_metadata(data: bytes, info: ImageInfo) -> ImageMetadata:
+    """The metadata of an image decoded elsewhere (nvJPEG): read from the header, no pixels."""
+    try:
+        with _open(data, info.format) as im:
+            meta, _ = read_metadata(im, info.format)
+    except PhotoEnhanceError:
+        return ImageMetadata(size=(info.width, info.height))
+    return replace(meta, size=(info.width, info.height))
 
 
 def _output_color(

@@ -159,6 +159,7 @@ class Enhancer:
         self._metrics = _replica_metrics(getattr(self.engine, "device", None))
         device = getattr(self.engine, "device", None)
         self._codec = Transcoder(self.config, accelerator_for(self.config, device))
+        self._codec.start()
         self._load_s = time.perf_counter() - started
         self._started_at = time.time()
         if self.engine.synthetic:
@@ -175,12 +176,16 @@ class Enhancer:
         self._in_flight += 1
         try:
             t0 = time.perf_counter()
-            decoded = await self._codec.decode(bytes(data), options.upscale)
+            # Decode and encode are stopped past this (and when this call is cancelled).
+            deadline = time.monotonic() + self.config.ingress.request_timeout_s
+            decoded = await self._codec.decode(bytes(data), options.upscale, deadline=deadline)
             t1 = time.perf_counter()
             result = await self._enhance_pixels(decoded.image, options)
             t2 = time.perf_counter()
             out, fmt = await self._codec.encode(
-                result.image, options.format, decoded.format, options.quality
+                result.image, options.format, decoded.format, options.quality,
+                metadata=decoded.metadata, keep=options.metadata, color=options.color,
+                deadline=deadline,
             )
             t3 = time.perf_counter()
         finally:

@@ -1,10 +1,13 @@
 """Decoding and encoding in the model replica, where the pixels are needed.
 
 The ingress forwards the encoded bytes and gets the encoded result back, so only compressed
-images cross the network (docs/CAPACITY.md). Each model replica runs ``codec`` on its own pool
-of ``model.codec_threads`` threads: while the engine runs one batch, the pool decodes the next
-images and encodes the last ones (OpenCV and Pillow release the GIL while they work). So the
-CPU side grows with the model replicas and is sized per GPU replica from the config.
+images cross the network (docs/CAPACITY.md). Each model replica probes on its own threads
+and decodes and encodes in its own ``model.codec_threads`` codec worker processes
+(``codec.workers``): while the engine runs one batch, they decode the next images and encode
+the last ones. So the CPU side grows with the model replicas and is sized per GPU replica
+from the config. The workers are processes, not threads, so that a decode or encode past its
+CPU or memory budget, past the request's deadline, or whose caller was cancelled (its client
+went away) is stopped (docs/SECURITY.md, "Decoding").
 
 On a CUDA replica, plain JPEGs are decoded and encoded with nvJPEG (``GpuJpeg``), with
 ``codec`` as the fallback. Ray-free: tested and benchmarked without a cluster.
@@ -21,6 +24,8 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from serve_app import codec
+from serve_app.codec.metadata import ImageMetadata
+from serve_app.codec.workers import CodecWorkers
 from serve_app.config import AppConfig
 
 LOGGER = logging.getLogger(__name__)
@@ -36,7 +41,7 @@ class JpegAccelerator(Protocol):
 
 
 class Transcoder:
-    """``decode`` and ``encode`` of one model replica, on its own threads."""
+    """``decode`` and ``encode`` of one model replica, in its codec workers."""
 
     def __init__(self, config: AppConfig, accelerator: JpegAccelerator | None = None) -> None:
         self.limits = config.limits
@@ -44,14 +49,44 @@ class Transcoder:
         self.threads = config.model.codec_pool_size()
         self.accelerator = accelerator
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="codec")
+        self.workers = CodecWorkers(self.threads, self.limits.codec_memory_mb)
 
-    async def decode(self, data: bytes, upscale: int) -> codec.DecodedImage:
-        return await self._run(self.decode_now, data, upscale)
+    def start(self) -> None:
+        """Start the worker processes now rather than on the first images."""
+        self.workers.start()
+
+    async def decode(
+        self, data: bytes, upscale: int, *, deadline: float | None = None
+    ) -> codec.DecodedImage:
+        info = await self._run(codec.probe, data, self.limits, upscale)
+        if self.accelerator is not None and info.format == "jpeg":
+            image = await self._run(self.accelerator.decode, data, info)
+            if image is not None:
+                return codec.DecodedImage(image, info.format, codec.header_metadata(data, info))
+        decoded: codec.DecodedImage = await self.workers.run(
+            codec.decode, data, info, cpu_s=self.limits.decode_cpu_s, deadline=deadline,
+            what="decode",
+        )
+        return decoded
 
     async def encode(
-        self, image: np.ndarray, requested: str | None, input_format: str, quality: int
+        self, image: np.ndarray, requested: str | None, input_format: str, quality: int, *,
+        metadata: ImageMetadata | None = None, keep: str | None = None, color: str = "keep",
+        deadline: float | None = None,
     ) -> tuple[bytes, str]:
-        return await self._run(self.encode_now, image, requested, input_format, quality)
+        fmt = codec.output_format(requested, input_format, image)
+        keep = keep or self.encoding.metadata
+        if self.accelerator is not None and fmt == "jpeg":
+            data = await self._run(self._accelerated_jpeg, image, quality, metadata, keep, color)
+            if data is not None:
+                return data, fmt
+        out: bytes = await self.workers.run(
+            _encode, image, fmt, quality, self.encoding, metadata, keep, color,
+            cpu_s=self.limits.encode_cpu_s, deadline=deadline, what="encode",
+        )
+        return out, fmt
+
+    # In the caller's thread: for callers without an event loop (and the tests).
 
     def decode_now(self, data: bytes, upscale: int) -> codec.DecodedImage:
         """Probe again (a handle may call the model replica directly), then decode."""
@@ -59,27 +94,47 @@ class Transcoder:
         if self.accelerator is not None and info.format == "jpeg":
             image = self.accelerator.decode(data, info)
             if image is not None:
-                return codec.DecodedImage(image=image, format=info.format)
+                return codec.DecodedImage(image, info.format, codec.header_metadata(data, info))
         return codec.decode(data, info)
 
     def encode_now(
-        self, image: np.ndarray, requested: str | None, input_format: str, quality: int
+        self, image: np.ndarray, requested: str | None, input_format: str, quality: int, *,
+        metadata: ImageMetadata | None = None, keep: str | None = None, color: str = "keep",
     ) -> tuple[bytes, str]:
         fmt = codec.output_format(requested, input_format, image)
+        keep = keep or self.encoding.metadata
         if self.accelerator is not None and fmt == "jpeg":
-            data = self.accelerator.encode(image, quality)
+            data = self._accelerated_jpeg(image, quality, metadata, keep, color)
             if data is not None:
                 return data, fmt
-        return codec.encode(image, fmt, quality, self.encoding), fmt
+        return _encode(image, fmt, quality, self.encoding, metadata, keep, color), fmt
+
+    def _accelerated_jpeg(
+        self, image: np.ndarray, quality: int, metadata: ImageMetadata | None, keep: str,
+        color: str,
+    ) -> bytes | None:
+        assert self.accelerator is not None
+        pixels, out = codec.prepare_output(image, "jpeg", metadata, keep, color)
+        data = self.accelerator.encode(pixels, quality)
+        return None if data is None else codec.attach(data, "jpeg", out)
 
     def info(self) -> dict[str, Any]:
-        return {"codec_threads": self.threads, "gpu_jpeg": self.accelerator is not None}
+        return {
+            "codec_threads": self.threads,
+            "gpu_jpeg": self.accelerator is not None,
+            "codec_stopped": dict(self.workers.stopped),
+            "codec_busy": dict(self.workers.busy),
+        }
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.workers.close()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+
+_encode = codec.encode_positional
 
 
 def accelerator_for(config: AppConfig, device: Any) -> JpegAccelerator | None:
