@@ -72,7 +72,7 @@ class EnhanceOptions(BaseModel):
     metadata: MetadataMode | None = Field(
         None,
         description="EXIF, XMP and IPTC of the input in the output: keep, strip, or keep-no-gps "
-        "(drops location). Default: the server's (configs: codec.metadata).",
+        "(drops location). Default: the server's (configs: encoding.metadata).",
     )
     color: ColorMode = Field(
         "keep",
