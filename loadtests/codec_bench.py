@@ -52,15 +52,6 @@ def cpu(fn: Callable[[], Any], runs: int) -> float:
     return statistics.median(times)
 
 
-def wall(fn: Callable[[], Any], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def photo(h: int, w: int) -> np.ndarray:
     """Photo-like content (smooth, with texture), RGB."""
     rng = np.random.default_rng(0)

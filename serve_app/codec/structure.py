@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 
 from serve_app.config import LimitsConfig
 from serve_app.errors import ImageTooComplex
@@ -70,36 +71,41 @@ def _check_jpeg(data: bytes, limits: LimitsConfig) -> None:
     jpeg_counts(data, limits)
 
 
-def _check_png(data: bytes, limits: LimitsConfig) -> None:
-    pos, end, chunks, frames = 8, len(data), 0, 0
-    while pos + 8 <= end:
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
+def _check_chunks(
+    data: bytes, pos: int, limits: LimitsConfig, chunk: Callable[[bytes, int], tuple[bytes, int]],
+    frame: bytes, what: str,
+) -> None:
+    """Walk chunks from ``pos``; ``chunk`` gives a chunk's kind and its whole size."""
+    chunks = frames = 0
+    while pos + 8 <= len(data):
+        kind, size = chunk(data, pos)
         chunks += 1
         if chunks > limits.max_chunks:
-            raise _too_complex("PNG chunks", chunks, limits.max_chunks, "too_many_chunks")
-        if kind == b"fcTL":
+            raise _too_complex(f"{what} chunks", chunks, limits.max_chunks, "too_many_chunks")
+        if kind == frame:
             frames += 1
             if frames > limits.max_frames:
                 raise _too_complex("frames", frames, limits.max_frames, "too_many_frames")
         if kind == b"IEND":
             break
-        pos += 12 + length
+        pos += size
+
+
+def _png_chunk(data: bytes, pos: int) -> tuple[bytes, int]:
+    return data[pos + 4:pos + 8], 12 + int.from_bytes(data[pos:pos + 4], "big")
+
+
+def _riff_chunk(data: bytes, pos: int) -> tuple[bytes, int]:
+    length = int.from_bytes(data[pos + 4:pos + 8], "little")
+    return data[pos:pos + 4], 8 + length + (length & 1)
+
+
+def _check_png(data: bytes, limits: LimitsConfig) -> None:
+    _check_chunks(data, 8, limits, _png_chunk, b"fcTL", "PNG")
 
 
 def _check_webp(data: bytes, limits: LimitsConfig) -> None:
-    pos, end, chunks, frames = 12, len(data), 0, 0
-    while pos + 8 <= end:
-        kind = data[pos:pos + 4]
-        length = int.from_bytes(data[pos + 4:pos + 8], "little")
-        chunks += 1
-        if chunks > limits.max_chunks:
-            raise _too_complex("WebP chunks", chunks, limits.max_chunks, "too_many_chunks")
-        if kind == b"ANMF":
-            frames += 1
-            if frames > limits.max_frames:
-                raise _too_complex("frames", frames, limits.max_frames, "too_many_frames")
-        pos += 8 + length + (length & 1)
+    _check_chunks(data, 12, limits, _riff_chunk, b"ANMF", "WebP")
 
 
 _TIFF_STRIP_TAGS = (273, 324)  # StripOffsets, TileOffsets
