@@ -16,7 +16,9 @@ def test_output_stems_are_distinct():
              Path("a/x.jpg"), Path("b/x.jpg"), Path("in/Image.PNG"), Path("in/image.bmp.png")]
     stems = output_stems(paths)
     assert stems[Path("in/other.png")] == "other"  # no collision: the plain stem
-    assert stems[Path("in/image.bmp")] == "image.bmp"
+    # image.bmp's whole name is image.bmp.png's stem: the one that needs it least yields.
+    assert stems[Path("in/image.bmp.png")] == "image.bmp"
+    assert stems[Path("in/image.bmp")] == "image.bmp-2"
     assert stems[Path("in/image.tiff")] == "image.tiff"
     assert stems[Path("in/Image.PNG")] == "Image.PNG"
     assert len({s.lower() for s in stems.values()}) == len(paths)
