@@ -335,7 +335,7 @@ def _codec_counts() -> tuple[dict[str, int], dict[str, int]]:
     handle: the test process is the Ray driver of the dev application."""
     from ray import serve
 
-    from serve_app.deployments.app import APP_NAME
+    from serve_app.config import APP_NAME
 
     info = serve.get_deployment_handle("Enhancer", app_name=APP_NAME).info.remote().result()
     return info["codec_stopped"], info["codec_busy"]
