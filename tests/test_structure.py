@@ -1,5 +1,5 @@
-"""The tree's structure (docs/ARCHITECTURE.md): layers import one way, no import cycles, and
-no torch where only the CPU side runs.
+"""The tree's structure (docs/ARCHITECTURE.md): layers import one way, other layers use jobs
+through its public entry, no import cycles, and no torch where only the CPU side runs.
 
 The layer and torch rules are import-linter contracts in ``pyproject.toml``; cycles are found
 with grimp (import-linter's graph) counting imports inside functions too, so a cycle cannot
@@ -65,7 +65,7 @@ def copy_with(tmp_path: Path, module: str, line: str) -> Path:
 def test_layers_import_one_way_and_torch_stays_in_the_engine():
     res = run(LINT, ROOT, str(PYPROJECT))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "Contracts: 2 kept, 0 broken." in res.stdout
+    assert "Contracts: 3 kept, 0 broken." in res.stdout
 
 
 def test_a_wrong_way_import_breaks_the_layers(tmp_path):
@@ -74,6 +74,14 @@ def test_a_wrong_way_import_breaks_the_layers(tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "Layers import one way BROKEN" in res.stdout
     assert "serve_app.api.errors -> serve_app.deployments.ingress" in res.stdout
+
+
+def test_reaching_into_jobs_breaks_its_public_entry(tmp_path):
+    root = copy_with(tmp_path, "serve_app.api.routes", "from serve_app.jobs import manifest  # noqa")
+    res = run(LINT, root, str(PYPROJECT))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Other layers reach jobs through its public entry (serve_app.jobs) BROKEN" in res.stdout
+    assert "serve_app.api.routes -> serve_app.jobs.manifest" in res.stdout
 
 
 def test_torch_below_the_api_breaks_its_contract(tmp_path):

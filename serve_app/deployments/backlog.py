@@ -17,7 +17,7 @@ import ray
 
 from serve_app.config import AppConfig
 from serve_app.deployments.autoscaling import JOB_BACKLOG_METRIC
-from serve_app.jobs.manager import NAMESPACE, manager_name
+from serve_app.jobs import NAMESPACE, manager_name
 
 LOGGER = logging.getLogger(__name__)
 

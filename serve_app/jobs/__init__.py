@@ -4,12 +4,22 @@
   owner) and control it (pause, resume, cancel);
 - ``JobReader``: jobs, items, manifests and results, filtered by owner;
 - ``ManifestRecord``: the one shape of a finished item's record;
-- ``start_manager``: create the job actor as a server starts.
+- ``start_manager``: create the job actor as a server starts; ``manager_name`` and
+  ``NAMESPACE`` find it (the model replicas read its backlog).
 """
 
 from serve_app.jobs.intake import JobIntake, JobRequest, Presets
-from serve_app.jobs.manager import start_manager
+from serve_app.jobs.manager import NAMESPACE, manager_name, start_manager
 from serve_app.jobs.manifest import ManifestRecord
 from serve_app.jobs.reader import JobReader
 
-__all__ = ["JobIntake", "JobReader", "JobRequest", "ManifestRecord", "Presets", "start_manager"]
+__all__ = [
+    "NAMESPACE",
+    "JobIntake",
+    "JobReader",
+    "JobRequest",
+    "ManifestRecord",
+    "Presets",
+    "manager_name",
+    "start_manager",
+]
