@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,12 +196,21 @@ def test_same_site_and_originless_requests_pass(http, images, serve_url):
     assert http.delete("/v1/presets/same-site", headers=own).status_code == 204
 
 
+def slowly(body: bytes, chunk: int = 256 * 1024, pause_s: float = 0.05) -> Iterator[bytes]:
+    """A body that takes seconds to send: the early answer arrives while it still streams."""
+    for at in range(0, len(body), chunk):
+        yield body[at:at + chunk]
+        time.sleep(pause_s)
+
+
 def test_early_413_is_readable_by_urllib(serve_url, app_config):
-    """urllib sends the whole body before reading: the 413 must still arrive whole."""
+    """urllib sends the whole body before reading (and asks for ``Connection: close``): the
+    413 must still arrive whole, not as a reset, though it was sent long before the body
+    ended."""
     body = b"\xff\xd8\xff" + b"\0" * (app_config.limits.max_bytes + 4 * 1024 * 1024)
     request = urllib.request.Request(
-        f"{serve_url}/v1/enhance", data=body, method="POST",
-        headers={"Content-Type": "image/jpeg"},
+        f"{serve_url}/v1/enhance", data=slowly(body), method="POST",
+        headers={"Content-Type": "image/jpeg", "Content-Length": str(len(body))},
     )
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=120)
@@ -211,13 +222,15 @@ def test_early_413_while_streaming_chunked(serve_url, app_config):
     """Without a Content-Length the limit trips while the body streams; the rest is drained
     and the answer read after the last chunk is sent."""
     chunk = b"\0" * 65536
-    count = app_config.limits.max_bytes // len(chunk) + 16
+    count = app_config.limits.max_bytes // len(chunk) + 48
     host, port = serve_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=120) as sock:
         sock.sendall(b"POST /v1/enhance HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
-        for _ in range(count):
+                     b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(count):
             sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            if i > count - 48:
+                time.sleep(0.05)  # the tail arrives after the answer was sent
         sock.sendall(b"0\r\n\r\n")
         answer = b""
         while b"payload_too_large" not in answer:
