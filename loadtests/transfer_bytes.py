@@ -3,9 +3,9 @@
     .venv/bin/python loadtests/transfer_bytes.py
 
 For each input (512 px and 12 MP, JPEG and PNG, x1 and x2, null engine), the objects of one
-model call are built by the code that builds them in the server and passed through Ray's own
-serialiser (``SerializationContext.serialize``, whose ``total_bytes`` is what Ray stores and
-ships, numpy buffers out of band included):
+model call are built by the code that builds them in the server and serialised the way Ray
+serialises arguments and results (``ray.cloudpickle``, pickle protocol 5, numpy buffers out
+of band and counted; Ray adds a few bytes of header), without starting a cluster:
 
 - ``encoded`` (this design): arguments ``(data, options)`` and the ``EnhancedImage`` that
   ``Enhancer.enhance`` returns;
@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT / "loadtests"))
 
 
 def main() -> int:
-    import ray
     from plumbing_bench import make_inputs
+    from ray import cloudpickle
 
     from serve_app.api.schemas import EnhancedImage
     from serve_app.config import AppConfig
@@ -47,13 +47,12 @@ def main() -> int:
     })
     engine = Engine.from_config(config)
     codec_threads = Transcoder(config)
-    ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=str(base / "ray"),
-             log_to_driver=False)
     try:
-        ctx = ray._private.worker.global_worker.get_serialization_context()
 
         def size(obj: Any) -> int:
-            return int(ctx.serialize(obj).total_bytes)
+            buffers: list[Any] = []
+            data = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+            return len(data) + sum(memoryview(b.raw()).nbytes for b in buffers)
 
         rows = []
         for name, data in make_inputs().items():
@@ -78,7 +77,6 @@ def main() -> int:
                 })
                 print(json.dumps(rows[-1]), flush=True)
     finally:
-        ray.shutdown()
         codec_threads.close()
     print(f"{'case':<14} {'in':>10} {'out':>10} {'encoded':>10} {'x budget':>8} {'pixels':>11} {'x budget':>8}")
     for r in rows:

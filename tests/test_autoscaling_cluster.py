@@ -1,8 +1,8 @@
 """Cluster autoscaling on the local fake multi-node cluster (cluster/fake_cluster.py).
 
-It stops EVERY Ray process on the machine (Ray's AutoscalingCluster runs `ray stop --force`),
-so it is marked ``cluster``, skipped unless PHOTOENHANCE_CLUSTER_TESTS=1, and must run in a
-pytest process of its own, where no other Ray lives:
+The cluster starts its own head (own temp dir and ports) and stops only its own processes,
+but it takes the whole machine for minutes, so it is marked ``cluster`` and skipped unless
+PHOTOENHANCE_CLUSTER_TESTS=1:
 
     PHOTOENHANCE_CLUSTER_TESTS=1 .venv/bin/python -m pytest -m cluster tests/test_autoscaling_cluster.py
 """
@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.cluster,
     pytest.mark.skipif(
         os.environ.get("PHOTOENHANCE_CLUSTER_TESTS") != "1",
-        reason="stops every Ray process on the machine; set PHOTOENHANCE_CLUSTER_TESTS=1",
+        reason="a multi-node fake cluster for minutes; set PHOTOENHANCE_CLUSTER_TESTS=1",
     ),
 ]
 

@@ -402,8 +402,9 @@ def output_format(requested: str | None, input_format: str, image: np.ndarray) -
 
 
 def png_params(settings: EncodingConfig | None = None) -> list[int]:
-    """OpenCV's PNG parameters. The default (Huffman only, Paeth filter) was measured 2.7x
-    faster than zlib level 3 with libpng's adaptive filters, and 10-20% smaller on photos."""
+    """OpenCV's PNG parameters. The default (Huffman only, Paeth filter) was measured 2.6x to
+    3.5x faster than zlib level 3 with libpng's adaptive filters and 8-16% smaller on photos
+    (docs/BENCHMARKS.md, "Encoders")."""
     s = settings or EncodingConfig()
     return [
         cv2.IMWRITE_PNG_COMPRESSION, s.png_compression,
