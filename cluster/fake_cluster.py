@@ -91,7 +91,8 @@ def cluster_class() -> type:
                 f"--ray-client-server-port={free_port()}",
             ]
             env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
-                   **(override_env or {})}
+                   # a loaded machine can miss the raylet's wait for its agents
+                   "RAY_agent_register_timeout_ms": "120000", **(override_env or {})}
             subprocess.check_call(cmd, env=env)
 
         def shutdown(self) -> None:
