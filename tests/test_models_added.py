@@ -198,3 +198,18 @@ def test_cli_add_list_remove(tmp_path):
     res = runner.invoke(main, ["models", "remove", "mine", "--dir", where])
     assert res.exit_code == 0 and catalog.read(where) == {}
     assert not (tmp_path / "added" / "mine.safetensors").exists()
+
+
+def test_added_models_live_in_any_fsspec_location(tiny_weights, tmp_path):  # noqa: F811
+    # fsspec's in-memory filesystem stands for a bucket: same code path as s3:// or gs://
+    location = f"memory://added-{tmp_path.name}"
+    rec = added.add([write_state("Compact", tmp_path)], location, "in-a-bucket")
+    assert catalog.read(location)["in-a-bucket"].sha256 == rec.sha256
+    engine = Engine(EngineConfig(device="cpu"), tiny_weights, Catalog(location))
+    img = np.random.default_rng(5).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    [res] = engine.enhance_batch([img], [EnhanceOptions(face=False, bg_model="in-a-bucket",
+                                                        upscale=4)])
+    assert res.image.shape == (48, 40, 3)
+    assert [m["name"] for m in engine.info()["added_models"]] == ["in-a-bucket"]
+    catalog.remove(location, "in-a-bucket")
+    assert catalog.read(location) == {}
