@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ import pytest
 from PIL import Image
 
 TIGHT_APP = "pe-tight"
+ESTIMATE_ROOM = 272 * 2**20
 SLOW = {"upscale": "4", "face": "false", "bg_model": "RealESRGAN_x4plus", "tile": "32"}
 FAST = {"upscale": "1", "face": "false", "bg_model": "none"}
 
@@ -75,6 +77,10 @@ def tight_args(serve_args: dict[str, Any], tmp_path_factory) -> dict[str, Any]:
     args["model"].update(num_cpus=0, max_ongoing_requests=4, health_check_period_s=2)
     args["ingress"].update(num_cpus=0, max_inflight=1, max_queued_requests=1,
                            queue_timeout_s=1.5, request_timeout_s=4)
+    # Free space that holds ESTIMATE_ROOM more bytes: a job estimated below it is accepted,
+    # one above it is a 507 (margins of ~240 MB either way, against other writers' churn).
+    free = shutil.disk_usage(args["jobs"]["data_dir"]).free
+    args["jobs"]["min_free_bytes"] = max(0, free - ESTIMATE_ROOM)
     return args
 
 
@@ -199,6 +205,38 @@ def test_an_unexpected_fault_is_a_generic_500(tight: str, tight_args: dict[str, 
         lock.rmdir()
     r = httpx.put(f"{tight}/v1/presets/p1", json={"upscale": 2}, timeout=60)
     assert r.status_code == 201, r.text
+
+
+def test_507_follows_the_estimated_output_size(tight: str, tight_args: dict[str, Any]) -> None:
+    """The same inputs: at x1 (about 32 MB of output estimated) the job fits the room left
+    above ``min_free_bytes``; at x4 (16 times that) it is refused before it exists."""
+    folder = Path(tight_args["jobs"]["data_dir"]) / "inputs" / "big"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for i in range(4):  # incompressible: each PNG is ~8 MB on disk
+        Image.fromarray(rng.integers(0, 255, (1600, 1700, 3), dtype=np.uint8)).save(
+            folder / f"big{i}.png", compress_level=0)
+    total = sum(p.stat().st_size for p in folder.iterdir())
+    assert 16 * total > ESTIMATE_ROOM + 200 * 2**20 and total < ESTIMATE_ROOM - 200 * 2**20
+    jobs_dir = Path(tight_args["jobs"]["data_dir"]) / "jobs"
+    before = set(jobs_dir.iterdir()) if jobs_dir.exists() else set()
+
+    body = {"input_prefix": str(folder), "options": {"upscale": 4, "face": False}}
+    r = httpx.post(f"{tight}/v1/jobs", json=body, timeout=120)
+    error_of(r, 507, "insufficient_storage")
+    assert (set(jobs_dir.iterdir()) if jobs_dir.exists() else set()) == before
+
+    body["options"] = {"upscale": 1, "face": False, "bg_model": "none"}
+    r = httpx.post(f"{tight}/v1/jobs", json=body, timeout=120)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    snap = until(lambda: _finished(tight, job_id), timeout=300, every=0.5)
+    assert snap["state"] == "completed" and snap["counts"]["succeeded"] == 4
+
+
+def _finished(url: str, job_id: str) -> dict[str, Any] | None:
+    snap = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=60).json()
+    return snap if snap["state"] in ("completed", "partial", "failed", "cancelled") else None
 
 
 # ---------------------------------------------------------------------- on the dev application
