@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,8 +110,9 @@ def serve_url(serve_args: dict[str, Any], object_stores: dict[str, str]) -> Iter
     # A short temp dir: Ray's socket paths must stay under the Unix limit.
     ray_tmp = tempfile.mkdtemp(prefix="ray-pe-")
     port = free_port()
-    # As `photoenhance serve` does: a Ray job's `python` is this interpreter.
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    # The raylet gives its agents 30 s to register (then aborts the node): too short on a
+    # machine busy with other test runs. Ray's processes inherit this.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
     with _dashboard_agent_port(free_port()):
         for attempt in range(3):
             try:
@@ -142,10 +142,9 @@ def _start_ray(ray: Any, ray_tmp: str, object_stores: dict[str, str]) -> None:
     ray.init(
         address="local",  # never join another engineer's or test run's cluster
         num_cpus=4,
-        # The dashboard hosts Ray's job server (tests/test_ray_tools.py submits through it);
-        # a free port, as other Ray instances may run on this machine.
-        include_dashboard=True,
-        dashboard_port=free_port(),
+        # Off: its processes slow every session's start (tests/test_ray_tools.py starts a
+        # Ray of its own with the dashboard, for Ray's job server).
+        include_dashboard=False,
         _temp_dir=ray_tmp,
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **object_stores}},
         log_to_driver=os.environ.get("PHOTOENHANCE_TEST_LOGS") == "1",

@@ -1,20 +1,29 @@
-"""Ray's own tools against the running application, as the README tells a user to run them:
+"""Ray's own tools against a running application, as the README tells a user to run them:
 `ray job submit` of the job runner module and of a small driver calling the handle, through
-the session Ray's dashboard (its job server), with Ray 2.60's token authentication, and
-`serve status`. The README's commands, run for real."""
+Ray's dashboard (its job server), with Ray 2.60's token authentication, and `serve status`.
+The README's commands, run for real, in a Ray of this test's own (the session's runs without
+the dashboard, which would slow every session's start)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
+import psutil
 import pytest
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,18 +37,77 @@ def png(seed: int, size: int = 24) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def ray_cli_env(serve_url: str) -> dict[str, str]:
-    """The environment the README gives a second shell: the dashboard's address, and token
-    mode when the local Ray turned token authentication on (Ray 2.60 does by default)."""
-    import ray
+class OwnRay:
+    """A Ray of this test's own, with its dashboard (Ray's job server) on free ports, and the
+    dev application deployed into it by `photoenhance serve --address`. Stopped by process
+    id: every process whose command line names its temp folder (never `ray stop`)."""
 
-    dashboard = "http://" + ray._private.worker.get_dashboard_url()
-    env = {**os.environ, "RAY_ADDRESS": dashboard, "RAY_DASHBOARD_ADDRESS": dashboard}
-    env["PATH"] = os.pathsep.join([str(BIN), env["PATH"]])
-    if os.environ.get("RAY_AUTH_MODE") == "token":
-        env["RAY_AUTH_MODE"] = "token"
-    return env
+    def __init__(self, serve_args: dict[str, Any], tmp: Path) -> None:
+        from conftest import DEV_CONFIG, free_port
+
+        self.tmp = Path(tempfile.mkdtemp(prefix="ray-tools-"))  # short: socket paths
+        gcs, dash, agent, http = free_port(), free_port(), free_port(), free_port()
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        self.url = f"http://127.0.0.1:{http}"
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token",
+                    "RAY_ADDRESS": self.dashboard, "RAY_DASHBOARD_ADDRESS": self.dashboard,
+                    "RAY_agent_register_timeout_ms": "180000"}
+        self.env["PATH"] = os.pathsep.join([str(BIN), self.env["PATH"]])
+        raw = yaml.safe_load(DEV_CONFIG.read_text())
+        args = raw["applications"][0]["args"]
+        args["weights"]["dir"] = serve_args["weights"]["dir"]
+        args["jobs"]["data_dir"] = str(tmp / "data")
+        config = tmp / "dev.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        # As README's shell: a token for Ray 2.60's auth (kept in ~/.ray/auth_token).
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=self.env,
+                       capture_output=True, timeout=120, check=True)
+        start_env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
+        subprocess.run(
+            [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=3",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             f"--dashboard-agent-listen-port={agent}", f"--temp-dir={self.tmp}",
+             "--include-dashboard=true", "--disable-usage-stats"],
+            env=start_env, capture_output=True, text=True, timeout=300, check=True)
+        serve_env = {**start_env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+        self.log = open(tmp / "serve.log", "wb")  # noqa: SIM115
+        self.serve = subprocess.Popen(
+            [str(BIN / "photoenhance"), "serve", "--config", str(config), "--port", str(http)],
+            cwd=ROOT, env=serve_env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900  # a fresh Ray and app on a busy 2-core machine
+        while not self._ready():
+            assert self.serve.poll() is None, (tmp / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the application did not become ready"
+            time.sleep(1)
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.serve.poll() is None:
+            self.serve.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.serve.wait(timeout=90)
+        self.log.close()
+        mine = [p for p in psutil.process_iter(["cmdline"])
+                if any(str(self.tmp) in part for part in (p.info["cmdline"] or []))]
+        for p in mine:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(mine, timeout=30)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def own_ray(serve_args: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    ray = OwnRay(serve_args, tmp_path_factory.mktemp("ray-tools"))
+    try:
+        yield ray
+    finally:
+        ray.stop()
 
 
 def ray_cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -54,9 +122,11 @@ def ray_cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess
         time.sleep(2)
 
 
+@pytest.mark.timeout(1800)  # its own Ray and application start inside it
 def test_ray_job_submit_runs_the_job_module_and_a_handle_driver(
-    ray_cli_env: dict[str, str], tmp_path: Path
+    own_ray: OwnRay, tmp_path: Path
 ) -> None:
+    ray_cli_env = own_ray.env
     source = tmp_path / "in"
     source.mkdir()
     for i in range(6):

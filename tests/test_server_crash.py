@@ -105,6 +105,7 @@ def crash_setup(serve_args: dict[str, Any], tmp_path: Path) -> Iterator[tuple[Pa
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.timeout(2400)  # two starts of a Ray and the application inside it
 def test_a_job_resumes_after_the_server_and_ray_are_killed(crash_setup) -> None:
     config, port, ray_tmp = crash_setup
     data_dir = Path(yaml.safe_load(config.read_text())["applications"][0]["args"]["jobs"]["data_dir"])
