@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/local.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint install lock clean
+.PHONY: serve test lint install lock clean chromium
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,14 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check serve_app tests loadtests cluster
 
-test: $(STAMP) lint
+# The web page's tests drive Debian's Chromium; installed here when missing and root may
+# (CI runs as root), otherwise those tests skip and say why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || \
+	  { test "$$(id -u)" = 0 && (apt-get update -qq && apt-get install -y -qq chromium) || \
+	    echo "Chromium is missing and cannot be installed here: tests/test_web.py will skip"; }
+
+test: $(STAMP) lint chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lock:

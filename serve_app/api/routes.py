@@ -7,7 +7,9 @@ only reads requests, calls it and writes responses.
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,8 +18,9 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from serve_app import __version__
 from serve_app.api import metrics
@@ -47,6 +50,15 @@ PUBLIC_ENGINE_FIELDS = (
     "max_batch_size", "max_batch_pixels", "batch_wait_timeout_s", "tile",
 )
 
+# What may follow /jobs/ in a page address; the page itself asks the API for the job.
+PAGE_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+# The page loads only its own files; results and previews are same-origin or blob: URLs.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+    "object-src 'none'; base-uri 'self'; frame-ancestors 'none'",
+    "Cache-Control": "no-cache",
+}
+
 
 class Service(Protocol):
     config: AppConfig
@@ -66,6 +78,9 @@ def build_asgi_app(service: Service) -> DrainBody:
     api = _Api(service)
     routes: list[BaseRoute] = [
         Route("/", api.index, methods=["GET"]),
+        Route("/jobs/{job_id}", api.job_page, methods=["GET"]),
+        Route("/favicon.ico", api.favicon, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
@@ -117,9 +132,22 @@ class _Api:
 
     async def index(self, request: Request) -> Response:
         page = STATIC_DIR / "index.html"
-        if page.is_file():
-            return FileResponse(page, media_type="text/html")
-        return JSONResponse({"service": "photoenhance", "version": __version__, "api": "/v1"})
+        if not page.is_file():
+            return JSONResponse({"service": "photoenhance", "version": __version__, "api": "/v1"})
+        # The page's addresses are relative to <base>: the application's mount point.
+        root = html.escape(request.scope.get("root_path", "").rstrip("/") + "/", quote=True)
+        text = page.read_text().replace('<base href="/">', f'<base href="{root}">', 1)
+        return HTMLResponse(text, headers=PAGE_HEADERS)
+
+    async def job_page(self, request: Request) -> Response:
+        """``/jobs/ID``: the page, which reads the job id from its own address."""
+        job_id = request.path_params["job_id"]
+        if not PAGE_JOB_ID.match(job_id):
+            raise NotFound(f"no job {job_id!r}", code="job_not_found")
+        return await self.index(request)
+
+    async def favicon(self, request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -167,6 +195,10 @@ class _Api:
                 "metadata": self.config.encoding.metadata,  # the server's default
             },
             "formats": {"input": list(INPUT_FORMATS), "output": list(OUTPUT_FORMATS)},
+            # What each option is (type, choices, bounds, default): the web page builds its
+            # controls from this, so a new option needs no page edit.
+            "option_schema": EnhanceOptions.model_json_schema(),
+            "upload": {"max_files": self.config.jobs.max_upload_files},
             "presets": self.service.presets.listing(principal),
             "limits": self.config.limits.model_dump(mode="json"),
             "batching": self.config.batching.model_dump(mode="json"),

@@ -102,7 +102,10 @@ class JobStreams:
 
         body = messages()
         weakref.finalize(body, release)  # also when the response never starts
-        return EventSourceResponse(body, ping=self.config.stream_heartbeat_s)
+        # no-cache, as the SSE spec advises: with sse-starlette's default no-store, Chromium
+        # reports every fetch()-read stream as aborted even when it ended normally.
+        return EventSourceResponse(body, ping=self.config.stream_heartbeat_s,
+                                   headers={"Cache-Control": "no-cache"})
 
     async def websocket(self, websocket: WebSocket, job_id: str, progress: Progress) -> None:
         await websocket.accept()

@@ -1,0 +1,555 @@
+"""The web page at ``/``, driven in Debian's Chromium (Playwright) against the dev application.
+
+One browser for the module; each test opens a fresh context (its own localStorage) and
+checks at the end that the page logged no console error and no request failed. Set
+``PHOTOENHANCE_SCREENSHOTS=docs/screenshots`` to write a PNG of each main state.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+CHROMIUM = Path(os.environ.get("PHOTOENHANCE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+SHOTS = os.environ.get("PHOTOENHANCE_SCREENSHOTS")
+WAIT_MS = 120_000  # jobs on a loaded 2-core CI machine: generous, the waits end on a condition
+DESKTOP = {"width": 1280, "height": 860}
+PHONE = {"width": 390, "height": 844}
+ENDED = re.compile(r"^(completed|partial|failed|cancelled)$")
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium not found at {CHROMIUM}: `apt-get install chromium` (make test does, as root)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class Watched:
+    """A page and what went wrong in it: console errors, page errors, failed requests."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.problems: list[str] = []
+        self.allowed: list[re.Pattern[str]] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        page.on("requestfailed", self._failed)
+
+    def _console(self, msg: Any) -> None:
+        if msg.type == "error" and not any(a.search(msg.text) for a in self.allowed):
+            self.problems.append(f"console error: {msg.text}")
+
+    def _failed(self, request: Any) -> None:
+        text = f"{request.method} {request.url}: {request.failure}"
+        if not any(a.search(text) for a in self.allowed):
+            self.problems.append(f"request failed: {text}")
+
+    def allow(self, pattern: str) -> None:
+        self.allowed.append(re.compile(pattern))
+
+    def assert_clean(self) -> None:
+        assert self.problems == [], "\n".join(self.problems)
+
+
+@pytest.fixture
+def open_page(browser: Any, serve_url: str) -> Iterator[Any]:
+    contexts = []
+
+    def open_page(path: str = "/", viewport: dict[str, int] = DESKTOP) -> Watched:
+        context = browser.new_context(base_url=serve_url, viewport=viewport, accept_downloads=True)
+        contexts.append(context)
+        watched = Watched(context.new_page())
+        watched.page.goto(path)
+        return watched
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+def shot(page: Any, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory, images: Any, shared_data: Path) -> Path:
+    """A folder as a photographer would pick it: three good photos (one in a subfolder) and
+    what the server refuses: an empty JPEG, a text file named .png, a PNG claiming 9 MP,
+    a file over the byte limit, and a truncated JPEG the browser cannot tell from a good one."""
+    folder = tmp_path_factory.mktemp("photos")
+    (folder / "trip").mkdir()
+    (folder / "Blake_Lively.jpg").write_bytes(images.photo("Blake_Lively.jpg", max_side=96))
+    (folder / "Adele_crop.png").write_bytes(images.photo("Adele_crop.png", max_side=80))
+    (folder / "trip" / "0014.jpg").write_bytes(images.photo("0014.jpg", max_side=96))
+    for name in ("empty.jpg", "not_an_image.png", "truncated.jpg"):
+        shutil.copy(shared_data / "bad" / name, folder / name)
+    (folder / "trip" / "huge.png").write_bytes(images.png_header(3000, 3000))
+    return folder
+
+
+def images_loaded(page: Any) -> None:
+    """Every card's picture has loaded (before leaving the page, so no load is cut short)."""
+    from playwright.sync_api import expect
+
+    cards = page.locator(".card .pic img")
+    for i in range(cards.count()):
+        expect(cards.nth(i)).to_have_js_property("complete", True, timeout=WAIT_MS)
+
+
+def choose(page: Any, option: str, label: str) -> None:
+    """Pick one value of a segmented option control (its radio button sits under the label)."""
+    page.locator(f'#opts [data-option="{option}"] label', has_text=label).click()
+
+
+def items(http: httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    return http.get(f"/v1/jobs/{job_id}/items", params={"limit": 1000}).json()["items"]
+
+
+def job_id_of(page: Any) -> str:
+    m = re.search(r"/jobs/([^/?#]+)$", page.url)
+    assert m, page.url
+    return m.group(1)
+
+
+def wait_state(page: Any, pattern: re.Pattern[str] | str) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#job-state")).to_have_text(pattern, timeout=WAIT_MS)
+
+
+# ---------------------------------------------------------------------------- server side
+
+
+def test_page_routes_and_option_description(http: httpx.Client) -> None:
+    from serve_app.options import EnhanceOptions
+
+    for path in ("/", "/jobs/j2026010100000000abcdef", "/?job=j2026010100000000abcdef"):
+        r = http.get(path)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), path
+        assert "default-src 'self'" in r.headers["content-security-policy"]
+        assert '<base href="/">' in r.text and '<script src="static/app.js"' in r.text
+    for path in ("/jobs/..%2Fconfig", "/jobs/not%20a%20job", "/jobs/" + "j" * 65, "/jobs/<b>",
+                 "/static/../serve_app/config.py", "/static/nope.js"):
+        assert http.get(path).status_code == 404, path
+    icon = http.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert http.get("/static/app.js").headers["content-type"].split(";")[0] in (
+        "text/javascript", "application/javascript")
+    body = http.get("/v1/models").json()
+    # The page builds its controls from this description: every option is described.
+    assert set(body["option_schema"]["properties"]) == set(EnhanceOptions.model_fields)
+    assert body["option_schema"]["properties"]["upscale"]["enum"] == [1, 2, 4]
+    assert body["upload"]["max_files"] >= 1
+    assert all(isinstance(p["name"], str) for p in body["presets"])
+
+
+# ---------------------------------------------------------------------------- the page
+
+
+def test_folder_review_upload_follow_reload_view_download(open_page, photos, http, app_config):
+    from playwright.sync_api import expect
+
+    big = photos / "trip" / "big.jpg"  # JPEG magic, one byte over the limit
+    big.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * (app_config.limits.max_bytes - 3))
+    w = open_page()
+    page = w.page
+    expect(page.locator("#banner")).to_contain_text("SYNTHETIC")
+    page.set_input_files("#folder-input", str(photos))
+
+    # Reviewed before anything is sent: bad files flagged with the reason and left out.
+    expect(page.locator("#files li")).to_have_count(8)
+    expect(page.locator("#files li.ok")).to_have_count(4)  # the truncated JPEG looks fine here
+    reasons = {
+        "empty.jpg": "empty file",
+        "not_an_image.png": "not a supported image",
+        "huge.png": "3000×3000 is 9.0 MP, over the 4.0 MP limit",
+        "big.jpg": "larger than the 10 MB limit",
+    }
+    for name, reason in reasons.items():
+        row = page.locator(f'#files li[data-name="{name}"]')
+        expect(row).to_have_class(re.compile(r"\bbad\b"))
+        expect(row.locator(".fmeta")).to_contain_text(reason)
+    expect(page.locator("#summary")).to_have_text(re.compile(r"^4 photos · .* · 4 left out$"))
+    expect(page.locator("#start")).to_have_text("Start: enhance 4 photos")
+    assert page.url.endswith("/")  # nothing sent yet
+    shot(page, "1-review")
+
+    # A slow link: the upload bar moves, with bytes and time left.
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 20, "downloadThroughput": -1, "uploadThroughput": 48 * 1024})
+    choose(page, "upscale", "1×")
+    page.click("#start")
+    upload = page.locator("#upload")
+    expect(upload).to_be_visible()
+    expect(upload).to_have_attribute("data-progress", re.compile(r"^0\.(0[1-9]|[1-9])"), timeout=30_000)
+    expect(page.locator("#upload-text")).to_contain_text(re.compile(r"KB of .*KB/s"))
+    shot(page, "2-uploading")
+    cdp.detach()  # the rest at full speed (a throttled session also holds back the event stream)
+
+    # The job id is in the URL the moment the job exists; the job runs live and ends.
+    page.wait_for_url(re.compile(r"/jobs/j\w+$"), timeout=60_000)
+    job_id = job_id_of(page)
+    expect(upload).to_be_hidden()
+    wait_state(page, "partial")
+    expect(page.locator('.card[data-state="succeeded"]')).to_have_count(3)
+    failed = page.locator('.card[data-state="failed"]')
+    expect(failed).to_have_count(1)
+    expect(failed.locator(".name")).to_have_text("truncated.jpg")
+    expect(failed.locator(".err")).to_contain_text("truncated")  # the message, not only the code
+    expect(failed.locator(".retry")).to_be_visible()
+    expect(page.locator("#job-stats")).to_contain_text("4 of 4 done · 1 failed")
+    expect(page.locator("#job-msg")).to_be_empty()  # a normal end of the stream is no error
+    rows = items(http, job_id)
+    assert [r["status"] for r in rows].count("succeeded") == 3
+    shot(page, "3-job")
+
+    # The viewer: the full-size result, zoom, both compare modes, the next item.
+    first = next(r for r in rows if r["status"] == "succeeded")
+    page.locator(f'.card[data-index="{first["index"]}"]').click()
+    viewer = page.locator("#viewer")
+    expect(viewer).to_be_visible()
+    after = page.locator("#v-after")
+    expect(after).to_have_js_property("naturalWidth", first["width"])
+    expect(after).to_have_js_property("naturalHeight", first["height"])
+    expect(page.locator("#v-pane-before .v-label")).to_have_text("Before")
+    expect(page.locator("#v-pane-after .v-label")).to_have_text("After")
+    page.click("#v-full")
+    expect(page.locator("#v-zoom")).to_have_text("100%")
+    box = page.locator("#v-pane-after .v-layer").bounding_box()
+    assert box is not None and round(box["width"]) == first["width"]
+    page.click("#v-in")
+    expect(page.locator("#v-zoom")).to_have_text("150%")
+    box = page.locator("#v-pane-after .v-layer").bounding_box()
+    assert box is not None and abs(box["width"] - 1.5 * first["width"]) < 1
+    shot(page, "4-viewer-slider")
+    page.click('[data-mode="split"]')
+    expect(page.locator("#v-stage")).to_have_class(re.compile(r"\bsplit\b"))
+    expect(page.locator("#v-pane-before")).to_be_visible()
+    shot(page, "5-viewer-side-by-side")
+    with page.expect_download() as dl:
+        page.click("#v-download")
+    one = Path(dl.value.path()).read_bytes()
+    assert one == http.get(f"/v1/jobs/{job_id}/items/{first['index']}/result").content
+    assert dl.value.suggested_filename == first["name"]
+    name_before = page.locator("#v-name").inner_text()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#v-name")).not_to_have_text(name_before)
+    page.keyboard.press("Escape")
+    expect(viewer).to_be_hidden()
+
+    # The ZIP holds exactly the successful outputs.
+    with page.expect_download() as dl:
+        page.click("#job-zip")
+    with zipfile.ZipFile(io.BytesIO(Path(dl.value.path()).read_bytes())) as z:
+        assert sorted(z.namelist()) == sorted(r["name"] for r in rows if r["status"] == "succeeded")
+        member = z.read(first["name"])
+    assert member == one
+
+    # Reloading, or opening the ?job= and #id forms, shows the same job.
+    for address in (f"/jobs/{job_id}", f"/?job={job_id}", f"/#{job_id}"):
+        images_loaded(page)
+        page.goto(address)
+        expect(page).to_have_url(re.compile(rf"/jobs/{job_id}$"))
+        wait_state(page, "partial")
+        expect(page.locator(".card")).to_have_count(4)
+        expect(page.locator('#job-list a[aria-current="page"]')).to_have_attribute("data-job", job_id)
+    w.assert_clean()
+
+
+def test_pause_resume_cancel_follow_the_server(open_page, http, images):
+    from playwright.sync_api import expect
+
+    data = images.cv2_bytes(images.array(96, 128), ".png")
+    files = [("files", (f"p{i:02d}.png", data, "image/png")) for i in range(24)]
+
+    def submit() -> str:
+        r = http.post("/v1/jobs", files=files, data={"max_inflight": "1", "upscale": "4"})
+        assert r.status_code == 202, r.text
+        return r.json()["job_id"]
+
+    first, second = submit(), submit()
+    # The second waits, paused, for its turn in this test.
+    assert http.post(f"/v1/jobs/{second}/pause").status_code == 200
+    w = open_page(f"/jobs/{first}")
+    page = w.page
+    expect(page.locator("#job-state")).to_have_text(re.compile("queued|running"), timeout=WAIT_MS)
+    page.click("#job-pause")
+    wait_state(page, "paused")
+    assert http.get(f"/v1/jobs/{first}").json()["state"] == "paused"
+    expect(page.locator("#job-pause")).to_be_disabled()
+    expect(page.locator("#job-resume")).to_be_enabled()
+    shot(page, "6-paused")
+    page.click("#job-resume")
+    wait_state(page, re.compile("queued|running"))
+    page.click("#job-cancel")
+    expect(page.locator("#job-cancel")).to_have_text("Cancel the job?")
+    page.click("#job-cancel")
+    wait_state(page, "cancelled")
+    assert http.get(f"/v1/jobs/{first}").json()["state"] == "cancelled"
+    expect(page.locator('.card[data-state="pending"], .card[data-state="running"]')).to_have_count(0)
+    expect(page.locator('.card[data-state="not processed"]').first).to_be_visible()
+    for button in ("#job-pause", "#job-resume", "#job-cancel"):
+        expect(page.locator(button)).to_be_hidden()  # an ended job: only its results remain
+    expect(page.locator("#job-delete")).to_be_visible()
+
+    # Another job from the recent list, cancelled elsewhere: the page follows without reload.
+    page.locator(f'#job-list a[data-job="{second}"]').click()
+    expect(page).to_have_url(re.compile(rf"/jobs/{second}$"))
+    wait_state(page, "paused")
+    assert http.post(f"/v1/jobs/{second}/cancel").status_code == 200
+    wait_state(page, "cancelled")
+    expect(page.locator('.card[data-state="pending"], .card[data-state="running"]')).to_have_count(0)
+    expect(page.locator("#job-msg")).to_be_empty()
+    page.go_back()  # the first job again, as the browser's history has it
+    expect(page).to_have_url(re.compile(rf"/jobs/{first}$"))
+    wait_state(page, "cancelled")
+
+    # Deleting an ended job: asked once more, then gone here and on the server.
+    page.click("#job-delete")
+    expect(page.locator("#job-delete")).to_have_text("Delete the job and its results?")
+    page.click("#job-delete")
+    expect(page.locator("#job-empty")).to_be_visible()
+    expect(page).to_have_url(re.compile(r"/$"))
+    expect(page.locator(f'#job-list a[data-job="{first}"]')).to_have_count(0)
+    assert http.get(f"/v1/jobs/{first}").status_code == 404
+    w.assert_clean()
+
+
+def test_presets_named_saved_reused_and_sent_as_shown(open_page, http, images):
+    from playwright.sync_api import expect
+
+    w = open_page()
+    page = w.page
+    preset = page.locator("#preset")
+    expect(preset.locator('option[value="portrait"]')).to_have_count(1)
+    names = [o.strip() for o in preset.locator("option").all_inner_texts()]
+    assert {"default", "portrait", "photo-x4", "fast", "faces-only"} <= set(names)
+    assert not any(n.isdigit() for n in names)
+
+    preset.select_option("photo-x4")
+    expect(page.locator('#opts input[name="upscale"][value="4"]')).to_be_checked()
+    expect(page.locator("#opt-bg_model")).to_have_value('"RealESRGAN_x4plus"')
+    page.locator("#opt-face").uncheck()
+    expect(preset).to_have_value("")  # no longer the preset as shown
+    page.fill("#preset-name", "web-x4")
+    page.click("#preset-save")
+    expect(page.locator("#preset-msg")).to_contain_text("Saved")
+    expect(preset).to_have_value("web-x4")
+    saved = http.get("/v1/presets/web-x4").json()["options"]
+    assert saved["upscale"] == 4 and saved["face"] is False and saved["bg_model"] == "RealESRGAN_x4plus"
+
+    # A later visit: choose the saved preset again, drop a photo, start.
+    page.reload()
+    preset.select_option("default")
+    expect(page.locator('#opts input[name="upscale"][value="2"]')).to_be_checked()
+    preset.select_option("web-x4")
+    expect(page.locator('#opts input[name="upscale"][value="4"]')).to_be_checked()
+    expect(page.locator("#opt-face")).not_to_be_checked()
+    png = images.cv2_bytes(images.array(24, 40), ".png")
+    drop_files(page, {"small.png": png})
+    expect(page.locator("#files li.ok")).to_have_count(1)
+
+    # An upload cancelled half-way: nothing is started, the list stays for another try.
+    slow = images.cv2_bytes(images.array(300, 400), ".png")
+    drop_files(page, {"slow.png": slow})
+    expect(page.locator("#files li.ok")).to_have_count(2)
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 20, "downloadThroughput": -1, "uploadThroughput": 32 * 1024})
+    page.click("#start")
+    expect(page.locator("#upload")).to_have_attribute("data-progress", re.compile(r"^0\.[0-9]*[1-9]"))
+    w.allow(r"^POST .*/v1/jobs: net::ERR_ABORTED$")
+    page.click("#upload-cancel")
+    expect(page.locator("#start-msg")).to_have_text("Upload cancelled; no job was started.")
+    expect(page.locator("#upload")).to_be_hidden()
+    cdp.detach()
+    assert page.url.endswith("/") and page.locator("#job-view").is_hidden()
+    page.locator('#files li[data-name="slow.png"] .remove').click()
+    expect(page.locator("#files li.ok")).to_have_count(1)
+
+    # A refused upload: the reason is shown, nothing is left pending, nothing half-started.
+    page.locator("details#advanced summary").click()
+    page.fill("#opt-tile", "5000")
+    w.allow(r"status of 422")
+    page.click("#start")
+    expect(page.locator("#start-msg")).to_contain_text("refused the upload: tile")
+    expect(page.locator("#upload")).to_be_hidden()
+    expect(page.locator("#job-view")).to_be_hidden()
+    assert page.url.endswith("/")
+    page.fill("#opt-tile", "0")
+    preset.select_option("web-x4")
+
+    page.click("#start")
+    page.wait_for_url(re.compile(r"/jobs/j\w+$"), timeout=60_000)
+    wait_state(page, "completed")
+    row = items(http, job_id_of(page))[0]
+    assert (row["width"], row["height"]) == (160, 96)  # 4x of 40x24, as the preset says
+    expect(page.locator(".card .line")).to_contain_text("160×96")
+    options = http.get(f"/v1/jobs/{job_id_of(page)}").json()["options"]
+    assert options["upscale"] == 4 and options["face"] is False
+
+    # A new drop starts a new job beside this one, not over it.
+    first_job = job_id_of(page)
+    drop_files(page, {"again.png": png})
+    page.click("#start")
+    page.wait_for_url(lambda url: "/jobs/" in url and first_job not in url, timeout=60_000)
+    expect(page.locator(f'#job-list a[data-job="{first_job}"]')).to_be_visible()
+    wait_state(page, "completed")
+
+    preset.select_option("web-x4")
+    page.click("#preset-delete")
+    expect(page.locator("#preset-msg")).to_contain_text("Deleted")
+    expect(preset.locator('option[value="web-x4"]')).to_have_count(0)
+    assert http.get("/v1/presets/web-x4").status_code == 404
+    w.assert_clean()
+
+
+def test_phone_viewport(open_page, http, images):
+    from playwright.sync_api import expect
+
+    data = images.cv2_bytes(images.array(48, 64), ".png")
+    r = http.post("/v1/jobs", files=[("files", ("phone.png", data, "image/png"))],
+                  data={"upscale": "2", "face": "false"})
+    job_id = r.json()["job_id"]
+    w = open_page(f"/jobs/{job_id}", viewport=PHONE)
+    page = w.page
+    wait_state(page, "completed")
+    width = page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= PHONE["width"]
+    for selector in ("#pick-files", "#pick-folder", "#job-zip", ".card"):
+        box = page.locator(selector).first.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
+    shot(page, "7-phone")
+    page.locator(".card").first.click()
+    expect(page.locator("#viewer")).to_be_visible()
+    # The original is not on this device: the result alone, said so.
+    expect(page.locator("#v-note")).to_contain_text("original is not on this device")
+    expect(page.locator("#v-after")).to_have_js_property("naturalWidth", 128)
+    w.assert_clean()
+
+
+def drop_files(page: Any, files: dict[str, bytes]) -> None:
+    """Drop files on the drop zone as a file manager would (a real drop event)."""
+    dt = page.evaluate_handle(
+        """(files) => {
+            const dt = new DataTransfer();
+            for (const [name, bytes] of Object.entries(files)) {
+                dt.items.add(new File([new Uint8Array(bytes)], name, { type: "image/png" }));
+            }
+            return dt;
+        }""",
+        {name: list(data) for name, data in files.items()},
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dt})
+
+
+def test_stream_is_read_to_its_end(http, images):
+    """The event stream says no-cache (not no-store) and ends after the job's final state."""
+    data = images.cv2_bytes(images.array(16, 16), ".png")
+    job_id = http.post("/v1/jobs", files=[("files", ("s.png", data, "image/png"))],
+                       data={"upscale": "1", "face": "false"}).json()["job_id"]
+    deadline = time.monotonic() + 120
+    with http.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        assert r.headers["cache-control"] == "no-cache"
+        text = "".join(r.iter_text())
+        assert time.monotonic() < deadline
+    assert '"state": "completed"' in text
+
+
+# ---------------------------------------------------------------------------- API keys
+
+
+@pytest.fixture(scope="module")
+def keyed_url(serve_url: str, serve_args: dict[str, Any],
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A second application with keys on, under its own prefix (the dev one stays keys-off).
+    Generous rate limits: a page makes a request per card."""
+    auth = pytest.importorskip("serve_app.auth")
+    from ray import serve
+
+    from serve_app.deployments.app import build_app
+
+    base = tmp_path_factory.mktemp("webkeyed")
+    key = auth.append_key(base / "keys", "ann", "user")[0]
+    args = {
+        **serve_args,
+        "name": "photoenhance-webkeyed",
+        "jobs": {**serve_args["jobs"], "data_dir": str(base / "data")},
+        "model": {**serve_args["model"], "num_cpus": 0.25},
+        "auth": {"enabled": True, "keys_file": str(base / "keys"), "keys_env": None,
+                 "requests_per_second": 100.0, "burst": 400},
+    }
+    serve.run(build_app(args), name="photoenhance-webkeyed", route_prefix="/webkeyed")
+    try:
+        yield serve_url + "/webkeyed", key
+    finally:
+        serve.delete("photoenhance-webkeyed")
+
+
+def test_api_key_asked_once_kept_and_sent(open_page, keyed_url, images):
+    from playwright.sync_api import expect
+
+    url, key = keyed_url
+    headers = {"authorization": f"Bearer {key}"}
+    data = images.cv2_bytes(images.array(32, 48), ".png")
+    with httpx.Client(base_url=url, timeout=120) as client:
+        assert client.get("/v1/models").status_code == 401
+        r = client.post("/v1/jobs", files=[("files", ("k.png", data, "image/png"))],
+                        data={"upscale": "2", "face": "false"}, headers=headers)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+
+    w = open_page(f"{url}/jobs/{job_id}")
+    page = w.page
+    w.allow(r"status of 401")  # the page's first, keyless requests
+    dialog = page.locator("#key-dialog")
+    expect(dialog).to_be_visible(timeout=WAIT_MS)
+    page.fill("#key-input", "not-a-key")
+    page.click('#key-form button[value="ok"]')
+    expect(page.locator("#key-msg")).to_have_text("That key was not accepted.")
+    page.fill("#key-input", key)
+    page.click('#key-form button[value="ok"]')
+    expect(dialog).to_be_hidden()
+    wait_state(page, "completed")
+    expect(page.locator(".card .pic img")).to_have_js_property("naturalWidth", 96, timeout=WAIT_MS)
+    assert page.evaluate("() => localStorage.getItem('photoenhance.key')") == key
+
+    # Kept: a reload asks nothing, and downloads carry the key.
+    images_loaded(page)
+    page.reload()
+    wait_state(page, "completed")
+    expect(dialog).to_be_hidden()
+    with page.expect_download() as dl:
+        page.click("#job-zip")
+    with zipfile.ZipFile(io.BytesIO(Path(dl.value.path()).read_bytes())) as z:
+        assert len(z.namelist()) == 1
+    w.assert_clean()
