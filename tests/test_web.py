@@ -264,6 +264,14 @@ def test_folder_review_upload_follow_reload_view_download(open_page, photos, htt
         member = z.read(first["name"])
     assert member == one
 
+    # Retry of the failed photo: a new job with it, beside the first (which stays listed).
+    images_loaded(page)
+    failed.locator(".retry").click()
+    page.wait_for_url(lambda url: "/jobs/" in url and job_id not in url, timeout=60_000)
+    wait_state(page, ENDED)
+    expect(page.locator('.card[data-state="failed"] .name')).to_have_text("truncated.jpg")
+    expect(page.locator(f'#job-list a[data-job="{job_id}"]')).to_be_visible()
+
     # Reloading, or opening the ?job= and #id forms, shows the same job.
     for address in (f"/jobs/{job_id}", f"/?job={job_id}", f"/#{job_id}"):
         images_loaded(page)

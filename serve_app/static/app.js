@@ -241,8 +241,11 @@ function buildControls() {
   $("opts").addEventListener("change", onControlsChanged);
 }
 
+const VALUE_LABELS = { keep: "Keep", strip: "Strip", "keep-no-gps": "Keep, no GPS", srgb: "sRGB", auto: "Auto", none: "None" };
+
 function choiceLabel(name, v) {
-  if (v === null) return name === "format" ? "Auto" : "Default";
+  if (v === null) return name === "format" ? "Auto" : "Server default";
+  if (typeof v === "string" && VALUE_LABELS[v]) return VALUE_LABELS[v];
   if (name === "upscale") return `${v}×`;
   if (name === "format") return v === "webp" ? "WebP" : String(v).toUpperCase();
   return String(v);
@@ -446,8 +449,9 @@ const SNIFF = {
   webp: (b) => ascii(b, 0, 4) === "RIFF" && ascii(b, 8, 4) === "WEBP",
   bmp: (b) => b[0] === 0x42 && b[1] === 0x4d,
   tiff: (b) => (b[0] === 0x49 && b[1] === 0x49 && b[2] === 42 && b[3] === 0) || (b[0] === 0x4d && b[1] === 0x4d && b[2] === 0 && b[3] === 42),
-  heic: (b) => ascii(b, 4, 4) === "ftyp" && /heic|heix|hevc|heim|heis|mif1|msf1/.test(ascii(b, 8, 24)),
-  heif: (b) => ascii(b, 4, 4) === "ftyp" && /mif1|msf1|heic/.test(ascii(b, 8, 24)),
+  // HEIF and AVIF share the ISO-BMFF "ftyp" box; AVIF names itself in the major brand.
+  heif: (b) => ascii(b, 4, 4) === "ftyp" && !/avif|avis/.test(ascii(b, 8, 4))
+    && /heic|heix|hevc|heim|heis|mif1|msf1/.test(ascii(b, 8, 24)),
   avif: (b) => ascii(b, 4, 4) === "ftyp" && /avif|avis/.test(ascii(b, 8, 24)),
 };
 
@@ -630,10 +634,11 @@ function startUpload() {
   for (const c of good) form.append("files", c.file, c.file.name);
   const total = good.reduce((n, c) => n + c.file.size, 0);
   $("start-msg").textContent = "";
-  sendUpload(form, total, good);
+  sendUpload(form, total, good, true);
 }
 
-function sendUpload(form, total, good) {
+// `fromReview`: the upload is the review list's (cleared once the job exists), not a retry.
+function sendUpload(form, total, good, fromReview) {
   const xhr = new XMLHttpRequest();
   uploading = xhr;
   renderReview();
@@ -659,7 +664,7 @@ function sendUpload(form, total, good) {
   xhr.addEventListener("error", () => { finish(); $("start-msg").textContent = "The upload failed (network error). Nothing was started; try again."; });
   xhr.addEventListener("load", async () => {
     finish();
-    if (xhr.status === 401 && (await askKey(Boolean(auth.key)))) { sendUpload(form, total, good); return; }
+    if (xhr.status === 401 && (await askKey(Boolean(auth.key)))) { sendUpload(form, total, good, fromReview); return; }
     let body = null;
     try { body = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
     if (xhr.status !== 202 || !body || !body.job_id) {
@@ -669,7 +674,7 @@ function sendUpload(form, total, good) {
     }
     localFiles.set(body.job_id, good.map((c) => ({ name: c.file.name, url: c.thumb, file: c.file })));
     rememberJob(body.job_id);
-    clearChosen(true);
+    if (fromReview) clearChosen(true);
     openJob(body.job_id, true, body);
   });
   xhr.open("POST", u("v1/jobs"));
@@ -994,7 +999,7 @@ async function retryItem(file) {
   const form = new FormData();
   for (const [k, v] of Object.entries(opts)) if (v !== null && k !== "preset") form.append(k, String(v));
   form.append("files", file, file.name);
-  sendUpload(form, file.size, [{ file, thumb: URL.createObjectURL(file) }]);
+  sendUpload(form, file.size, [{ file, thumb: URL.createObjectURL(file) }], false);
 }
 
 function resultUrl(id, index) {
