@@ -54,10 +54,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
-def peak_mib(pid: int) -> float:
+def status_mib(pid: int, field: str = "VmHWM") -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -78,11 +78,14 @@ class Meter:
         for pid in self.pids.values():
             reset_peak(pid)
         self.cpu0 = {n: cpu_seconds(p) for n, p in self.pids.items()}
+        self.rss0 = {n: status_mib(p, "VmRSS") for n, p in self.pids.items()}
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.cpu = {n: round(cpu_seconds(p) - self.cpu0[n], 3) for n, p in self.pids.items()}
-        self.peak = {n: round(peak_mib(p), 1) for n, p in self.pids.items()}
+        self.peak = {n: round(status_mib(p), 1) for n, p in self.pids.items()}
+        # What the case added: peak resident memory over the resident memory before it.
+        self.growth = {n: round(max(self.peak[n] - self.rss0[n], 0.0), 1) for n in self.pids}
 
 
 def cases(url: str, app_config: Any) -> list[tuple[str, Any]]:
@@ -132,6 +135,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    import httpx
     import ray
     import yaml
     from conftest import Images
@@ -170,6 +174,7 @@ def main() -> int:
                 runs.append(meter)
             worst = max(runs, key=lambda m: sum(m.cpu.values()))
             rows.append({"case": name, "cpu_s": worst.cpu, "peak_mib": worst.peak,
+                         "growth_mib": {n: max(r.growth[n] for r in runs) for n in pids},
                          "cpu_total_s": round(sum(worst.cpu.values()), 3)})
             print(f"{name:<40} " + "  ".join(
                 f"{n} {worst.cpu[n]:.2f}s/{worst.peak[n]:.0f}MiB" for n in pids), flush=True)
@@ -187,15 +192,25 @@ def main() -> int:
                 except Exception:
                     time.sleep(0.1)
 
-        threads = [threading.Thread(target=hammer, args=(s,), daemon=True)
-                   for s in senders.values()]
-        for t in threads:
-            t.start()
-        time.sleep(2.0)
-        loaded = [normal_request(url, photo) for _ in range(args.normal)]
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
+        def under(load: list[Any]) -> list[float]:
+            stop.clear()
+            threads = [threading.Thread(target=hammer, args=(s,), daemon=True) for s in load]
+            for t in threads:
+                t.start()
+            time.sleep(2.0)
+            out = [normal_request(url, photo) for _ in range(args.normal)]
+            stop.set()
+            for t in threads:
+                t.join(timeout=120)
+            return out
+
+        loaded = under(list(senders.values()))
+        # Control: 8 senders of small *good* requests, to tell what the hostile ones cost
+        # from what any 8 busy clients cost on the same cores.
+        tiny = Images.cv2_bytes(Images.array(32, 32), ".png")
+        good = [lambda: httpx.post(url + "/v1/enhance", content=tiny, timeout=120,
+                                   params={"upscale": 1, "face": "false", "bg_model": "none"})]
+        control = under(good * 8)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -207,10 +222,12 @@ def main() -> int:
         "cases": rows,
         "max_cpu_s": max(max(r["cpu_s"].values()) for r in rows),
         "max_peak_mib": max(max(r["peak_mib"].values()) for r in rows),
+        "max_growth_mib": max(max(r["growth_mib"].values()) for r in rows),
         "worst_8": [r["case"] for r in costly],
         "normal_512px_s": {"alone_median": round(statistics.median(baseline), 3),
                            "under_load_median": round(statistics.median(loaded), 3),
-                           "under_load_max": round(max(loaded), 3)},
+                           "under_load_max": round(max(loaded), 3),
+                           "under_8_good_clients_median": round(statistics.median(control), 3)},
     }
     print(json.dumps({k: v for k, v in figures.items() if k != "cases"}, indent=2))
     if args.json:
