@@ -99,7 +99,9 @@ class Scheduler:
         self._space_checked: dict[str, float] = {}
         self._fetch_slots: dict[str, asyncio.Semaphore] = {}
         self._expired_at = 0.0
-        self._callbacks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._expiry: asyncio.Task[Any] | None = None
+        self._callbacks: set[asyncio.Task[Any]] = set()  # callbacks, expiry
         self._sending: set[str] = set()
 
     # ------------------------------------------------------------------ life
@@ -109,10 +111,18 @@ class Scheduler:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: in Python 3.11 asyncio.wait_for can swallow a
+        # cancel that lands as its wait ends, and a loop left running would dispatch (and
+        # take the manifest's lock) after stop.
+        self._stopping = True
         if self._loop_task:
             self._loop_task.cancel()
-        for task in list(self._callbacks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for task in [*self._callbacks, *self._listers.values()]:
             task.cancel()
+        if self._listers:
+            await asyncio.gather(*self._listers.values(), return_exceptions=True)
         for job in self.jobs.values():
             for task in list(job.tasks):
                 task.cancel()
@@ -180,7 +190,8 @@ class Scheduler:
         old = [j.id for j in self.jobs.values()
                if j.state in TERMINAL and (j.finished_at or j.updated_at) + retention < now]
         for job_id in old:
-            await self.delete(job_id)
+            if job_id in self.jobs:  # not deleted meanwhile by a client
+                await self.delete(job_id)
         return old
 
     def recover(self, jobs_dir: Path) -> list[str]:
@@ -272,20 +283,33 @@ class Scheduler:
                 job.touch()
                 await asyncio.to_thread(job.save_state)
 
-        task = asyncio.get_running_loop().create_task(send())
+        self._background(send())
+
+    def _background(self, work: Any) -> asyncio.Task[Any]:
+        """Run ``work`` as a task that ``stop`` cancels; its failures are logged."""
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._callbacks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                LOGGER.error("job background task failed", exc_info=task.exception())
+
+        task = asyncio.get_running_loop().create_task(work)
         self._callbacks.add(task)
-        task.add_done_callback(self._callbacks.discard)
+        task.add_done_callback(done)
+        return task
 
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 self._fill()
-                if time.monotonic() - self._expired_at > EXPIRE_EVERY_S:
+                expiring = self._expiry is not None and not self._expiry.done()
+                if time.monotonic() - self._expired_at > EXPIRE_EVERY_S and not expiring:
+                    # In the background: removing large folders must not hold up dispatch.
                     self._expired_at = time.monotonic()
-                    await self.expire()
+                    self._expiry = self._background(self.expire())
             except Exception:
                 LOGGER.exception("job scheduler pass failed")
             with contextlib.suppress(TimeoutError):
@@ -293,7 +317,7 @@ class Scheduler:
 
     def _fill(self) -> None:
         per_job = self.config.max_inflight_per_job
-        while self.inflight < self.config.max_inflight:
+        while self.inflight < self.config.max_inflight and not self._stopping:
             candidates = [
                 j for j in self.jobs.values()
                 if j.state in ACTIVE and j.inflight < min(j.limit, per_job) and j.has_pending()
