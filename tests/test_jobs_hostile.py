@@ -378,44 +378,37 @@ def test_a_job_calls_back_signed_and_retried(
 def test_owners_see_only_their_jobs(
     http: httpx.Client, app_config: AppConfig, inputs: Path
 ) -> None:
-    """The jobs boundary filters by owner; which owner a request is the API's decision
-    (here a test header stands in for the API key)."""
+    """The jobs boundary's owner contract (the API maps keys onto it: tests/test_keys.py):
+    a job records its owner; reading or controlling it as another owner is "not found";
+    owner None reads all."""
     import asyncio
 
-    from starlette.applications import Starlette
+    from serve_app.errors import NotFound
+    from serve_app.jobs import JobIntake, JobReader
 
-    from serve_app.api.errors import EXCEPTION_HANDLERS
-    from serve_app.api.jobs import JobsApi, job_routes
-
-    def owner_of(request: Any) -> str | None:
-        return request.headers.get("x-test-owner")
-
-    app = Starlette(routes=job_routes(JobsApi(app_config, owner_of=owner_of)),
-                    exception_handlers=EXCEPTION_HANDLERS)
+    intake, reader = JobIntake(app_config), JobReader(app_config)
 
     async def main() -> None:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test",
-                                     timeout=120) as client:
-            alice, bob = {"x-test-owner": "alice"}, {"x-test-owner": "bob"}
-            r = await client.post("/v1/jobs", headers=alice, json={
-                "inputs": [str(inputs / "img2.png")], "options": {"face": False}})
-            assert r.status_code == 202, r.text
-            job_id = r.json()["job_id"]
-            assert r.json()["owner"] == "alice"
-            for method, path in [("GET", ""), ("GET", "/items"), ("GET", "/manifest.jsonl"),
-                                 ("GET", "/results.zip"), ("POST", "/pause"),
-                                 ("DELETE", ""), ("GET", "/items/0/result")]:
-                r = await client.request(method, f"/v1/jobs/{job_id}{path}", headers=bob)
-                assert_error(r, 404, "job_not_found")
-            listed = (await client.get("/v1/jobs", headers=bob)).json()["jobs"]
-            assert job_id not in [j["job_id"] for j in listed]
-            mine = (await client.get("/v1/jobs", headers=alice)).json()["jobs"]
-            assert [j["owner"] for j in mine] == ["alice"] * len(mine) and mine
-            r = await client.get(f"/v1/jobs/{job_id}", headers=alice)
-            assert r.status_code == 200
-        # Owner None (keys off, or an admin): every job.
-        assert job_id in [j["job_id"] for j in http.get("/v1/jobs").json()["jobs"]]
+        snap = await intake.submit({"inputs": [str(inputs / "img2.png")],
+                                    "options": {"face": False}}, owner="alice")
+        job_id = snap["job_id"]
+        assert snap["owner"] == "alice"
+        as_bob = [reader.get(job_id, owner="bob"),
+                  reader.items(job_id, owner="bob"),
+                  reader.manifest(job_id, owner="bob"),
+                  reader.results(job_id, owner="bob"),
+                  reader.item_result(job_id, 0, owner="bob"),
+                  intake.control(job_id, "pause", owner="bob"),
+                  intake.delete(job_id, owner="bob")]
+        for call in as_bob:
+            with pytest.raises(NotFound) as info:
+                await call
+            assert info.value.code == "job_not_found"
+        assert job_id not in [j["job_id"] for j in await reader.list(owner="bob")]
+        mine = await reader.list(owner="alice")
+        assert mine and all(j["owner"] == "alice" for j in mine)
+        assert (await reader.get(job_id, owner="alice"))["owner"] == "alice"
+        assert job_id in [j["job_id"] for j in await reader.list(owner=None)]
 
     asyncio.run(main())
 
