@@ -121,9 +121,9 @@ def serve_url(serve_args: dict[str, Any], object_stores: dict[str, str]) -> Iter
             except Exception as exc:
                 # Ray gives its raylet 30 s to register; on a machine busy with other test
                 # runs that can pass. Clear what this attempt started and try again.
+                _end_own_ray(ray, ray_tmp)
                 if "timed out during startup" not in str(exc) or attempt == 2:
                     raise
-                _end_own_ray(ray, ray_tmp)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(serve_args), name=APP_NAME, route_prefix="/")

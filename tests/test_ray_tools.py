@@ -43,9 +43,19 @@ class OwnRay:
     id: every process whose command line names its temp folder (never `ray stop`)."""
 
     def __init__(self, serve_args: dict[str, Any], tmp: Path) -> None:
-        from conftest import DEV_CONFIG, free_port
 
         self.tmp = Path(tempfile.mkdtemp(prefix="ray-tools-"))  # short: socket paths
+        self.serve: subprocess.Popen | None = None
+        self.log: Any = None
+        try:
+            self._start(serve_args, tmp)
+        except BaseException:
+            self.stop()  # nothing of a half-started Ray may outlive the test
+            raise
+
+    def _start(self, serve_args: dict[str, Any], tmp: Path) -> None:
+        from conftest import DEV_CONFIG, free_port
+
         gcs, dash, agent, http = free_port(), free_port(), free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{dash}"
         self.url = f"http://127.0.0.1:{http}"
@@ -87,11 +97,14 @@ class OwnRay:
             return False
 
     def stop(self) -> None:
-        if self.serve.poll() is None:
+        if self.serve is not None and self.serve.poll() is None:
             self.serve.send_signal(signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.serve.wait(timeout=90)
-        self.log.close()
+            if self.serve.poll() is None:
+                self.serve.kill()
+        if self.log is not None:
+            self.log.close()
         mine = [p for p in psutil.process_iter(["cmdline"])
                 if any(str(self.tmp) in part for part in (p.info["cmdline"] or []))]
         for p in mine:
