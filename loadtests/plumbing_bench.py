@@ -164,7 +164,8 @@ def _title(proc: Any) -> str:
     return Path(head).name
 
 
-REQUEST_PATH = ("client", "ProxyActor", "Ingress", "Enhancer")
+# "python": the model replica's codec worker processes (and, idle-subtracted, Ray's log monitor)
+REQUEST_PATH = ("client", "ProxyActor", "Ingress", "Enhancer", "python")
 
 
 def idle_rates(seconds: float = 5.0) -> dict[str, float]:
