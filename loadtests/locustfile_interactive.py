@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 
 from locust import HttpUser, constant_throughput, task
-from pe_common import Settings, images, record, stages_shape
+from pe_common import Settings, images, post_enhance, stages_shape
 
 SETTINGS = Settings.from_env()
 IMAGES = images(SETTINGS)
@@ -28,12 +28,4 @@ class EnhanceUser(HttpUser):
 
     @task
     def enhance(self) -> None:
-        with self.client.post(
-            "/v1/enhance",
-            params=SETTINGS.options,
-            data=next(self._images),
-            headers={"Content-Type": "image/png"},
-            name="/v1/enhance",
-            catch_response=True,
-        ) as response:
-            record(response, "/v1/enhance")
+        post_enhance(self.client, next(self._images), SETTINGS.options)

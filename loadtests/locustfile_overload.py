@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 
 from locust import HttpUser, task
-from pe_common import Settings, images, record, stages_shape
+from pe_common import Settings, images, post_enhance, stages_shape
 
 SETTINGS = Settings.from_env()
 IMAGES = images(SETTINGS)
@@ -31,16 +31,8 @@ class PatientBackend(HttpUser):
 
     @task
     def enhance(self) -> None:
-        with self.client.post(
-            "/v1/enhance",
-            params=SETTINGS.options,
-            data=next(self._images),
-            headers={"Content-Type": "image/png"},
-            name="/v1/enhance",
-            catch_response=True,
-        ) as response:
-            record(response, "/v1/enhance")
-            retry_after = response.headers.get("Retry-After") if response.status_code == 503 else None
+        response = post_enhance(self.client, next(self._images), SETTINGS.options)
+        retry_after = response.headers.get("Retry-After") if response.status_code == 503 else None
         try:
             self._pause = max(float(retry_after), 1.0 / SETTINGS.user_rate) if retry_after else (
                 1.0 / SETTINGS.user_rate

@@ -63,6 +63,20 @@ def record(response: Any, route: str) -> bool:
     return False
 
 
+def post_enhance(client: Any, image: bytes, options: dict[str, str]) -> Any:
+    """One ``POST /v1/enhance`` of a PNG, recorded (see ``record``); returns the response."""
+    with client.post(
+        "/v1/enhance",
+        params=options,
+        data=image,
+        headers={"Content-Type": "image/png"},
+        name="/v1/enhance",
+        catch_response=True,
+    ) as response:
+        record(response, "/v1/enhance")
+    return response
+
+
 # ------------------------------------------------------------------ ramp shape
 
 
