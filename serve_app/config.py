@@ -94,6 +94,12 @@ class LimitsConfig(_Section):
     codec_memory_mb: int = Field(
         4096, ge=128, description="Memory (data segment) of one decode/encode worker process."
     )
+    codec_inline_pixels: int = Field(
+        0, ge=0, description="JPEG, PNG, WebP and BMP images up to this many pixels (in, or "
+        "out for encoding; not AVIF) are decoded and encoded on the replica's threads instead "
+        "of the stoppable workers: their cost is bounded by the structure limits (docs/"
+        "SECURITY.md), and a worker round trip costs a few ms. 0: every image in a worker.",
+    )
 
 
 class BatchingConfig(_Section):

@@ -53,3 +53,11 @@ def test_colliding_inputs_give_two_files_and_the_count_is_true(serve_url, images
     assert code == 0, output
     assert "3 of 3 written" in output
     assert sorted(p.name for p in out.iterdir()) == ["image.bmp.png", "image.tiff.png", "photo.png"]
+
+
+def test_job_output_names_never_collide():
+    from serve_app.jobs.naming import output_name
+
+    names = [output_name(i, n, "png") for i, n in enumerate(["image.bmp", "image.tiff", "a/x.jpg", "b/x.jpg"])]
+    assert len(set(names)) == 4 and names[0] == "000000_image.png"
+    assert output_name(0, "heic.heic", "avif").endswith(".avif")

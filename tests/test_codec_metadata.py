@@ -389,3 +389,32 @@ def test_models_describes_the_codec_options(http):
     assert body["options"]["metadata"] in ("keep", "strip", "keep-no-gps")
     assert body["options"]["color"] == "keep"
     assert {"heif", "avif"} <= set(body["formats"]["input"]) and "avif" in body["formats"]["output"]
+
+
+def test_a_job_keeps_metadata_and_names_colliding_inputs_apart(http, images):
+    """Jobs take the same options; two inputs named alike give two outputs."""
+    import time
+    import zipfile
+
+    files = [
+        ("files", ("image.bmp", images.cv2_bytes(images.array(24, 32), ".bmp"), "image/bmp")),
+        ("files", ("image.tiff", images.cv2_bytes(images.array(24, 32), ".tiff"), "image/tiff")),
+        ("files", ("camera.jpg", camera_jpeg(icc=ADOBE), "image/jpeg")),
+    ]
+    r = http.post("/v1/jobs", files=files, data={
+        "upscale": "1", "face": "false", "bg_model": "none", "metadata": "keep-no-gps"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    deadline = time.monotonic() + 180
+    while (state := http.get(f"/v1/jobs/{job_id}").json()["state"]) not in (
+            "completed", "partial", "failed", "cancelled"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert state == "completed"
+    z = http.get(f"/v1/jobs/{job_id}/results.zip")
+    with zipfile.ZipFile(io.BytesIO(z.content)) as archive:
+        names = sorted(archive.namelist())
+        assert len(names) == 3 and len({n.rsplit(".", 1)[0] for n in names}) == 3
+        jpeg = read(archive.read(next(n for n in names if n.endswith(".jpg"))))
+    assert jpeg.getexif()[MAKE] == "Canon" and 0x8825 not in jpeg.getexif()
+    assert jpeg.info["icc_profile"] == ADOBE

@@ -196,3 +196,28 @@ def test_nvjpeg_encode_and_fallbacks() -> None:
         assert decoded.format == "jpeg" and decoded.image.shape == image.shape
     finally:
         t.close()
+
+
+def test_small_images_may_skip_the_workers() -> None:
+    """``limits.codec_inline_pixels``: small JPEG/PNG/WebP/BMP on the threads, the rest (and
+    everything with the default 0) in the stoppable workers."""
+    image = _photo()
+    data = codec.encode(image, "png")
+
+    async def run(t: Transcoder, fmt: str | None = None) -> bytes:
+        decoded = await t.decode(data, 1)
+        out, _ = await t.encode(decoded.image, fmt, decoded.format, 90)
+        return out
+
+    inline = _transcoder(limits={"codec_inline_pixels": 96 * 128})
+    workers = _transcoder()
+    try:
+        assert codec.decode(asyncio.run(run(inline))).image.shape == image.shape
+        assert inline.workers._idle == [] and inline.workers.busy == {"decode": 0, "encode": 0}
+        assert codec.sniff(asyncio.run(run(inline, "avif"))) == "avif"  # AVIF: a worker
+        assert len(inline.workers._idle) == 1
+        assert codec.decode(asyncio.run(run(workers))).image.shape == image.shape
+        assert len(workers.workers._idle) == 1
+    finally:
+        inline.close()
+        workers.close()

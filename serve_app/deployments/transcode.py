@@ -30,6 +30,9 @@ from serve_app.config import AppConfig
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
+# Formats whose decoding and encoding cost is bounded by the pixel and structure limits alone
+# (AVIF's encoder, HEIF's and TIFF's many variants are not): small ones may skip the workers.
+_INLINE_FORMATS = frozenset({"jpeg", "png", "webp", "bmp"})
 
 
 class JpegAccelerator(Protocol):
@@ -63,6 +66,8 @@ class Transcoder:
             image = await self._run(self.accelerator.decode, data, info)
             if image is not None:
                 return codec.DecodedImage(image, info.format, codec.header_metadata(data, info))
+        if info.format in _INLINE_FORMATS and info.pixels <= self.limits.codec_inline_pixels:
+            return await self._run(codec.decode, data, info)
         decoded: codec.DecodedImage = await self.workers.run(
             codec.decode, data, info, cpu_s=self.limits.decode_cpu_s, deadline=deadline,
             what="decode",
@@ -80,6 +85,12 @@ class Transcoder:
             data = await self._run(self._accelerated_jpeg, image, quality, metadata, keep, color)
             if data is not None:
                 return data, fmt
+        pixels = int(image.shape[0]) * int(image.shape[1])
+        if fmt in _INLINE_FORMATS and pixels <= self.limits.codec_inline_pixels:
+            data = await self._run(
+                _encode, image, fmt, quality, self.encoding, metadata, keep, color
+            )
+            return data, fmt
         out: bytes = await self.workers.run(
             _encode, image, fmt, quality, self.encoding, metadata, keep, color,
             cpu_s=self.limits.encode_cpu_s, deadline=deadline, what="encode",
