@@ -13,6 +13,7 @@ so the results show a real enhancement even where the face weights are synthetic
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import tempfile
@@ -47,6 +48,16 @@ def folder(photos: Path, max_side: int) -> Path:
     return out
 
 
+def pick(page: Any, option: str, value: Any) -> None:
+    """Set one option control, a menu or a row of buttons, as its values are JSON."""
+    wanted = json.dumps(value)
+    control = page.locator(f'#opts [data-option="{option}"]')
+    if control.locator("select").count():
+        control.locator("select").select_option(wanted)
+    else:
+        control.locator(f"label:has(input[value='{wanted}'])").click()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
@@ -74,10 +85,11 @@ def take(args: argparse.Namespace, browser: Any = None) -> None:
     expect(page.locator('#preset option[value="portrait"]')).to_have_count(1)
     page.set_input_files("#folder-input", str(picked))
     expect(page.locator("#files li.bad")).to_have_count(2)
-    page.locator('#opts [data-option="upscale"] label', has_text="2×").click()
-    page.locator('#opts [data-option="format"] label', has_text="JPEG").click()
+    pick(page, "upscale", 2)
+    pick(page, "format", "jpeg")
     if args.bg_model:
-        page.locator("#opt-bg_model").select_option(f'"{args.bg_model}"')
+        pick(page, "bg_model", args.bg_model)
+        page.locator("#opt-face").uncheck()  # on synthetic face weights, faces would be noise
     page.screenshot(path=args.out / "1-review.png")
 
     page.click("#start")
@@ -90,8 +102,6 @@ def take(args: argparse.Namespace, browser: Any = None) -> None:
 
     page.locator(".card").first.click()
     expect(page.locator("#v-after")).not_to_have_js_property("naturalWidth", 0)
-    page.mouse.move(680, 420)
-    page.click("#v-full")
     page.screenshot(path=args.out / "4-viewer-slider.png")
     page.click('[data-mode="split"]')
     page.screenshot(path=args.out / "5-viewer-side-by-side.png")
@@ -105,7 +115,7 @@ def take(args: argparse.Namespace, browser: Any = None) -> None:
                  for f in sorted(picked.rglob("*")) if f.is_file() and f.stat().st_size > 1000]
         data = {"upscale": "2", "max_inflight": "1", "format": "jpeg"}
         if args.bg_model:
-            data["bg_model"] = args.bg_model
+            data.update(bg_model=args.bg_model, face="false")
         paused = http.post("/v1/jobs", files=files * 2, data=data).json()["job_id"]
         http.post(f"/v1/jobs/{paused}/pause")
     page.goto(f"{args.url}/jobs/{paused}")
