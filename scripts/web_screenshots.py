@@ -132,6 +132,17 @@ def take(args: argparse.Namespace, browser: Any = None) -> None:
     with httpx.Client(base_url=args.url, timeout=60) as http:
         http.post(f"/v1/jobs/{paused}/cancel")
     shutil.rmtree(picked, ignore_errors=True)
+    small(args.out)
+
+
+def small(folder: Path) -> None:
+    """256-colour PNGs (dithered): a third of the size, plenty for a README."""
+    from PIL import Image
+
+    for path in folder.glob("*.png"):
+        image = Image.open(path).convert("RGB")
+        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                       dither=Image.Dither.FLOYDSTEINBERG).save(path, optimize=True)
     print(f"screenshots in {args.out} (job {job_id})")
 
 
