@@ -109,7 +109,6 @@ def take(args: argparse.Namespace, browser: Any = None) -> None:
 
     # A paused job, as another device would open it.
     job_url = page.url
-    job_id = job_url.rsplit("/", 1)[1]
     with httpx.Client(base_url=args.url, timeout=60) as http:
         files = [("files", (f.name, f.read_bytes(), "application/octet-stream"))
                  for f in sorted(picked.rglob("*")) if f.is_file() and f.stat().st_size > 1000]
