@@ -132,6 +132,7 @@ def take(args: argparse.Namespace, browser: Any = None) -> None:
         http.post(f"/v1/jobs/{paused}/cancel")
     shutil.rmtree(picked, ignore_errors=True)
     small(args.out)
+    print(f"screenshots in {args.out}")
 
 
 def small(folder: Path) -> None:
@@ -142,7 +143,6 @@ def small(folder: Path) -> None:
         image = Image.open(path).convert("RGB")
         image.quantize(colors=256, method=Image.Quantize.MEDIANCUT,
                        dither=Image.Dither.FLOYDSTEINBERG).save(path, optimize=True)
-    print(f"screenshots in {args.out} (job {job_id})")
 
 
 if __name__ == "__main__":
