@@ -348,6 +348,14 @@ def _option_names() -> list[str]:
     return [*EnhanceOptions.model_fields, "options", "preset", "unknown"]
 
 
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def _dumps(value: Any) -> str:
+    """JSON as a hostile client may write it: NaN and Infinity literals included (httpx refuses them)."""
+    return json.dumps(value, allow_nan=True)
+
+
 def assert_sane(response: httpx.Response, what: Any) -> None:
     assert response.status_code < 500, (what, response.status_code, response.text[:300])
     for leak in LEAKS:
@@ -399,12 +407,12 @@ def test_fuzz_json_bodies(http):
 
         path = "/v1/presets/" + quote(name, safe="") if name.strip("/.") else "/v1/presets/x"
         for payload in (body, raw):
-            r = http.put(path, json=payload)
+            r = http.put(path, content=_dumps(payload), headers=JSON_HEADERS)
             assert_sane(r, (name, payload))
             if r.status_code in (200, 201):
                 http.delete(path)
         for payload in (job_body, raw):
-            r = http.post("/v1/jobs", json=payload)
+            r = http.post("/v1/jobs", content=_dumps(payload), headers=JSON_HEADERS)
             assert_sane(r, payload)
             if r.status_code == 202:
                 http.post(f"/v1/jobs/{r.json()['job_id']}/cancel")
