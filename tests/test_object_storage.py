@@ -15,6 +15,7 @@ import io
 import json
 import os
 import signal
+import uuid
 import zipfile
 from typing import Any
 
@@ -46,6 +47,7 @@ def test_bucket_prefix_job_survives_an_actor_kill_and_serves_from_the_bucket(
 
     fs = bucket_fs(scheme, object_stores)
     source, target = f"pe-in-{scheme}", f"pe-out-{scheme}"
+    run = f"run-{uuid.uuid4().hex[:8]}"  # a fresh output prefix: the test may run again
     for bucket in (source, target):
         make_bucket(fs, bucket)
     for i in range(ITEMS):
@@ -53,7 +55,7 @@ def test_bucket_prefix_job_survives_an_actor_kill_and_serves_from_the_bucket(
     fs.pipe_file(f"{source}/shoot/notes.txt", b"not an image: not listed")
 
     job = submit(
-        http, input_prefix=f"{scheme}://{source}/shoot/", output=f"{scheme}://{target}/run1",
+        http, input_prefix=f"{scheme}://{source}/shoot/", output=f"{scheme}://{target}/{run}",
         max_inflight=1, options={"face": False, "upscale": 1},
     )
     job_id = job["job_id"]
@@ -70,12 +72,12 @@ def test_bucket_prefix_job_survives_an_actor_kill_and_serves_from_the_bucket(
     assert all(r["source"].startswith(f"{scheme}://{source}/shoot/img") for r in records)
 
     # Outputs, the manifest and the job's spec are in the output bucket.
-    stored = {p.rsplit("/", 1)[1] for p in fs.ls(f"{target}/run1", detail=False)}
+    stored = {p.rsplit("/", 1)[1] for p in fs.ls(f"{target}/{run}", detail=False)}
     outputs = stored - {"manifest.jsonl", "job.json"}
     assert {"manifest.jsonl", "job.json"} <= stored and len(outputs) == ITEMS, stored
-    in_bucket = [json.loads(x) for x in fs.cat(f"{target}/run1/manifest.jsonl").splitlines()]
+    in_bucket = [json.loads(x) for x in fs.cat(f"{target}/{run}/manifest.jsonl").splitlines()]
     assert sorted(r["index"] for r in in_bucket) == list(range(ITEMS))
-    digests = {hashlib.sha256(fs.cat(f"{target}/run1/{name}")).hexdigest() for name in outputs}
+    digests = {hashlib.sha256(fs.cat(f"{target}/{run}/{name}")).hexdigest() for name in outputs}
     assert digests == {r["sha256"] for r in records}
 
     # One item, and the ZIP, are streamed from the bucket by the ingress.
