@@ -300,6 +300,34 @@ def test_cancel_pause_resume(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_cancel_before_an_item_task_starts_gives_its_slot_back(tmp_path: Path) -> None:
+    """A cancel that lands between dispatch and the item task's first step (CI saw it: a
+    cancelled job kept ``running: 1`` for ever, and the scheduler lost that slot)."""
+
+    async def main() -> None:
+        model = FakeModel()
+        model.block_after = 0  # nothing returns: only cancel ends an item
+        spec, folder = new_job(tmp_path, [f"c{i}".encode() for i in range(10)])
+        sched = scheduler(model, max_inflight=2, max_inflight_per_job=2)
+        job = await sched.submit(spec, folder)
+        sched._fill()  # the loop's dispatch step, with no await before the cancel
+        assert job.inflight == 2 and sched.inflight == 2 and not model.calls
+        sched.control(job.id, "cancel")
+        await until(lambda: not job.tasks)
+        assert job.state == "cancelled" and job.inflight == 0 and sched.inflight == 0
+        assert job.snapshot()["counts"]["running"] == 0 and not model.calls
+        # The slots are free again: another job runs to the end.
+        model.block_after = None
+        spec2, folder2 = new_job(tmp_path / "second", [b"d0", b"d1", b"d2"])
+        second = await sched.submit(spec2, folder2)
+        sched.start()
+        await until(lambda: second.state == "completed")
+        await sched.stop()
+        assert manifest_indices(folder) == [] and sorted(manifest_indices(folder2)) == [0, 1, 2]
+
+    asyncio.run(main())
+
+
 def test_restart_resumes_without_losing_or_repeating_items(tmp_path: Path) -> None:
     """A scheduler stopped mid-job (as a killed actor) and a new one over the same folder."""
     contents = [f"r{i}".encode() for i in range(60)]

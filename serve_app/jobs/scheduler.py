@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import random
@@ -335,7 +336,17 @@ class Scheduler:
             self.inflight += 1
             task = asyncio.get_running_loop().create_task(self._item(job, index))
             job.tasks.add(task)
-            task.add_done_callback(job.tasks.discard)
+            task.add_done_callback(functools.partial(self._item_done, job, index))
+
+    def _item_done(self, job: Job, index: int, task: asyncio.Task[Any]) -> None:
+        """A cancelled item gives its slot back here, not in ``_item``: a task cancelled
+        before its first step never runs its body, so no handler inside it would."""
+        job.tasks.discard(task)
+        if task.cancelled():
+            job.release(index)
+            self.inflight -= 1
+            self._settle(job)
+            self.wake()
 
     def _space_ok(self, job: Job) -> bool:
         """Pause the job (with a reason) when its storage falls under the floor."""
@@ -376,12 +387,6 @@ class Scheduler:
     async def _item(self, job: Job, index: int) -> None:
         try:
             outcome = await self._attempts(job, index)
-        except asyncio.CancelledError:
-            job.release(index)
-            self.inflight -= 1
-            self._settle(job)
-            self.wake()
-            raise
         except Exception:
             # Not the item's fault (its input list or storage is unreadable, say): stop the
             # job rather than spin on it; resume retries.
@@ -393,13 +398,13 @@ class Scheduler:
             self._settle(job)
             self.wake()
             return
-        # Shielded: a cancel that lands now still leaves the output and its record whole.
+        # Shielded: a cancel that lands now still leaves the output and its record whole; the
+        # item is then finished, not cancelled, so the task ends normally (see _item_done).
         finalize = asyncio.ensure_future(self._finalize(job, index, outcome))
         try:
             await asyncio.shield(finalize)
         except asyncio.CancelledError:
             await finalize
-            raise
 
     async def _attempts(self, job: Job, index: int) -> dict[str, Any]:
         source, name = await asyncio.to_thread(job.inputs.get, index)
