@@ -68,6 +68,12 @@ class EngineConfig(_Section):
     memory_budget_mb: int = Field(
         2048, ge=64, description="Activation memory one forward may use; sets chunk sizes."
     )
+    cpu_memory_mb: int = Field(
+        0, ge=0, description="On the CPU device: private memory (RLIMIT_DATA) the model "
+        "replica may add after loading; an image that needs more fails alone with 413 "
+        "too_large_for_device instead of the kernel's OOM killer ending the replica and its "
+        "neighbours' requests. 0: no limit.",
+    )
     det_threshold: float = Field(0.97, gt=0, lt=1)
     use_parse: bool = Field(True, description="Blend pasted faces with parsing masks.")
     torch_threads: int = Field(0, ge=0, description="0: torch's default.")

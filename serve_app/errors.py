@@ -168,6 +168,19 @@ def as_photo_error(exc: BaseException) -> PhotoEnhanceError | None:
     return None
 
 
+# How allocators word running out: CUDA's caching allocator ("CUDA out of memory"), and the
+# CPU allocator, whose RuntimeError says "can't allocate memory" (errno 12, ENOMEM).
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that did not fit: the image's size, not a bug."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(words in text for words in _OOM_WORDS)
+
+
 def engine_error(exc: BaseException, context: str = "engine error") -> PhotoEnhanceError:
     """What an exception raised while enhancing an image becomes for the caller.
 
@@ -179,7 +192,7 @@ def engine_error(exc: BaseException, context: str = "engine error") -> PhotoEnha
     err = as_photo_error(exc)
     if err is not None:
         return err
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+    if is_out_of_memory(exc):
         return ImageTooLargeForDevice("the image does not fit the device's memory")
     LOGGER.error("%s", context, exc_info=exc)
     return EngineFailure("the engine failed on this image")

@@ -10,7 +10,7 @@ import torch
 
 from serve_app.engine import batch
 from serve_app.engine.chunks import ItemTooLarge, chunk_size, forward_chunks, is_oom
-from serve_app.errors import ImageTooLargeForDevice
+from serve_app.errors import ImageTooLargeForDevice, engine_error
 from serve_app.options import EnhanceOptions
 
 
@@ -32,6 +32,25 @@ def test_oom_is_recognised():
     assert is_oom(RuntimeError("CUDA error: out of memory"))
     assert not is_oom(RuntimeError("shape mismatch"))
     assert not is_oom(ValueError("out of memory"))
+
+
+def test_the_cpu_allocator_running_out_is_recognised_and_is_a_413():
+    """A real CPU allocation that cannot be met (a petabyte): torch says "can't allocate
+    memory", not "out of memory"; before this was recognised such an image was a 500."""
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(1 << 50, dtype=torch.uint8)
+    assert is_oom(info.value)
+    err = engine_error(info.value)
+    assert isinstance(err, ImageTooLargeForDevice) and err.status == 413
+    assert err.code == "too_large_for_device" and "alloc" not in err.message
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # each item alone needs a petabyte
+        return torch.empty(x.shape[0] << 50, dtype=torch.uint8)
+
+    with pytest.raises(ItemTooLarge) as too_large:
+        list(forward_chunks(forward, [torch.zeros(1)] * 4, chunk=4))
+    assert too_large.value.index == 0
+    assert isinstance(engine_error(too_large.value), ImageTooLargeForDevice)
 
 
 def test_chunk_size_follows_the_budget():

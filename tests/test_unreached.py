@@ -75,6 +75,11 @@ def tight_args(serve_args: dict[str, Any], tmp_path_factory) -> dict[str, Any]:
     args["name"] = TIGHT_APP
     args["jobs"]["data_dir"] = str(tmp_path_factory.mktemp("tight"))
     args["model"].update(num_cpus=0, max_ongoing_requests=4, health_check_period_s=2)
+    # The model replica may grow by 512 MiB after loading: the x4 canvas of a 2000 px image
+    # (768 MB of float32; outputs up to 64 MP here) does not fit, the slow request's (79 MB)
+    # does.
+    args["engine"] = {**args.get("engine", {}), "cpu_memory_mb": 512}
+    args["limits"] = {**args["limits"], "max_output_pixels": 64_000_000}
     args["ingress"].update(num_cpus=0, max_inflight=1, max_queued_requests=1,
                            queue_timeout_s=1.5, request_timeout_s=4)
     # Free space that holds ESTIMATE_ROOM more bytes: a job estimated below it is accepted,
@@ -205,6 +210,21 @@ def test_an_unexpected_fault_is_a_generic_500(tight: str, tight_args: dict[str, 
         lock.rmdir()
     r = httpx.put(f"{tight}/v1/presets/p1", json={"upscale": 2}, timeout=60)
     assert r.status_code == 201, r.text
+
+
+def test_an_image_too_large_for_the_device_is_413_alone(tight: str) -> None:
+    """The CPU allocator refusing (the replica's memory cap) is the image's size: a 413 with
+    its code, the replica stays, and the next request succeeds on it."""
+    until(lambda: _ready(tight), timeout=300, every=0.5)
+    _, replica_id = _replica_actor(TIGHT_APP, "Enhancer")
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 2000), (90, 120, 150)).save(buf, "PNG")
+    r = _post(tight, buf.getvalue(), {**SLOW, "tile": "512"})
+    body = error_of(r, 413, "too_large_for_device")
+    assert "alloc" not in body["message"] and "/" not in body["message"]
+    ok = _post(tight, png(64, 64, 5), {**SLOW, "upscale": "2"})
+    assert ok.status_code == 200, ok.text
+    assert _replica_actor(TIGHT_APP, "Enhancer")[1] == replica_id
 
 
 def test_507_follows_the_estimated_output_size(tight: str, tight_args: dict[str, Any]) -> None:

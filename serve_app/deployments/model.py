@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -162,6 +163,9 @@ class Enhancer:
         self._codec.start()
         self._load_s = time.perf_counter() - started
         self._started_at = time.time()
+        if getattr(device, "type", None) == "cpu" and self.config.engine.cpu_memory_mb:
+            # Last: the codec workers already forked, each with its own limit.
+            cap_private_memory(self.config.engine.cpu_memory_mb)
         if self.engine.synthetic:
             LOGGER.warning(
                 "SYNTHETIC WEIGHTS in %s: outputs are not real restorations",
@@ -281,6 +285,23 @@ class Enhancer:
             if "cuda error" in str(exc).lower():
                 self._broken = str(exc)[:200]  # check_health fails; Serve replaces the replica
             return [engine_error(exc)]
+
+
+def cap_private_memory(headroom_mb: int) -> int:
+    """Let this process's data segment grow by ``headroom_mb`` from now, and no further:
+    past it an allocation fails (torch: "can't allocate memory", a 413 for that image alone)
+    where the kernel's OOM killer would end the replica. Only the soft limit: children may
+    still set their own. Returns the limit in bytes."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        data_kb = next(int(line.split()[1]) for line in f if line.startswith("VmData:"))
+    limit = data_kb * 1024 + headroom_mb * 2**20
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    LOGGER.info("model replica: private memory capped at %d MiB (%d MiB headroom)",
+                limit >> 20, headroom_mb)
+    return limit
 
 
 def _replica_metrics(device: Any) -> ReplicaMetrics | None:

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from serve_app.errors import is_out_of_memory
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ class ItemTooLarge(MemoryError):
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    return isinstance(exc, RuntimeError) and is_out_of_memory(exc)
 
 
 def chunk_size(budget_mb: int, bytes_per_item: float, cap: int = 64) -> int:
