@@ -283,3 +283,47 @@ class Images:
 @pytest.fixture(scope="session")
 def images() -> type[Images]:
     return Images
+
+
+# ---------------------------------------------------------------------- job-test helpers
+
+TERMINAL = {"completed", "partial", "failed", "cancelled"}  # job states that do not change
+
+
+def noise_png(seed: int, height: int = 24, width: int | None = None) -> bytes:
+    """A PNG of seeded noise: every seed a different image (distinct outputs, names)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (height, width or height, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def wait_job(http: httpx.Client, job_id: str, until: Any, timeout: float = 180.0) -> dict[str, Any]:
+    """Poll the job until ``until(snapshot)``; fail after ``timeout`` s with its last state."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = http.get(f"/v1/jobs/{job_id}")
+        if r.status_code == 200:
+            snap = r.json()
+            if until(snap):
+                return snap
+        assert time.monotonic() < deadline, f"timed out: {r.text}"
+        time.sleep(0.1)
+
+
+def job_ended(snap: dict[str, Any]) -> bool:
+    return snap["state"] in TERMINAL
+
+
+@pytest.fixture(scope="session")
+def data_dir(app_config: AppConfig) -> Path:
+    """The jobs data folder of the session's application."""
+    return Path(app_config.jobs.data_dir)

@@ -19,32 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
+from conftest import job_ended, noise_png, wait_job
 from PIL import Image
 
 from serve_app.config import AppConfig
-
-TERMINAL = {"completed", "partial", "failed", "cancelled"}
-
-
-def png(seed: int, size: int = 32) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def data_dir(app_config: AppConfig) -> Path:
-    return Path(app_config.jobs.data_dir)
 
 
 def image_folder(data_dir: Path, name: str, count: int, start: int = 0) -> Path:
     folder = data_dir / "inputs" / name
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(start, start + count):
-        (folder / f"img{i:04d}.png").write_bytes(png(i))
+        (folder / f"img{i:04d}.png").write_bytes(noise_png(i, 32))
     return folder
 
 
@@ -52,22 +38,6 @@ def submit(http: httpx.Client, **body: Any) -> dict[str, Any]:
     r = http.post("/v1/jobs", json=body)
     assert r.status_code == 202, r.text
     return r.json()
-
-
-def wait(http: httpx.Client, job_id: str, until: Any, timeout: float = 120.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = http.get(f"/v1/jobs/{job_id}")
-        if r.status_code == 200:
-            snap = r.json()
-            if until(snap):
-                return snap
-        assert time.monotonic() < deadline, f"timed out: {r.text}"
-        time.sleep(0.1)
-
-
-def done(snap: dict[str, Any]) -> bool:
-    return snap["state"] in TERMINAL
 
 
 def manifest(http: httpx.Client, job_id: str) -> list[dict[str, Any]]:
@@ -128,13 +98,13 @@ def test_upload_names_cannot_escape_and_results_stream(
     http: httpx.Client, data_dir: Path, tmp_path: Path
 ) -> None:
     names = ["../../escape.png", "..\\..\\win.png", "/etc/abs.png", "ok.png", ".hidden.png"]
-    files = [("files", (n, png(100 + i), "image/png")) for i, n in enumerate(names)]
+    files = [("files", (n, noise_png(100 + i, 32), "image/png")) for i, n in enumerate(names)]
     r = http.post("/v1/jobs", files=files, data={"upscale": "2", "face": "false", "priority": "3"})
     assert r.status_code == 202, r.text
     job = r.json()
     job_id = job["job_id"]
     assert job["priority"] == 3 and job["total"] == 5
-    assert wait(http, job_id, done)["state"] == "completed"
+    assert wait_job(http, job_id, job_ended)["state"] == "completed"
 
     job_dir = data_dir / "jobs" / job_id
     for path in data_dir.parent.rglob("*"):
@@ -259,7 +229,7 @@ def test_short_storage_is_a_507_before_the_job_exists(
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return [
                 await client.post("/v1/jobs", json={"input_prefix": str(folder)}),
-                await client.post("/v1/jobs", files=[("files", ("a.png", png(1), "image/png"))]),
+                await client.post("/v1/jobs", files=[("files", ("a.png", noise_png(1, 32), "image/png"))]),
             ]
 
     for r in asyncio.run(post_all()):
@@ -284,7 +254,7 @@ def test_bad_items_make_a_partial_job_with_codes(
     inputs = [str(p) for p in sorted(folder.glob("img*.png"))] + list(bad)
     inputs.append(str(folder / "missing.png"))
     job = submit(http, inputs=inputs, options={"face": False})
-    snap = wait(http, job["job_id"], done)
+    snap = wait_job(http, job["job_id"], job_ended)
     assert snap["state"] == "partial"
     assert snap["counts"]["succeeded"] == 3 and snap["counts"]["failed"] == 4
     failed = http.get(f"/v1/jobs/{job['job_id']}/items", params={"status": "failed"}).json()
@@ -303,23 +273,23 @@ def test_pause_resume_cancel(http: httpx.Client, data_dir: Path) -> None:
     folder = image_folder(data_dir, "control", 60)
     job = submit(http, input_prefix=str(folder), max_inflight=1, options={"face": False})
     job_id = job["job_id"]
-    wait(http, job_id, lambda s: s["done"] >= 2)
+    wait_job(http, job_id, lambda s: s["done"] >= 2)
 
     r = http.post(f"/v1/jobs/{job_id}/pause")
     assert r.status_code == 200 and r.json()["state"] == "paused"
     assert http.post(f"/v1/jobs/{job_id}/pause").status_code == 409
     # The item in flight finishes; then nothing new starts (watched for a second).
-    settled = wait(http, job_id, lambda s: s["counts"]["running"] == 0, timeout=60)["done"]
+    settled = wait_job(http, job_id, lambda s: s["counts"]["running"] == 0, timeout=60)["done"]
     time.sleep(1.0)
     assert http.get(f"/v1/jobs/{job_id}").json()["done"] == settled
 
     assert http.post(f"/v1/jobs/{job_id}/resume").json()["state"] == "running"
-    wait(http, job_id, lambda s: s["done"] >= settled + 2)
+    wait_job(http, job_id, lambda s: s["done"] >= settled + 2)
     r = http.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     # Items in flight are cancelled, not waited for (tests/test_jobs_core.py proves it with
     # items that never return); here a generous deadline, not a timing.
-    snap = wait(http, job_id, lambda s: s["counts"]["running"] == 0, timeout=60)
+    snap = wait_job(http, job_id, lambda s: s["counts"]["running"] == 0, timeout=60)
     assert snap["state"] == "cancelled" and snap["done"] < 60
     r = http.post(f"/v1/jobs/{job_id}/resume")
     assert r.status_code == 409 and r.json()["error"]["code"] == "invalid_state"
@@ -348,12 +318,12 @@ def test_killed_job_actor_resumes_and_records_each_item_once(
 
     folder = image_folder(data_dir, "killed", 80)
     job = submit(http, input_prefix=str(folder), max_inflight=2, options={"face": False})
-    wait(http, job["job_id"], lambda s: s["done"] >= 10)
+    wait_job(http, job["job_id"], lambda s: s["done"] >= 10)
     pid = ray.get(_manager(app_config).pid.remote(), timeout=30)
     os.kill(pid, signal.SIGKILL)  # a real kill: Ray restarts the actor in a new process
     assert len(manifest_lines(data_dir, job["job_id"])) < 80, "the job ended before the kill"
 
-    snap = wait(http, job["job_id"], done, timeout=180)
+    snap = wait_job(http, job["job_id"], job_ended, timeout=180)
     assert snap["state"] == "completed"
     assert ray.get(_manager(app_config).pid.remote(), timeout=30) != pid
     assert_exactly_once(manifest(http, job["job_id"]), 80)
@@ -373,7 +343,7 @@ def test_whole_server_restart_resumes_unfinished_jobs(
 
     folder = image_folder(data_dir, "restart", 60)
     job = submit(http, input_prefix=str(folder), options={"face": False})
-    wait(http, job["job_id"], lambda s: s["done"] >= 5)
+    wait_job(http, job["job_id"], lambda s: s["done"] >= 5)
 
     # Stop everything that holds job state: the job actor for good, then the application.
     ray.kill(_manager(app_config), no_restart=True)
@@ -382,7 +352,7 @@ def test_whole_server_restart_resumes_unfinished_jobs(
     assert stopped < 60
 
     serve.run(build_app(serve_args), name=APP_NAME, route_prefix="/")
-    snap = wait(http, job["job_id"], done, timeout=180)
+    snap = wait_job(http, job["job_id"], job_ended, timeout=180)
     assert snap["state"] == "completed"
     assert_exactly_once(manifest(http, job["job_id"]), 60)
 
@@ -433,7 +403,7 @@ def test_cli_submit_watch_status_download(
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(4):
-        (folder / f"p{i}.png").write_bytes(png(300 + i))
+        (folder / f"p{i}.png").write_bytes(noise_png(300 + i, 32))
     runner = CliRunner()
     env = {"PHOTOENHANCE_SERVER": serve_url}
     r = runner.invoke(main, ["job", "submit", str(folder), "--no-face", "--upscale", "1",

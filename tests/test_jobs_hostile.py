@@ -8,36 +8,19 @@ Loopback sources need ``jobs.allow_private_urls`` (configs/dev.yaml sets it).
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
+from conftest import TERMINAL, job_ended, noise_png, wait_job
 
 from serve_app.config import AppConfig
-
-TERMINAL = {"completed", "partial", "failed", "cancelled"}
-
-
-def png(seed: int, size: int = 24) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def data_dir(app_config: AppConfig) -> Path:
-    return Path(app_config.jobs.data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +28,8 @@ def inputs(data_dir: Path) -> Path:
     folder = data_dir / "inputs" / "hostile"
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(3):
-        (folder / f"img{i}.png").write_bytes(png(i))
+        (folder / f"img{i}.png").write_bytes(noise_png(i))
     return folder
-
-
-def wait(http: httpx.Client, job_id: str, until: Any, timeout: float = 180.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = http.get(f"/v1/jobs/{job_id}")
-        if r.status_code == 200 and until(r.json()):
-            return r.json()
-        assert time.monotonic() < deadline, f"timed out: {r.text}"
-        time.sleep(0.1)
-
-
-def ended(snap: dict[str, Any]) -> bool:
-    return snap["state"] in TERMINAL
 
 
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> None:
@@ -110,7 +79,7 @@ def source() -> Iterator[str]:
     import brotli
 
     zeros = bytes(64 * 1024 * 1024)  # 64 MiB: far past the dev limit of 10 MiB once decoded
-    Source.raw = png(7)
+    Source.raw = noise_png(7)
     Source.br_bomb = brotli.compress(zeros, quality=5)
     Source.zlib_bomb = gzip.compress(zeros, compresslevel=9)
     assert len(Source.br_bomb) < 4096 and len(Source.zlib_bomb) < 128 * 1024
@@ -131,10 +100,10 @@ def test_paths_and_uris_outside_the_gate_are_4xx(
     links.mkdir(parents=True, exist_ok=True)
     (links / "outside.png").unlink(missing_ok=True)
     (links / "outside.png").symlink_to("/etc/hostname")
-    other = http.post("/v1/jobs", files=[("files", ("mine.png", png(1), "image/png"))])
+    other = http.post("/v1/jobs", files=[("files", ("mine.png", noise_png(1), "image/png"))])
     assert other.status_code == 202, other.text
     other_id = other.json()["job_id"]
-    wait(http, other_id, ended)
+    wait_job(http, other_id, job_ended)
     other_dir = data_dir / "jobs" / other_id
     cases: list[tuple[dict[str, Any], int, str]] = [
         # outputs: aliases, chains, other protocols, outside the roots, another job's folder
@@ -216,10 +185,10 @@ def test_numbers_that_are_not_integers_are_4xx(http: httpx.Client, inputs: Path)
                 f'{{"input_prefix": {prefix}, "max_inflight": "{"9" * 5000}"}}']:
         r = http.post("/v1/jobs", content=raw, headers={"content-type": "application/json"})
         assert_error(r, 400, "invalid_request")
-    r = http.post("/v1/jobs", files=[("files", ("a.png", png(2), "image/png"))],
+    r = http.post("/v1/jobs", files=[("files", ("a.png", noise_png(2), "image/png"))],
                   data={"priority": "1e999"})
     assert_error(r, 400, "invalid_request")
-    r = http.post("/v1/jobs", files=[("files", ("a.png", png(2), "image/png"))],
+    r = http.post("/v1/jobs", files=[("files", ("a.png", noise_png(2), "image/png"))],
                   data={"options": "[" * 5000})
     assert_error(r, 422, "invalid_option")
 
@@ -234,7 +203,7 @@ def test_two_jobs_cannot_share_a_live_output_folder(
     many = data_dir / "inputs" / "many"
     many.mkdir(parents=True, exist_ok=True)
     for i in range(30):
-        (many / f"m{i:02d}.png").write_bytes(png(100 + i))
+        (many / f"m{i:02d}.png").write_bytes(noise_png(100 + i))
     first = http.post("/v1/jobs", json={"input_prefix": str(many), "output": str(shared),
                                         "max_inflight": 1, "options": {"face": False}})
     assert first.status_code == 202, first.text
@@ -244,7 +213,7 @@ def test_two_jobs_cannot_share_a_live_output_folder(
         if http.get(f"/v1/jobs/{first_id}").json()["state"] in TERMINAL:
             pytest.fail("the first job ended before the check; give it more items")
         assert_error(r, 409, "output_in_use")
-    first_snap = wait(http, first_id, ended)
+    first_snap = wait_job(http, first_id, job_ended)
     assert first_snap["state"] == "completed" and first_snap["output"] == str(shared)
     before = {p.name: p.read_bytes() for p in shared.iterdir()}
 
@@ -254,7 +223,7 @@ def test_two_jobs_cannot_share_a_live_output_folder(
                                          "options": {"face": False, "upscale": 1}})
     assert second.status_code == 202, second.text
     second_id = second.json()["job_id"]
-    assert wait(http, second_id, ended)["state"] == "completed"
+    assert wait_job(http, second_id, job_ended)["state"] == "completed"
     after = {p.name: p.read_bytes() for p in shared.iterdir()}
     assert {k: after[k] for k in before} == before
     assert len(before) == 30 and len(after) == 33
@@ -271,7 +240,7 @@ def test_encoded_bodies_are_refused_not_inflated(
                                                f"{source}/gzip"], "options": {"face": False}})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    snap = wait(http, job_id, ended)
+    snap = wait_job(http, job_id, job_ended)
     assert snap["state"] == "partial", snap
     items = {i["index"]: i for i in http.get(f"/v1/jobs/{job_id}/items").json()["items"]}
     assert items[0]["status"] == "succeeded"
@@ -284,11 +253,11 @@ def test_encoded_bodies_are_refused_not_inflated(
 
 
 def test_answers_carry_no_server_paths(http: httpx.Client, data_dir: Path) -> None:
-    r = http.post("/v1/jobs", files=[("files", ("../../holiday.png", png(3), "image/png"))],
+    r = http.post("/v1/jobs", files=[("files", ("../../holiday.png", noise_png(3), "image/png"))],
                   data={"face": "false"})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    snap = wait(http, job_id, ended)
+    snap = wait_job(http, job_id, job_ended)
     assert snap["output"] is None and snap["owner"] is None
     listed = [j for j in http.get("/v1/jobs").json()["jobs"] if j["job_id"] == job_id]
     texts = [json.dumps(snap), http.get(f"/v1/jobs/{job_id}/items").text,
@@ -315,7 +284,7 @@ def test_delete_removes_a_job_and_its_folder(
     # The server still serves.
     r = http.post("/v1/jobs", json={"inputs": [str(inputs / "img1.png")],
                                     "options": {"face": False}})
-    assert r.status_code == 202 and wait(http, r.json()["job_id"], ended)["state"] == "completed"
+    assert r.status_code == 202 and wait_job(http, r.json()["job_id"], job_ended)["state"] == "completed"
 
 
 # ---------------------------------------------------------------------- callbacks
@@ -356,7 +325,7 @@ def test_a_job_calls_back_signed_and_retried(
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
         assert r.json()["callback"] == {"url": url, "state": "pending", "attempts": 0}
-        snap = wait(http, job_id, lambda s: (s["callback"] or {}).get("state") == "delivered")
+        snap = wait_job(http, job_id, lambda s: (s["callback"] or {}).get("state") == "delivered")
         assert snap["state"] == "completed"
         assert snap["callback"]["attempts"] == 2 and snap["callback"]["status"] == 200
     finally:
@@ -427,7 +396,7 @@ def test_private_callback_is_refused_when_not_allowed(
         update={"allow_private_urls": False, "data_dir": tmp_path})})
     folder = tmp_path / "inputs"
     folder.mkdir()
-    (folder / "a.png").write_bytes(png(5))
+    (folder / "a.png").write_bytes(noise_png(5))
     app = Starlette(routes=job_routes(JobsApi(strict)), exception_handlers=EXCEPTION_HANDLERS)
 
     async def main() -> None:

@@ -7,7 +7,6 @@ the dashboard, which would slow every session's start)."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -20,21 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import psutil
 import pytest
 import yaml
+from conftest import noise_png
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def png(seed: int, size: int = 24) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+
 
 
 class OwnRay:
@@ -152,7 +147,7 @@ def test_ray_job_submit_runs_the_job_module_and_a_handle_driver(
     source = tmp_path / "in"
     source.mkdir()
     for i in range(6):
-        (source / f"p{i}.png").write_bytes(png(700 + i))
+        (source / f"p{i}.png").write_bytes(noise_png(700 + i))
     out = tmp_path / "out"
     # This checkout's code in the job (the editable install may point at another one).
     runtime_env = json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}})

@@ -23,19 +23,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from conftest import noise_png
 from PIL import Image
 
 TIGHT_APP = "pe-tight"
 ESTIMATE_ROOM = 272 * 2**20
 SLOW = {"upscale": "4", "face": "false", "bg_model": "RealESRGAN_x4plus", "tile": "32"}
 FAST = {"upscale": "1", "face": "false", "bg_model": "none"}
-
-
-def png(h: int, w: int, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def until(condition: Callable[[], Any], timeout: float = 120.0, every: float = 0.05) -> Any:
@@ -121,7 +115,7 @@ def _post(url: str, data: bytes, params: dict[str, str]) -> httpx.Response:
 
 
 def test_full_queue_queue_deadline_and_model_deadline_are_503s(tight: str) -> None:
-    slow_image, small = png(640, 640, 1), png(16, 16, 2)
+    slow_image, small = noise_png(1, 640, 640), noise_png(2, 16, 16)
     with ThreadPoolExecutor(4) as pool:
         started = time.monotonic()
         slow = pool.submit(_post, tight, slow_image, SLOW)
@@ -170,7 +164,7 @@ def test_a_killed_model_replica_is_replica_unavailable_then_not_ready(tight: str
     actor, replica_id = _replica_actor(TIGHT_APP, "Enhancer")
     with ThreadPoolExecutor(2) as pool:
         # A request that takes seconds, in the model when the replica dies.
-        slow = pool.submit(_post, tight, png(256, 256, 3), {**SLOW, "upscale": "2"})
+        slow = pool.submit(_post, tight, noise_png(3, 256, 256), {**SLOW, "upscale": "2"})
         until(lambda: _door(tight)[0] == 1.0)
         time.sleep(0.5)  # past decoding, into the model (the model call is most of it)
         ray.kill(actor, no_restart=True)
@@ -183,7 +177,7 @@ def test_a_killed_model_replica_is_replica_unavailable_then_not_ready(tight: str
     assert retry_after(seen) == 5
     until(lambda: _ready(tight), timeout=300, every=0.5)
     assert _replica_actor(TIGHT_APP, "Enhancer")[1] != replica_id
-    ok = _post(tight, png(16, 16, 4), FAST)
+    ok = _post(tight, noise_png(4, 16, 16), FAST)
     assert ok.status_code == 200, ok.text
 
 
@@ -222,7 +216,7 @@ def test_an_image_too_large_for_the_device_is_413_alone(tight: str) -> None:
     r = _post(tight, buf.getvalue(), {**SLOW, "tile": "512"})
     body = error_of(r, 413, "too_large_for_device")
     assert "alloc" not in body["message"] and "/" not in body["message"]
-    ok = _post(tight, png(64, 64, 5), {**SLOW, "upscale": "2"})
+    ok = _post(tight, noise_png(5, 64, 64), {**SLOW, "upscale": "2"})
     assert ok.status_code == 200, ok.text
     assert _replica_actor(TIGHT_APP, "Enhancer")[1] == replica_id
 
@@ -289,7 +283,7 @@ def test_results_zip_of_a_partial_job_and_a_failed_job(
 
     from test_jobs_api import done, wait
 
-    good = [("files", (f"ok{i}.png", png(20, 20, 10 + i), "image/png")) for i in range(3)]
+    good = [("files", (f"ok{i}.png", noise_png(10 + i, 20, 20), "image/png")) for i in range(3)]
     bad = [("files", ("broken.jpg", (shared_data / "bad" / "truncated.jpg").read_bytes(),
                       "image/jpeg"))]
     r = http.post("/v1/jobs", files=good + bad, data={"face": "false", "upscale": "1"})
@@ -316,7 +310,7 @@ def test_websocket_progress_is_live_and_throttled(http: httpx.Client, app_config
     folder = Path(app_config.jobs.data_dir) / "inputs" / "ws-live"
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(40):
-        (folder / f"i{i:03d}.png").write_bytes(png(24, 24, 200 + i))
+        (folder / f"i{i:03d}.png").write_bytes(noise_png(200 + i, 24, 24))
     r = http.post("/v1/jobs", json={"input_prefix": str(folder), "max_inflight": 1,
                                     "options": {"face": False, "upscale": 1}})
     assert r.status_code == 202, r.text
@@ -343,7 +337,7 @@ def test_micro_batches_of_several_images_form_in_the_server(http: httpx.Client) 
     """Concurrent requests share engine batches: Ray's metrics port shows batches of more than
     one image (``ray_photoenhance_batch_size``), read before and after in this test."""
     before = _settled_batch_counts()
-    data = [png(32, 32, 300 + i) for i in range(12)]
+    data = [noise_png(300 + i, 32, 32) for i in range(12)]
     with ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(
             lambda d: http.post("/v1/enhance", params={"face": "false", "upscale": "2"},

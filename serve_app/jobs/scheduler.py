@@ -343,10 +343,17 @@ class Scheduler:
         before its first step never runs its body, so no handler inside it would."""
         job.tasks.discard(task)
         if task.cancelled():
-            job.release(index)
-            self.inflight -= 1
-            self._settle(job)
-            self.wake()
+            self._give_back(job, index)
+
+    def _give_back(self, job: Job, index: int, pause_reason: str | None = None) -> None:
+        """The item goes back to pending and its slot is free; with ``pause_reason`` (a fault
+        that is not the item's own) the job pauses rather than spin on it: resume retries."""
+        job.release(index)
+        self.inflight -= 1
+        if pause_reason and job.state in ACTIVE:
+            job.set_state("paused", pause_reason)
+        self._settle(job)
+        self.wake()
 
     def _space_ok(self, job: Job) -> bool:
         """Pause the job (with a reason) when its storage falls under the floor."""
@@ -388,15 +395,9 @@ class Scheduler:
         try:
             outcome = await self._attempts(job, index)
         except Exception:
-            # Not the item's fault (its input list or storage is unreadable, say): stop the
-            # job rather than spin on it; resume retries.
+            # Not the item's fault (its input list or storage is unreadable, say).
             LOGGER.exception("job %s item %d: unexpected failure", job.id, index)
-            job.release(index)
-            self.inflight -= 1
-            if job.state in ACTIVE:
-                job.set_state("paused", "internal_error")
-            self._settle(job)
-            self.wake()
+            self._give_back(job, index, pause_reason="internal_error")
             return
         # Shielded: a cancel that lands now still leaves the output and its record whole; the
         # item is then finished, not cancelled, so the task ends normally (see _item_done).
@@ -456,12 +457,7 @@ class Scheduler:
             offset, ok = await asyncio.to_thread(_write_and_record, job, index, outcome)
         except Exception:
             LOGGER.exception("job %s item %d: cannot write its output or record", job.id, index)
-            job.release(index)
-            self.inflight -= 1
-            if job.state in ACTIVE:
-                job.set_state("paused", "storage_error")
-            self._settle(job)
-            self.wake()
+            self._give_back(job, index, pause_reason="storage_error")
             return
         job.finish(index, ok, offset)
         self.inflight -= 1
