@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +217,27 @@ def wait_ready(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f}s")
 
 
-def run(opts: argparse.Namespace) -> dict[str, Any]:
+@contextlib.contextmanager
+def joined(cluster: Any) -> Iterator[None]:
+    """Start the fake cluster and connect this driver; Serve, Ray and every fake node stop on
+    the way out, whatever happened inside."""
     import ray
+    from ray import serve
+
+    try:
+        cluster.start()
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        yield
+    finally:
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            cluster.shutdown()
+
+
+def run(opts: argparse.Namespace) -> dict[str, Any]:
     import run_scenario
     from ray import serve
 
@@ -231,13 +251,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         max_workers=opts.max_workers,
         idle_timeout_minutes=opts.idle_timeout_min,
     )
-    cluster.start()
-    try:
-        ray.init(
-            address=cluster.address,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-        )
+    with joined(cluster):
         # One proxy, on the head: a proxy actor on a worker keeps that node from going idle.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": opts.port})
         serve.run(build_app(app_args(opts.max_workers, data, opts.min_replicas)),
@@ -272,12 +286,6 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         }
         Path(opts.out).with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
         return report
-    finally:
-        try:
-            serve.shutdown()
-            ray.shutdown()
-        finally:
-            cluster.shutdown()
 
 
 def pin_fake_nodes(temp_dir: Path) -> dict[int, int]:
@@ -331,10 +339,7 @@ def run_scale_out(opts: argparse.Namespace) -> dict[str, Any]:
     )
     [case] = plumbing_bench.cases([opts.case])
     report: dict[str, Any] = {"case": opts.case, "concurrency": opts.concurrency, "runs": {}}
-    try:
-        cluster.start()
-        ray.init(address=cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    with joined(cluster):
         deadline = time.time() + opts.ready_timeout_s
         while sum(n.get("Resources", {}).get(RESOURCE, 0) for n in ray.nodes() if n["Alive"]) < nodes:
             if time.time() > deadline:
@@ -364,12 +369,6 @@ def run_scale_out(opts: argparse.Namespace) -> dict[str, Any]:
         report["load_after"] = os.getloadavg()
         Path(opts.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
         return report
-    finally:
-        try:
-            serve.shutdown()
-            ray.shutdown()
-        finally:
-            cluster.shutdown()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
