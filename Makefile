@@ -20,7 +20,7 @@ serve: $(STAMP)
 	$(BIN)/photoenhance serve --config $(CONFIG)
 
 lint: $(STAMP)
-	$(BIN)/ruff check serve_app tests loadtests cluster
+	$(BIN)/ruff check serve_app tests loadtests cluster scripts examples
 
 # The web page's tests drive Debian's Chromium; installed here when missing and root may
 # (CI runs as root), otherwise those tests skip and say why.

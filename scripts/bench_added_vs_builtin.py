@@ -16,9 +16,9 @@ import torch
 
 
 def main() -> None:
-    import serve_app.compat  # noqa: F401  (before basicsr)
     from basicsr.archs.rrdbnet_arch import RRDBNet
 
+    import serve_app.compat  # noqa: F401  (before basicsr)
     from serve_app.engine import added, ncnn
 
     ap = argparse.ArgumentParser()
