@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -14,6 +15,22 @@ from typing import Any
 import click
 
 LOGGER = logging.getLogger(__name__)
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on by this server alone; None when it can."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"the host does not resolve: {exc.strerror}"
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not busy
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 @click.command("serve")
@@ -54,6 +71,14 @@ def serve_cmd(
     address = address or os.environ.get("RAY_ADDRESS") or None
     joined = address is not None
     if not joined:
+        # Ray's proxy listens with SO_REUSEPORT: a second server on a busy port would start
+        # and silently take half of the first one's requests.
+        busy = port_taken(http_options["host"], int(http_options["port"]))
+        if busy:
+            raise click.ClickException(
+                f"{http_options['host']}:{http_options['port']} is already in use ({busy}); "
+                "stop the server there or choose another --port"
+            )
         # Ray's processes inherit PATH: a Ray job's `python` entrypoint is then this
         # interpreter, with the project's packages, not the system's.
         venv_bin = str(Path(sys.executable).parent)
