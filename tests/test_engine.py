@@ -137,3 +137,16 @@ def test_info_and_warmup(engine):
     assert info["synthetic"] is True and engine.synthetic
     assert info["profile"] == "tiny" and info["device"] == "cpu" and info["dtype"] == "float32"
     assert "GFPGANv1.4" in info["loaded_models"]
+
+
+def test_only_requests_that_run_a_synthetic_network_are_marked_synthetic(engine):
+    """``X-Weights-Synthetic`` follows what a request ran (added models: tests/
+    test_models_http.py): any built-in network on synthetic weights, and nothing else."""
+    E = EnhanceOptions
+    assert engine.synthetic
+    assert engine.uses_synthetic(E())  # detector, face model, background
+    assert engine.uses_synthetic(E(face=False))  # the background model
+    assert engine.uses_synthetic(E(face=True, bg_model="none"))  # the detector
+    assert engine.uses_synthetic(E(face=True, aligned=True, bg_model="none"))  # the face model
+    assert not engine.uses_synthetic(E(face=False, bg_model="none"))  # no network runs
+

@@ -28,6 +28,7 @@ def test_handle_with_options_object(serve_url, images):
     opts = EnhanceOptions(upscale=1, face=False, bg_model="none", format="png")
     result = handle.enhance.remote(images.cv2_bytes(images.array(10, 12), ".jpg"), opts).result()
     assert (result.width, result.height, result.format) == (12, 10, "png")
+    assert result.synthetic is False  # no network ran: nothing synthetic in this output
 
 
 def test_handle_errors_keep_their_type(serve_url, images):

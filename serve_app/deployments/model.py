@@ -208,7 +208,7 @@ class Enhancer:
             height=int(result.image.shape[0]),
             faces=int(result.faces),
             timings=timings,
-            synthetic=bool(self.engine.synthetic),
+            synthetic=self.engine.uses_synthetic(options),
         )
 
     async def _enhance_pixels(self, image: np.ndarray, options: EnhanceOptions) -> EnhanceResult:

@@ -77,6 +77,18 @@ class Engine:
     def synthetic(self) -> bool:
         return self.weights.synthetic
 
+    def uses_synthetic(self, opt: EnhanceOptions) -> bool:
+        """Whether a request with ``opt`` runs any synthetic network: a built-in one while the
+        weights folder is synthetic. Added models are the operator's own files, and
+        ``face=false&bg_model=none`` runs no network at all (see batch.py for what runs)."""
+        if not self.synthetic:
+            return False
+        if opt.face and (not opt.aligned or self.added_model(opt.face_model) is None):
+            return True  # the detector and parser are built-in; so may the face model be
+        bg = self.bg_key(opt)
+        bg_runs = bg != "none" and not (opt.face and opt.aligned)
+        return bg_runs and self.added_model(bg) is None
+
     def net(self, name: str) -> nn.Module:
         """Network ``name``, loaded once (lazily) and shared by every call."""
         net = self._nets.get(name)
