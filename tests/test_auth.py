@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -10,6 +13,8 @@ from click.testing import CliRunner
 from serve_app.auth import KeyRing, Principal, append_key, parse_lines
 from serve_app.cli import main
 from serve_app.cli.serve import announce_keys, is_loopback
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_keys_are_stored_as_hashes_and_rotate(tmp_path):
@@ -85,3 +90,41 @@ def test_start_announces_keys_and_warns_on_a_network_address(capsys):
     announce_keys(True, "0.0.0.0")
     out = capsys.readouterr()
     assert "API keys: ON" in out.out and "WARNING" not in out.err
+
+
+def test_keys_webhook_secret_prints_what_signs_that_keys_callbacks(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """The operator hands a key's holder the secret its job callbacks are signed with; a
+    receiver verifies a real signature with it, and not with another key's."""
+    import yaml
+
+    from serve_app.cli.keys import keys_group
+    from serve_app.config import load_serve_file
+    from serve_app.jobs.webhooks import secret_for, sign, verify
+
+    raw = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    raw["applications"][0]["args"].setdefault("jobs", {})["webhook_secret"] = "s3cret-of-server"
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    monkeypatch.delenv("PHOTOENHANCE_WEBHOOK_SECRET", raising=False)
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(keys_group, ["webhook-secret", *args, "--config",
+                                               str(config_file)])
+
+    alice, bob = run("alice"), run("bob")
+    assert alice.exit_code == 0 and bob.exit_code == 0, alice.output
+    secret = bytes.fromhex(alice.output.strip())
+    jobs = load_serve_file(config_file).app.jobs
+    assert secret == secret_for(jobs, "alice") != bytes.fromhex(bob.output.strip())
+    body, ts = b'{"job_id": "j1", "state": "completed"}', int(time.time())
+    signature = sign(secret_for(jobs, "alice"), ts, body)  # what the server sends
+    assert verify(secret, str(ts), body, signature)
+    assert not verify(bytes.fromhex(bob.output.strip()), str(ts), body, signature)
+
+    bad = run("../alice")
+    assert bad.exit_code == 1 and "not a key name" in bad.output
+    raw["applications"][0]["args"]["jobs"]["webhook_secret"] = None
+    config_file.write_text(yaml.safe_dump(raw))
+    off = run("alice")
+    assert off.exit_code == 1 and "PHOTOENHANCE_WEBHOOK_SECRET" in off.output

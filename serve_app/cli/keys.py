@@ -1,4 +1,5 @@
-"""``photoenhance keys create|list``: API keys in a key file (hashes only)."""
+"""``photoenhance keys create|list|webhook-secret``: API keys in a key file (hashes only),
+and the secret that signs each key's job callbacks."""
 
 from __future__ import annotations
 
@@ -47,6 +48,33 @@ def list_cmd(keys_file: Path) -> None:
         raise click.ClickException(str(exc)) from None
     for entry in entries:
         click.echo(f"{entry.name}\t{entry.role}\tsha256:{entry.digest.hex()[:12]}...")
+
+
+@keys_group.command("webhook-secret")
+@click.argument("name")
+@click.option(
+    "--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=Path("configs/local.yaml"), show_default=True,
+    help="The server's config (its jobs.webhook_secret; else $PHOTOENHANCE_WEBHOOK_SECRET).",
+)
+def webhook_secret_cmd(name: str, config_path: Path) -> None:
+    """Print (hex) the secret that signs the callbacks of NAME's jobs, for NAME's holder: a
+    receiver verifies with ``bytes.fromhex(secret)`` (docs/JOBS.md). Derived from the server's
+    secret, so it needs no storing; a new server secret changes every key's."""
+    from serve_app.auth import NAME_RE
+    from serve_app.config import load_serve_file
+    from serve_app.errors import PhotoEnhanceError
+    from serve_app.jobs import webhook_secret_for
+
+    if not NAME_RE.match(name):
+        raise click.ClickException(f"{name!r} is not a key name")
+    config = load_serve_file(config_path).app
+    try:
+        secret = webhook_secret_for(config.jobs, name)
+    except PhotoEnhanceError as exc:
+        raise click.ClickException(f"{exc.message}: set jobs.webhook_secret or "
+                                   "PHOTOENHANCE_WEBHOOK_SECRET") from None
+    click.echo(secret.hex())
 
 
 COMMANDS = [keys_group]

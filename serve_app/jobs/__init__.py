@@ -5,13 +5,15 @@
 - ``JobReader``: jobs, items, manifests and results, filtered by owner;
 - ``ManifestRecord``: the one shape of a finished item's record;
 - ``start_manager``: create the job actor as a server starts; ``manager_name`` and
-  ``NAMESPACE`` find it (the model replicas read its backlog).
+  ``NAMESPACE`` find it (the model replicas read its backlog);
+- ``webhook_secret_for``: the secret that signs a key's callbacks (for its holder).
 """
 
 from serve_app.jobs.intake import JobIntake, JobRequest, Presets
 from serve_app.jobs.manager import NAMESPACE, manager_name, start_manager
 from serve_app.jobs.manifest import ManifestRecord
 from serve_app.jobs.reader import JobReader
+from serve_app.jobs.webhooks import secret_for as webhook_secret_for
 
 __all__ = [
     "NAMESPACE",
@@ -22,4 +24,5 @@ __all__ = [
     "Presets",
     "manager_name",
     "start_manager",
+    "webhook_secret_for",
 ]
