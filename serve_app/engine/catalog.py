@@ -9,6 +9,7 @@ file(s) and of the stored file, which a replica checks before it loads the weigh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -99,18 +101,33 @@ def read_file(location: str, model: AddedModel) -> bytes:
     return data
 
 
+@contextlib.contextmanager
+def _updating(location: str) -> Iterator[tuple[Any, str]]:
+    """Hold the registry for a read-modify-write: in a local folder an exclusive lock
+    (``models.json.lock``), so two ``models add`` at once both land. Buckets have no locks:
+    add models to a bucket from one place at a time (docs/MODELS.md)."""
+    from filelock import FileLock
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = _fs(location)
+    fs.makedirs(root, exist_ok=True)
+    if not isinstance(fs, LocalFileSystem):
+        yield fs, root
+        return
+    with FileLock(_join(root, REGISTRY_FILE + ".lock")):
+        yield fs, root
+
+
 def write(location: str, model: AddedModel, data: bytes, *, replace: bool = False) -> None:
     """Store ``data`` as ``model.file`` and record ``model`` (file first, then the registry)."""
     check_name(model.name)
-    models = read(location)
-    if model.name in models and not replace:
-        raise FileExistsError(f"a model named {model.name!r} is already added (use --replace)")
-    models[model.name] = model
-    body = _dump(models)
-    fs, root = _fs(location)
-    fs.makedirs(root, exist_ok=True)
-    _put(fs, _join(root, model.file), data)
-    _put(fs, _join(root, REGISTRY_FILE), body)
+    with _updating(location) as (fs, root):
+        models = read(location)
+        if model.name in models and not replace:
+            raise FileExistsError(f"a model named {model.name!r} is already added (use --replace)")
+        models[model.name] = model
+        _put(fs, _join(root, model.file), data)
+        _put(fs, _join(root, REGISTRY_FILE), _dump(models))
 
 
 def _dump(models: dict[str, AddedModel]) -> bytes:
@@ -122,12 +139,11 @@ def _dump(models: dict[str, AddedModel]) -> bytes:
 
 def remove(location: str, name: str) -> None:
     """Drop ``name`` from the registry, then delete its file."""
-    models = read(location)
-    model = models.pop(name)  # KeyError: not added
-    body = _dump(models)
-    fs, root = _fs(location)
-    _put(fs, _join(root, REGISTRY_FILE), body)
-    fs.rm(_join(root, model.file))
+    with _updating(location) as (fs, root):
+        models = read(location)
+        model = models.pop(name)  # KeyError: not added
+        _put(fs, _join(root, REGISTRY_FILE), _dump(models))
+        fs.rm(_join(root, model.file))
 
 
 def _put(fs: Any, path: str, data: bytes) -> None:
