@@ -70,16 +70,24 @@ def make_inputs() -> dict[str, bytes]:
     big = np.clip(big.astype(np.int16) + rng.normal(0, 2.0, big.shape).astype(np.int16), 0, 255)
     big = big.astype(np.uint8)
     out = {}
-    for label, img in (("512", small), ("12mp", big)):
+    # 16 px: almost no image work, so its cost is the serving path's own floor.
+    for label, img in (("16", small[:16, :16]), ("512", small), ("12mp", big)):
         out[f"{label}-jpeg"] = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
         out[f"{label}-png"] = cv2.imencode(".png", img)[1].tobytes()
     return out
+
+
+# A pseudo-case: GET /healthz, the proxy and the ingress with no model call (one Serve hop).
+HEALTHZ = "healthz"
 
 
 def cases(names: list[str]) -> list[Case]:
     inputs = make_inputs()
     out = []
     for name in names:
+        if name == HEALTHZ:
+            out.append(Case(name, b"", 1, "none"))
+            continue
         size, fmt, scale = name.split("-")
         out.append(Case(name, inputs[f"{size}-{fmt}"], int(scale.removeprefix("x")), fmt))
     return out
@@ -199,8 +207,12 @@ async def http_window(
             nonlocal done, errors, out_bytes
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                async with session.post(f"{url}/v1/enhance?{query}", data=case.data,
-                                        headers=headers) as resp:
+                if case.name == HEALTHZ:
+                    request = session.get(f"{url}/healthz")
+                else:
+                    request = session.post(f"{url}/v1/enhance?{query}", data=case.data,
+                                           headers=headers)
+                async with request as resp:
                     body = await resp.read()
                     if resp.status == 200:
                         done += 1
@@ -314,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
 
             engine = Engine.from_config(AppConfig.model_validate(args))
             for case in todo:
+                if case.name == HEALTHZ:
+                    continue
                 secs = opts.seconds_large if case.large else opts.seconds
                 inproc(case, args, opts.threads, min(2.0, secs), engine)  # warm-up
                 runs = [inproc(case, args, opts.threads, secs, engine) for _ in range(opts.repeats)]

@@ -22,7 +22,8 @@ from typing import Any
 import fsspec
 import httpx
 import pytest
-from test_jobs_api import _manager, assert_exactly_once, done, manifest, png, submit, wait
+from conftest import job_ended, noise_png, wait_job
+from test_jobs_api import _manager, assert_exactly_once, manifest, submit
 
 from serve_app.config import AppConfig
 
@@ -51,7 +52,7 @@ def test_bucket_prefix_job_survives_an_actor_kill_and_serves_from_the_bucket(
     for bucket in (source, target):
         make_bucket(fs, bucket)
     for i in range(ITEMS):
-        fs.pipe_file(f"{source}/shoot/img{i:03d}.png", png(500 + i))
+        fs.pipe_file(f"{source}/shoot/img{i:03d}.png", noise_png(500 + i, 32))
     fs.pipe_file(f"{source}/shoot/notes.txt", b"not an image: not listed")
 
     job = submit(
@@ -59,10 +60,10 @@ def test_bucket_prefix_job_survives_an_actor_kill_and_serves_from_the_bucket(
         max_inflight=1, options={"face": False, "upscale": 1},
     )
     job_id = job["job_id"]
-    wait(http, job_id, lambda s: s["done"] >= 3, timeout=180)
+    wait_job(http, job_id, lambda s: s["done"] >= 3, timeout=180)
     pid = ray.get(_manager(app_config).pid.remote(), timeout=30)
     os.kill(pid, signal.SIGKILL)  # Ray restarts the actor; the job resumes from its manifest
-    snap = wait(http, job_id, done, timeout=300)
+    snap = wait_job(http, job_id, job_ended, timeout=300)
     assert snap["state"] == "completed", snap
     assert snap["counts"]["succeeded"] == ITEMS and snap["total"] == ITEMS
     assert ray.get(_manager(app_config).pid.remote(), timeout=30) != pid
@@ -100,7 +101,7 @@ def test_only_allowed_buckets_are_read_and_written(
     reading and ``pe-out-*`` for writing): anything else is refused before a job exists."""
     fs = bucket_fs("s3", object_stores)
     make_bucket(fs, "pe-elsewhere")
-    fs.pipe_file("pe-elsewhere/a.png", png(901))
+    fs.pipe_file("pe-elsewhere/a.png", noise_png(901, 32))
     cases = [
         {"input_prefix": "s3://pe-elsewhere/"},
         {"inputs": ["s3://pe-elsewhere/a.png"]},
@@ -120,10 +121,10 @@ def test_a_missing_bucket_object_fails_its_item_only(
 ) -> None:
     fs = bucket_fs("s3", object_stores)
     make_bucket(fs, "pe-in-s3")
-    fs.pipe_file("pe-in-s3/mixed/a.png", png(900))
+    fs.pipe_file("pe-in-s3/mixed/a.png", noise_png(900, 32))
     inputs = ["s3://pe-in-s3/mixed/a.png", "s3://pe-in-s3/mixed/gone.png"]
     job = submit(http, inputs=inputs, options={"face": False, "upscale": 1})
-    snap = wait(http, job["job_id"], done, timeout=180)
+    snap = wait_job(http, job["job_id"], job_ended, timeout=180)
     assert snap["state"] == "partial"
     assert snap["counts"]["succeeded"] == 1 and snap["counts"]["failed"] == 1
     failed = http.get(f"/v1/jobs/{job['job_id']}/items", params={"status": "failed"}).json()

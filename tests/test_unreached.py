@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import noise_png
+from conftest import job_ended, noise_png, wait_job
 from PIL import Image
 
 TIGHT_APP = "pe-tight"
@@ -281,14 +281,12 @@ def test_results_zip_of_a_partial_job_and_a_failed_job(
 ) -> None:
     import zipfile
 
-    from test_jobs_api import done, wait
-
     good = [("files", (f"ok{i}.png", noise_png(10 + i, 20, 20), "image/png")) for i in range(3)]
     bad = [("files", ("broken.jpg", (shared_data / "bad" / "truncated.jpg").read_bytes(),
                       "image/jpeg"))]
     r = http.post("/v1/jobs", files=good + bad, data={"face": "false", "upscale": "1"})
     assert r.status_code == 202, r.text
-    snap = wait(http, r.json()["job_id"], done)
+    snap = wait_job(http, r.json()["job_id"], job_ended)
     assert snap["state"] == "partial" and snap["counts"]["failed"] == 1
     z = http.get(f"/v1/jobs/{snap['job_id']}/results.zip")
     assert z.status_code == 200
@@ -297,7 +295,7 @@ def test_results_zip_of_a_partial_job_and_a_failed_job(
     assert len(names) == 3 and all(n.endswith(("ok0.png", "ok1.png", "ok2.png")) for n in names)
 
     r = http.post("/v1/jobs", files=bad, data={"face": "false"})
-    snap = wait(http, r.json()["job_id"], done)
+    snap = wait_job(http, r.json()["job_id"], job_ended)
     assert snap["state"] == "failed"
     assert snap["counts"] == {"pending": 0, "running": 0, "succeeded": 0, "failed": 1}
     items = http.get(f"/v1/jobs/{snap['job_id']}/items").json()["items"]
