@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,11 @@ def app_config(serve_args: dict[str, Any]) -> AppConfig:
     return AppConfig.model_validate(serve_args)
 
 
+def _discard(stream: Any) -> None:
+    while stream.read(65536):
+        pass
+
+
 @pytest.fixture(scope="session")
 def object_stores() -> Iterator[dict[str, str]]:
     """Loopback object stores for the session: moto's S3 server and fake-gcs-server (a binary
@@ -74,6 +80,10 @@ def object_stores() -> Iterator[dict[str, str]]:
     host, port = s3.get_host_and_port()
     gcs = FakeGCSServer()
     gcs.start()
+    # The wrapper pipes the server's stderr and never reads it: the server logs every request
+    # there and blocks once the pipe's 64 KiB fill (about 450 requests), hanging the next
+    # gs:// call. Read it away.
+    threading.Thread(target=_discard, args=(gcs._process.stderr,), daemon=True).start()
     env = {
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
