@@ -290,6 +290,7 @@ def test_streams_are_capped_idle_ones_end_and_ended_jobs_close(
 ):
     limits = app_config.http
     url = f"{serve_url}/v1/jobs/{paused_job}/events"
+    ws_url = serve_url.replace("http", "ws", 1) + f"/v1/jobs/{paused_job}/ws"
     started = [threading.Event() for _ in range(limits.max_streams_per_job)]
     with ThreadPoolExecutor(max_workers=limits.max_streams_per_job) as pool:
         held = [pool.submit(read_events, url, 120.0, s) for s in started]
@@ -298,6 +299,10 @@ def test_streams_are_capped_idle_ones_end_and_ended_jobs_close(
         r = http.get(f"/v1/jobs/{paused_job}/events")
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "too_many_streams" and r.headers["retry-after"]
+        # The same cap over a WebSocket: the error as a message, then close code 4429.
+        refused, code = ws_messages(ws_url)
+        assert refused == [{"error": refused[0]["error"]}] and code == 4429
+        assert refused[0]["error"]["code"] == "too_many_streams"
         # Nothing changes on a paused job: each stream ends as idle, after heartbeats, with a
         # final `end` event that says so.
         for future in held:
@@ -310,9 +315,29 @@ def test_streams_are_capped_idle_ones_end_and_ended_jobs_close(
     events = read_events(url)
     assert json.loads(events[-2][1])["state"] == "cancelled"
     assert events[-1] == ("end", json.dumps({"reason": "finished"}))
-    # A job that does not exist is a plain 404 before any stream starts.
+    messages, code = ws_messages(ws_url)
+    assert messages[-2]["state"] == "cancelled" and code == 1000
+    assert messages[-1] == {"event": "end", "reason": "finished"}
+    # A job that does not exist is a plain 404 before any stream starts (4404 over a socket).
     r = http.get("/v1/jobs/j20250101120000a1b2c3d4/events")
     assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+    messages, code = ws_messages(ws_url.replace(paused_job, "j20250101120000a1b2c3d4"))
+    assert code == 4404 and messages[0]["error"]["code"] == "job_not_found"
+
+
+def ws_messages(url: str) -> tuple[list[dict], int]:
+    """Every message of a job's WebSocket until the server closes it, and the close code."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    messages = []
+    with connect(url, open_timeout=30) as ws:
+        try:
+            while True:
+                messages.append(json.loads(ws.recv(timeout=60)))
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None, "closed without a close frame from the server"
+            return messages, closed.rcvd.code
 
 
 # ---------------------------------------------------------------------------- fuzz
