@@ -15,6 +15,10 @@ connections, keep-alive, raw bodies); ``--mode inproc`` runs ``--threads`` threa
 ``codec.probe``, ``codec.decode``, ``Engine.enhance_batch`` and ``codec.encode``; ``--mode both``
 (default) runs both. ``--url`` drives a server that is already running instead.
 Each figure is the median of ``--repeats`` windows of ``--seconds`` (12 MP: ``--seconds-large``).
+
+Two cases measure the serving path's own floor: ``16-png-x1`` (a 16 px image: two Serve hops
+with almost no image work) and ``healthz`` (``GET /healthz``: the proxy and the ingress only,
+HTTP path only).
 """
 
 from __future__ import annotations
