@@ -411,3 +411,43 @@ def test_private_callback_is_refused_when_not_allowed(
     asyncio.run(main())
     jobs = tmp_path / "jobs"
     assert not jobs.exists() or not any(jobs.iterdir())
+
+
+def test_an_uploads_source_is_served_as_uploaded_and_nothing_else(
+    http: httpx.Client, inputs: Path, shared_data: Path
+) -> None:
+    """``GET .../items/{i}/source``: an upload's own bytes (the web page's original on any
+    device), with a safe name; never another job kind's inputs, never past the list."""
+    photo = (shared_data / "images" / "Adele_crop.png").read_bytes()
+    jpeg = (shared_data / "bad" / "truncated.jpg").read_bytes()  # served as uploaded
+    files = [("files", ("../../../etc/holiday photo.png", photo, "image/png")),
+             ("files", ("b.jpg", jpeg, "image/jpeg"))]
+    r = http.post("/v1/jobs", files=files, data={"face": "false", "upscale": "1"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    wait_job(http, job_id, job_ended)
+    base = f"/v1/jobs/{job_id}/items"
+
+    first = http.get(f"{base}/0/source")
+    assert first.status_code == 200 and first.content == photo
+    assert first.headers["content-type"] == "image/png"
+    assert first.headers["content-length"] == str(len(photo))
+    assert first.headers["content-disposition"] == 'inline; filename="000000_holiday_photo.png"'
+    second = http.get(f"{base}/1/source")  # its item failed; its input is still the input
+    assert second.status_code == 200 and second.content == jpeg
+    assert second.headers["content-type"] == "image/jpeg"
+
+    for index in ("2", "99999999999999999999999"):
+        assert_error(http.get(f"{base}/{index}/source"), 404, "item_not_found")
+    for path in (f"{base}/-1/source", f"{base}/x/source", f"{base}/0/source/../result"):
+        assert http.get(path).status_code == 404, path
+    assert_error(http.get("/v1/jobs/j20250101120000a1b2c3d4/items/0/source"), 404,
+                 "job_not_found")
+    assert http.get("/v1/jobs/..%2f..%2fetc/items/0/source").status_code in (400, 404)
+
+    # A job over the server's own files: its inputs are not served back.
+    other = http.post("/v1/jobs", json={"input_prefix": str(inputs), "options": {"face": False}})
+    assert other.status_code == 202, other.text
+    assert_error(http.get(f"/v1/jobs/{other.json()['job_id']}/items/0/source"), 404,
+                 "no_source")
+

@@ -195,8 +195,8 @@ def test_a_user_sees_and_controls_only_their_own_jobs(keyed, images):
         assert alice.get(f"/v1/jobs/{mine}").json()["owner"] == "alice"
 
         base = f"/v1/jobs/{mine}"
-        reads = [base, f"{base}/items", f"{base}/items/0/result", f"{base}/manifest.jsonl",
-                 f"{base}/results.zip", f"{base}/events"]
+        reads = [base, f"{base}/items", f"{base}/items/0/result", f"{base}/items/0/source",
+                 f"{base}/manifest.jsonl", f"{base}/results.zip", f"{base}/events"]
         for path in reads:
             r = bob.get(path)
             assert r.status_code == 404, (path, r.status_code, r.text[:200])

@@ -459,9 +459,10 @@ def test_phone_viewport(open_page, http, images):
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
     page.locator(".card").first.click()
     expect(page.locator("#viewer")).to_be_visible()
-    # The original is not on this device: the result alone, said so.
-    expect(page.locator("#v-note")).to_contain_text("original is not on this device")
+    # Uploaded elsewhere (by the test's client): the original comes from the server.
     expect(page.locator("#v-after")).to_have_js_property("naturalWidth", 128)
+    expect(page.locator("#v-before")).to_have_js_property("naturalWidth", 64)
+    expect(page.locator("#v-note")).not_to_contain_text("original is not on this device")
     w.assert_clean()
 
 

@@ -43,6 +43,7 @@ def job_routes(api: JobsApi) -> list[BaseRoute]:
         Route("/v1/jobs/{job_id}", api.delete_job, methods=["DELETE"]),
         Route("/v1/jobs/{job_id}/items", api.items, methods=["GET"]),
         Route("/v1/jobs/{job_id}/items/{index:int}/result", api.item_result, methods=["GET"]),
+        Route("/v1/jobs/{job_id}/items/{index:int}/source", api.item_source, methods=["GET"]),
         Route("/v1/jobs/{job_id}/events", api.events, methods=["GET"]),
         WebSocketRoute("/v1/jobs/{job_id}/ws", api.websocket),
         Route("/v1/jobs/{job_id}/results.zip", api.results_zip, methods=["GET"]),
@@ -147,6 +148,18 @@ class JobsApi:
                 "Content-Disposition": f'inline; filename="{record.name}"',
                 "X-Content-SHA256": record.sha256 or "",
             },
+        )
+
+    async def item_source(self, request: Request) -> Response:
+        source = await self.reader.item_source(
+            request.path_params["job_id"], int(request.path_params["index"]),
+            owner=self.owner_of(request),
+        )
+        return StreamingResponse(
+            source.chunks,
+            media_type=source.media_type,
+            headers={"Content-Length": str(source.size),
+                     "Content-Disposition": f'inline; filename="{source.name}"'},
         )
 
     async def manifest(self, request: Request) -> Response:

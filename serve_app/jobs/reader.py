@@ -9,17 +9,22 @@ existence is not revealed. Which owner a caller may read as is the API layer's d
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+from serve_app import codec
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NotFound
 from serve_app.jobs import manager as mgr
 from serve_app.jobs.manifest import MANIFEST, ManifestRecord, read_manifest
 from serve_app.jobs.naming import is_job_id
+from serve_app.jobs.sources import INPUTS
 from serve_app.jobs.spec import ITEM_STATES, JOB_JSON, TERMINAL, JobSpec, read_json
 from serve_app.jobs.storage import Storage
 
@@ -35,6 +40,17 @@ class ItemResult:
 
     record: ManifestRecord
     media_type: str
+    chunks: Iterator[bytes]
+
+
+@dataclass(frozen=True)
+class ItemSource:
+    """An upload's own input: its spooled name (``000003_photo.jpg``: safe characters only),
+    media type (from its magic bytes), size and bytes, streamed."""
+
+    name: str
+    media_type: str
+    size: int
     chunks: Iterator[bytes]
 
 
@@ -121,6 +137,22 @@ class JobReader:
         media = MEDIA.get(record.format or "", "application/octet-stream")
         return ItemResult(record, media, storage.iter_bytes(record.name))
 
+    async def item_source(self, job_id: str, index: int, *,
+                          owner: str | None = None) -> ItemSource:
+        """An upload's input as it was uploaded (so a page shows the original on any device).
+        Only uploads: another job's inputs are the caller's own paths or URLs, and the server
+        does not read them back to anyone."""
+        snapshot = await self.get(job_id, owner=owner)
+        if snapshot["kind"] != "upload":
+            raise NotFound("only an upload's inputs are served", code="no_source")
+        folder = self.jobs_dir / job_id
+        found = await asyncio.to_thread(_spooled, folder, index)
+        if found is None:
+            raise NotFound(f"job {job_id} has no item {index}", code="item_not_found")
+        path, name, size, head = found
+        media = codec.MEDIA_TYPES.get(codec.sniff(head) or "", "application/octet-stream")
+        return ItemSource(name, media, size, _read_upto(path, size))
+
     async def manifest(self, job_id: str, *, owner: str | None = None) -> ManifestBytes:
         await self.get(job_id, owner=owner)
         path = self.jobs_dir / job_id / MANIFEST
@@ -156,6 +188,27 @@ def _event_key(snapshot: dict[str, Any]) -> tuple[Any, ...]:
         snapshot["listing"],
         tuple(snapshot["counts"].values()),
     )
+
+
+def _spooled(folder: Path, index: int) -> tuple[Path, str, int, bytes] | None:
+    """Item ``index``'s spooled file (path, name, size, first bytes), or None; only a file
+    inside the job's own ``inputs/`` folder."""
+    if not 0 <= index < 1 << 31:  # past any list (islice refuses more than sys.maxsize)
+        return None
+    try:
+        with open(folder / INPUTS, "rb") as f:  # read only: an upload's list is written once
+            line = next(itertools.islice(f, index, None), b"")
+    except FileNotFoundError:
+        return None
+    if not line.endswith(b"\n"):
+        return None
+    source, _ = json.loads(line)
+    path = Path(source).resolve()
+    if not path.is_relative_to((folder / "inputs").resolve()) or not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return path, path.name, path.stat().st_size, head
 
 
 def _size(path: Any) -> int:

@@ -1002,6 +1002,10 @@ async function retryItem(file) {
   sendUpload(form, file.size, [{ file, thumb: URL.createObjectURL(file) }], false);
 }
 
+function sourceUrl(id, index) {
+  return u(`v1/jobs/${encodeURIComponent(id)}/items/${index}/source`);
+}
+
 function resultUrl(id, index) {
   return u(`v1/jobs/${encodeURIComponent(id)}/items/${index}/result`);
 }
@@ -1070,7 +1074,9 @@ function openViewer(index) {
   const after = $("v-after"), beforeImg = $("v-before");
   after.removeAttribute("src"); beforeImg.removeAttribute("src");
   const hasAfter = row.status === "succeeded";
-  const hasBefore = Boolean(local?.url);
+  // An upload's original comes from the server when this browser did not upload it.
+  const remoteBefore = !local?.url && job.snap?.kind === "upload";
+  const hasBefore = Boolean(local?.url) || remoteBefore;
   const note = [];
   if (!hasAfter) note.push(row.error ? `Failed: ${row.error.message || row.error.code}` : `Not done yet (${itemState(job, row)})`);
   if (hasAfter && !hasBefore) note.push("The original is not on this device: showing the result only");
@@ -1087,7 +1093,8 @@ function openViewer(index) {
   };
   main.onload = ready;
   if (hasAfter) setImage(after, resultUrl(job.id, index));
-  if (hasBefore) beforeImg.src = local.url;
+  if (local?.url) beforeImg.src = local.url;
+  else if (remoteBefore) setImage(beforeImg, sourceUrl(job.id, index));
   if (!hasAfter && hasBefore) $("v-pane-before").hidden = false;
   $("v-pane-after").hidden = !hasAfter;
   $("v-pane-before").hidden = !hasBefore;
