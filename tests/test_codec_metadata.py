@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pillow_heif
 import pytest
+from conftest import job_ended, wait_job
 from PIL import Image, ImageCms
 
 from serve_app import codec
@@ -393,7 +394,6 @@ def test_models_describes_the_codec_options(http):
 
 def test_a_job_keeps_metadata_and_names_colliding_inputs_apart(http, images):
     """Jobs take the same options; two inputs named alike give two outputs."""
-    import time
     import zipfile
 
     files = [
@@ -405,12 +405,7 @@ def test_a_job_keeps_metadata_and_names_colliding_inputs_apart(http, images):
         "upscale": "1", "face": "false", "bg_model": "none", "metadata": "keep-no-gps"})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    deadline = time.monotonic() + 180
-    while (state := http.get(f"/v1/jobs/{job_id}").json()["state"]) not in (
-            "completed", "partial", "failed", "cancelled"):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    assert state == "completed"
+    assert wait_job(http, job_id, job_ended)["state"] == "completed"
     z = http.get(f"/v1/jobs/{job_id}/results.zip")
     with zipfile.ZipFile(io.BytesIO(z.content)) as archive:
         names = sorted(archive.namelist())

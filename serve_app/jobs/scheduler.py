@@ -399,13 +399,13 @@ class Scheduler:
             LOGGER.exception("job %s item %d: unexpected failure", job.id, index)
             self._give_back(job, index, pause_reason="internal_error")
             return
-        # Shielded: a cancel that lands now still leaves the output and its record whole; the
-        # item is then finished, not cancelled, so the task ends normally (see _item_done).
+        # Shielded: cancels that land now (a job's cancel, then the scheduler's stop) still
+        # leave the output and its record whole; the item is then finished, not cancelled,
+        # so the task ends normally and _item_done gives nothing back twice.
         finalize = asyncio.ensure_future(self._finalize(job, index, outcome))
-        try:
-            await asyncio.shield(finalize)
-        except asyncio.CancelledError:
-            await finalize
+        while not finalize.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(finalize)
 
     async def _attempts(self, job: Job, index: int) -> dict[str, Any]:
         source, name = await asyncio.to_thread(job.inputs.get, index)
