@@ -26,7 +26,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from serve_app.api.schemas import EnhancedImage
+from serve_app.api.schemas import EnhancedImage, parse_boxes
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "PHOTOENHANCE_API_KEY"
@@ -156,6 +156,7 @@ class Client:
             width=int(headers.get("x-image-width", 0)),
             height=int(headers.get("x-image-height", 0)),
             faces=int(headers.get("x-faces-restored", 0)),
+            face_boxes=parse_boxes(headers.get("x-face-boxes", "")),
             timings=parse_server_timing(headers.get("server-timing", "")),
             synthetic=headers.get("x-weights-synthetic") == "true",
         )

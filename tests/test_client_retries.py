@@ -46,7 +46,8 @@ class Busy(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "image/png")
             self.send_header("X-Image-Width", "8")
             self.send_header("X-Image-Height", "8")
-            self.send_header("X-Faces-Restored", "0")
+            self.send_header("X-Faces-Restored", "2")
+            self.send_header("X-Face-Boxes", "1,2,3,4 -2,0,8,8 x,1,2,3")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -73,6 +74,7 @@ def test_client_retries_503_honouring_retry_after(busy_server) -> None:
     with Client(url, retries=3, max_backoff_s=10) as client:
         result = client.enhance(b"img", upscale=2)
     assert result.data == IMAGE and (result.width, result.height) == (8, 8)
+    assert result.faces == 2 and result.face_boxes == ((1, 2, 3, 4), (-2, 0, 8, 8))
     times = handler.calls["/v1/enhance?upscale=2"]
     assert len(times) == 3
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]

@@ -53,6 +53,31 @@ def test_output_size_follows_upscale(engine, upscale):
     assert r.image.shape == (img.shape[0] * upscale, img.shape[1] * upscale, 3)
 
 
+@pytest.mark.parametrize("upscale", [1, 2, 4])
+def test_face_boxes_are_the_detectors_in_output_pixels(engine, upscale):
+    from serve_app.engine import detect
+
+    img = read("Blake_Lively.jpg", 128)
+    dets = detect.detect(engine.net("detection_Resnet50_Final"), [img], 0.97, 64)[0]
+    found = detect.select(dets, img.shape[0], img.shape[1], False)
+    assert 1 <= len(found) <= 2
+    opts = [EnhanceOptions(upscale=upscale), EnhanceOptions(upscale=upscale, only_center_face=True),
+            EnhanceOptions(upscale=upscale, face=False)]
+    every, center, off = engine.enhance_batch([img] * 3, opts)
+    assert len(every.face_boxes) == every.faces == len(found)
+    for (x, y, bw, bh), (_, (x0, y0, x1, y1)) in zip(every.face_boxes, found, strict=True):
+        assert bw > 0 and bh > 0
+        assert (x, y) == (int(np.floor(x0 * upscale)), int(np.floor(y0 * upscale)))
+        assert (x + bw, y + bh) == (int(np.ceil(x1 * upscale)), int(np.ceil(y1 * upscale)))
+    assert len(center.face_boxes) == center.faces == 1 and center.face_boxes[0] in every.face_boxes
+    assert off.face_boxes == [] and off.faces == 0
+
+
+def test_an_aligned_face_is_the_whole_output(engine):
+    [r] = engine.enhance_batch([read("Adele_crop.png")], [EnhanceOptions(aligned=True, upscale=2)])
+    assert r.face_boxes == [(0, 0, 1024, 1024)]
+
+
 def test_gray_rgba_and_16_bit_inputs(engine):
     gray = read("00017_gray.png", 128)
     rgba = read("children-alpha.png", 128)

@@ -20,7 +20,9 @@ def test_handle_enhance(serve_url, images):
     out = cv2.imdecode(np.frombuffer(result.data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert out.shape[:2] == (result.height, result.width) == (192, 192)
     assert result.format == "jpeg" and result.media_type == "image/jpeg"
-    assert result.synthetic is True and result.faces >= 0 and "decode" in result.timings
+    assert result.synthetic is True and "decode" in result.timings
+    assert len(result.face_boxes) == result.faces
+    assert all(x < 192 and y < 192 and x + w > 0 and y + h > 0 for x, y, w, h in result.face_boxes)
 
 
 def test_handle_with_options_object(serve_url, images):

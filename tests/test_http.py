@@ -39,6 +39,11 @@ def test_raw_body_photo_with_faces(http, images):
     # The session's synthetic detector (seed 0) finds two faces here, scored 0.9999 against
     # the 0.97 threshold: a change in detection, selection or counting moves this.
     assert r.headers["x-faces-restored"] == "2"
+    # Each face as x,y,w,h in the output's pixels, overlapping it.
+    boxes = [tuple(int(v) for v in b.split(",")) for b in r.headers["x-face-boxes"].split()]
+    assert len(boxes) == 2
+    assert all(bw > 0 and bh > 0 and x < 2 * w and y < 2 * h and x + bw > 0 and y + bh > 0
+               for x, y, bw, bh in boxes)
     stages = [part.split(";")[0].strip() for part in r.headers["server-timing"].split(",")]
     # The ingress's, the model replica's and the engine's stages, each once.
     assert sorted(stages) == sorted([
@@ -89,6 +94,7 @@ def test_all_options(http, images):
     assert r.headers["content-type"] == "image/jpeg"
     assert decode(r.content).shape == (512, 512, 3)
     assert r.headers["x-faces-restored"] == "1"
+    assert r.headers["x-face-boxes"] == "0,0,512,512"  # an aligned input is one whole face
 
 
 def test_formats_gray_alpha_and_16_bit(http, images):

@@ -138,6 +138,26 @@ def test_upload_names_cannot_escape_and_results_stream(
         assert first["state"] == "completed" and first["counts"]["succeeded"] == 5
 
 
+def test_items_and_manifest_say_where_the_faces_are(http: httpx.Client, images: Any) -> None:
+    photo = images.photo("Blake_Lively.jpg", max_side=128)
+    sync = http.post("/v1/enhance", params={"upscale": 2, "format": "png"}, content=photo)
+    assert sync.status_code == 200, sync.text
+    want = [[int(v) for v in b.split(",")] for b in sync.headers["x-face-boxes"].split()]
+    assert len(want) == int(sync.headers["x-faces-restored"]) == 2
+
+    files = [("files", ("face.jpg", photo, "image/jpeg")), ("files", ("flat.png", noise_png(7, 32), "image/png"))]
+    r = http.post("/v1/jobs", files=files, data={"upscale": "2", "format": "png"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert wait_job(http, job_id, job_ended)["state"] == "completed"
+    rows = http.get(f"/v1/jobs/{job_id}/items").json()["items"]
+    # The same photo, options and weights: the same faces, in the same places.
+    assert (rows[0]["faces"], rows[0]["face_boxes"]) == (2, want)
+    records = {rec["index"]: rec for rec in manifest(http, job_id)}
+    assert records[0]["face_boxes"] == want
+    assert len(records[1]["face_boxes"]) == records[1]["faces"] == rows[1]["faces"]
+
+
 def test_too_many_files_is_refused_and_leaves_nothing(
     http: httpx.Client, app_config: AppConfig, data_dir: Path
 ) -> None:

@@ -254,6 +254,23 @@ def test_folder_review_upload_follow_reload_view_download(open_page, photos, htt
     expect(page.locator("#v-zoom")).to_have_text("100%")
     box = page.locator("#v-pane-after .v-layer").bounding_box()
     assert box is not None and round(box["width"]) == first["width"]
+    # The faces the server found, outlined where it says they are (here at 100%, in pixels),
+    # over before and after alike; the Faces button and the F key hide and show them.
+    assert first["faces"] >= 1 and len(first["face_boxes"]) == first["faces"]
+    outlines = page.locator("#v-pane-after .v-faces span")
+    expect(outlines).to_have_count(first["faces"])
+    expect(page.locator("#v-pane-before .v-faces span")).to_have_count(first["faces"])
+    for i, (x, y, fw, fh) in enumerate(first["face_boxes"]):
+        drawn = outlines.nth(i).bounding_box()
+        assert drawn is not None
+        got = (drawn["x"] - box["x"], drawn["y"] - box["y"], drawn["width"], drawn["height"])
+        assert all(abs(a - b) <= 1 for a, b in zip(got, (x, y, fw, fh), strict=True)), (got, x, y, fw, fh)
+    expect(page.locator("#v-info")).to_contain_text(f"{first['faces']} face")
+    page.keyboard.press("f")
+    expect(outlines.first).to_be_hidden()
+    expect(page.locator("#v-faces")).to_have_attribute("aria-pressed", "false")
+    page.click("#v-faces")
+    expect(outlines.first).to_be_visible()
     page.click("#v-in")
     expect(page.locator("#v-zoom")).to_have_text("150%")
     box = page.locator("#v-pane-after .v-layer").bounding_box()

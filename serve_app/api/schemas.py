@@ -27,6 +27,8 @@ class EnhancedImage:
     faces: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     synthetic: bool = False
+    # The restored faces in the output: (x, y, width, height) in its pixels.
+    face_boxes: tuple[tuple[int, int, int, int], ...] = ()
 
     def headers(self) -> dict[str, str]:
         """Response headers that describe this result."""
@@ -36,10 +38,30 @@ class EnhancedImage:
             "X-Image-Width": str(self.width),
             "X-Image-Height": str(self.height),
         }
+        if self.face_boxes:
+            out["X-Face-Boxes"] = format_boxes(self.face_boxes)
         if self.synthetic:
             out["X-Weights-Synthetic"] = "true"
             out["Warning"] = f'299 photoenhance "{SYNTHETIC_WARNING}"'
         return out
+
+
+MAX_HEADER_BOXES = 100  # keeps the header a few KB; X-Faces-Restored is the count
+
+
+def format_boxes(boxes: tuple[tuple[int, int, int, int], ...]) -> str:
+    """``X-Face-Boxes`` value: ``x,y,w,h`` per face, space-separated, the first 100."""
+    return " ".join(",".join(str(int(v)) for v in b) for b in boxes[:MAX_HEADER_BOXES])
+
+
+def parse_boxes(value: str) -> tuple[tuple[int, int, int, int], ...]:
+    """The boxes of an ``X-Face-Boxes`` value (the client's side of ``format_boxes``)."""
+    out = []
+    for part in value.split():
+        values = part.split(",")
+        if len(values) == 4 and all(v.removeprefix("-").isdigit() for v in values):
+            out.append(tuple(int(v) for v in values))  # anything else: not ours, skipped
+    return tuple(out)
 
 
 def server_timing(timings: dict[str, float]) -> str:

@@ -207,6 +207,7 @@ class Enhancer:
             width=int(result.image.shape[1]),
             height=int(result.image.shape[0]),
             faces=int(result.faces),
+            face_boxes=tuple(tuple(int(v) for v in b) for b in result.face_boxes),
             timings=timings,
             synthetic=self.engine.uses_synthetic(options),
         )

@@ -53,6 +53,7 @@ class BatchItem:
     gray: bool = False
     crops: list[np.ndarray] = field(default_factory=list)
     affines: list[np.ndarray] = field(default_factory=list)
+    boxes: list[np.ndarray] = field(default_factory=list)  # detector's x0 y0 x1 y1, input px
     restored: list[np.ndarray] = field(default_factory=list)
     masks: list[np.ndarray] = field(default_factory=list)
     background: np.ndarray | None = None
@@ -86,13 +87,14 @@ def _detect(engine: Engine, items: list[BatchItem]) -> None:
     bgrs = [np.ascontiguousarray(j.work[:, :, :3]) for j in todo]
     dets = detect.detect(engine.net(DETECTOR), bgrs, engine.cfg.det_threshold,
                          engine.budget_mb)
-    marks = [detect.select(d, b.shape[0], b.shape[1], j.opt.only_center_face)
+    found = [detect.select(d, b.shape[0], b.shape[1], j.opt.only_center_face)
              for d, b, j in zip(dets, bgrs, todo, strict=True)]
-    work = [(j, b, m) for j, b, ms in zip(todo, bgrs, marks, strict=True) for m in ms]
-    for j, crop_aff in zip([w[0] for w in work],
-                           _pool().map(lambda w: detect.align(w[1], w[2]), work), strict=True):
+    work = [(j, b, f) for j, b, fs in zip(todo, bgrs, found, strict=True) for f in fs]
+    for (j, _, (_, box)), crop_aff in zip(
+            work, _pool().map(lambda w: detect.align(w[1], w[2][0]), work), strict=True):
         j.crops.append(crop_aff[0])
         j.affines.append(crop_aff[1])
+        j.boxes.append(box)
 
 
 def _restore(engine: Engine, items: list[BatchItem]) -> None:
@@ -246,5 +248,20 @@ def run(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptions])
         else:
             j.timings["total"] = total
             out.append(EnhanceResult(j.result, len(j.restored) if j.pastes else int(j.opt.face),
-                                     j.timings))
+                                     j.timings, _face_boxes(j)))
+    return out
+
+
+def _face_boxes(j: BatchItem) -> list[tuple[int, int, int, int]]:
+    """Where the restored faces are in the output: (x, y, width, height) in its pixels, one
+    per face. Not clipped: a detector's box may reach past the edges (its face is restored
+    and pasted all the same), so a box can start below 0 or end past the output's size."""
+    if j.opt.face and j.opt.aligned:
+        h, w = j.result.shape[:2]
+        return [(0, 0, w, h)]  # the whole input is the face
+    s = j.opt.upscale
+    out = []
+    for x0, y0, x1, y1 in j.boxes:
+        left, top = int(np.floor(x0 * s)), int(np.floor(y0 * s))
+        out.append((left, top, int(np.ceil(x1 * s)) - left, int(np.ceil(y1 * s)) - top))
     return out

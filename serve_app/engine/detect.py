@@ -79,8 +79,10 @@ def detect(
     return out
 
 
-def select(dets: np.ndarray, h: int, w: int, only_center_face: bool) -> list[np.ndarray]:
-    """The 5-point landmarks GFPGANer keeps (eye-distance filter, optional centre face)."""
+def select(dets: np.ndarray, h: int, w: int,
+           only_center_face: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(5-point landmarks, box x0 y0 x1 y1) of the faces GFPGANer keeps (eye-distance
+    filter, optional centre face)."""
     from facexlib.utils.face_restoration_helper import get_center_face
 
     marks, boxes = [], []
@@ -92,8 +94,8 @@ def select(dets: np.ndarray, h: int, w: int, only_center_face: bool) -> list[np.
         boxes.append(bbox[0:5])
     if only_center_face and boxes:
         _, center = get_center_face(boxes, h, w)
-        marks = [marks[center]]
-    return marks
+        marks, boxes = [marks[center]], [boxes[center]]
+    return [(m, b[:4]) for m, b in zip(marks, boxes, strict=True)]
 
 
 def align(img: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

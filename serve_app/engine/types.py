@@ -19,3 +19,5 @@ class EnhanceResult:
     faces: int = 0
     # Seconds per stage (detect, align, restore, upsample, paste, ...), for Server-Timing.
     timings: dict[str, float] = field(default_factory=dict)
+    # The restored faces in the output: (x, y, width, height) in its pixels.
+    face_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)

@@ -48,7 +48,7 @@ from serve_app.jobs.storage import Storage
 LOGGER = logging.getLogger(__name__)
 
 ITEM_FIELDS = frozenset({"source", "name", "error", "attempts", "timings", "bytes", "sha256",
-                         "width", "height", "format"})
+                         "width", "height", "format", "faces", "face_boxes"})
 RATE_WINDOW = 256  # finish times kept for throughput
 _PENDING_BYTE = bytes([PENDING])
 

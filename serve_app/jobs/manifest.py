@@ -58,6 +58,8 @@ class ManifestRecord(BaseModel):
     height: int | None = None
     format: str | None = None
     faces: int | None = None
+    # The restored faces in the output: [x, y, width, height] in its pixels.
+    face_boxes: list[tuple[int, int, int, int]] | None = None
     finished_at: float = 0.0
 
     @property

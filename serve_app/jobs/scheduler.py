@@ -525,6 +525,7 @@ def _write_and_record(job: Job, index: int, outcome: dict[str, Any]) -> tuple[in
             "height": result.height,
             "format": result.format,
             "faces": result.faces,
+            "face_boxes": [list(b) for b in result.face_boxes],
         }
     timings["total"] = time.perf_counter() - outcome["t0"]
     record = ManifestRecord(

@@ -1055,7 +1055,7 @@ async function onDelete() {
 
 // ------------------------------------------------------------------ the viewer
 
-const view = { index: null, mode: "slider", scale: 1, cx: 0, cy: 0, iw: 0, ih: 0, split: 0.5, fitted: true };
+const view = { index: null, mode: "slider", scale: 1, cx: 0, cy: 0, iw: 0, ih: 0, split: 0.5, fitted: true, faces: true };
 
 function viewerRows() {
   return current ? [...current.items.values()].sort((a, b) => a.index - b.index) : [];
@@ -1085,7 +1085,10 @@ function openViewer(index) {
   $("v-download").setAttribute("aria-disabled", hasAfter ? "false" : "true");
   $("v-download").href = hasAfter ? resultUrl(job.id, index) : "#";
   $("v-download").download = row.name || name;
-  $("v-info").textContent = hasAfter ? `${row.width}×${row.height} ${String(row.format || "").toUpperCase()} · ${fmtBytes(row.bytes || 0)}` : "";
+  const boxes = hasAfter ? row.face_boxes || [] : [];
+  const faces = hasAfter && row.faces ? ` · ${row.faces} face${row.faces === 1 ? "" : "s"}` : "";
+  $("v-info").textContent = hasAfter ? `${row.width}×${row.height} ${String(row.format || "").toUpperCase()} · ${fmtBytes(row.bytes || 0)}${faces}` : "";
+  outlineFaces(boxes, row.width, row.height);
   const main = hasAfter ? after : beforeImg;
   const ready = () => {
     view.iw = main.naturalWidth; view.ih = main.naturalHeight;
@@ -1106,6 +1109,27 @@ function openViewer(index) {
     $("v-stage").focus();
   }
   setMode(view.mode);
+}
+
+// Each face the server restored, outlined over before and after alike (the before image is
+// the same picture at a smaller size, so the output's proportions place it there too).
+function outlineFaces(boxes, width, height) {
+  for (const layer of document.querySelectorAll(".v-faces")) {
+    layer.replaceChildren(...boxes.map(([x, y, w, h]) => {
+      const s = document.createElement("span");
+      s.style.left = `${(100 * x) / width}%`; s.style.top = `${(100 * y) / height}%`;
+      s.style.width = `${(100 * w) / width}%`; s.style.height = `${(100 * h) / height}%`;
+      return s;
+    }));
+  }
+  $("v-faces").hidden = boxes.length === 0;
+  showFaces(view.faces);
+}
+
+function showFaces(on) {
+  view.faces = on;
+  $("v-faces").setAttribute("aria-pressed", String(on));
+  $("v-stage").classList.toggle("no-faces", !on);
 }
 
 function closeViewer() {
@@ -1236,6 +1260,7 @@ function setupViewer() {
   $("v-out").addEventListener("click", () => zoomTo(view.scale / 1.5));
   $("v-fit").addEventListener("click", fit);
   $("v-full").addEventListener("click", () => zoomTo(1));
+  $("v-faces").addEventListener("click", () => showFaces(!view.faces));
   $("v-close").addEventListener("click", closeViewer);
   $("v-prev").addEventListener("click", () => stepViewer(-1));
   $("v-next").addEventListener("click", () => stepViewer(1));
@@ -1251,6 +1276,7 @@ function setupViewer() {
       Escape: closeViewer, ArrowLeft: () => stepViewer(-1), ArrowRight: () => stepViewer(1),
       "+": () => zoomTo(view.scale * 1.5), "=": () => zoomTo(view.scale * 1.5), "-": () => zoomTo(view.scale / 1.5),
       0: fit, 1: () => zoomTo(1), s: () => setMode(view.mode === "slider" ? "split" : "slider"),
+      f: () => showFaces(!view.faces),
     };
     const f = keys[e.key];
     if (f) { e.preventDefault(); f(); }
