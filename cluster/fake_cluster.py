@@ -34,8 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
+
+from serve_app.client import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = Path(__file__).with_name("fake_multinode.yaml")
@@ -205,18 +206,6 @@ def app_args(max_replicas: int, data: Path, min_replicas: int = 1) -> dict[str, 
     return args
 
 
-def wait_ready(url: str, timeout_s: float) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f}s")
-
-
 @contextlib.contextmanager
 def joined(cluster: Any) -> Iterator[None]:
     """Start the fake cluster and connect this driver; Serve, Ray and every fake node stop on
@@ -257,7 +246,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         serve.run(build_app(app_args(opts.max_workers, data, opts.min_replicas)),
                   name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{opts.port}"
-        wait_ready(url, opts.ready_timeout_s)
+        wait_ready(url, opts.ready_timeout_s, every_s=2)
         min_nodes = opts.min_replicas
 
         def settled(samples: list[dict[str, Any]]) -> bool:
@@ -355,7 +344,7 @@ def run_scale_out(opts: argparse.Namespace) -> dict[str, Any]:
             args["ingress"] = {**args.get("ingress", {}), "num_cpus": HEAD_CPUS - 0.5,
                                "max_inflight": None, "queue_timeout_s": 60}
             serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-            wait_ready(url, opts.ready_timeout_s)
+            wait_ready(url, opts.ready_timeout_s, every_s=2)
             asyncio.run(plumbing_bench.http_window(url, case, opts.concurrency, 5))  # warm-up
             runs = [asyncio.run(plumbing_bench.http_window(url, case, opts.concurrency, opts.seconds))
                     for _ in range(opts.repeats)]

@@ -253,6 +253,7 @@ def start_server(args: dict[str, Any], base: Path, num_cpus: int) -> tuple[str, 
     import ray
     from ray import serve
 
+    from serve_app.client import wait_ready
     from serve_app.config import APP_NAME
     from serve_app.deployments.app import build_app
 
@@ -273,16 +274,7 @@ def start_server(args: dict[str, Any], base: Path, num_cpus: int) -> tuple[str, 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=30).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    wait_ready(url, 180)
     return url, ray
 
 

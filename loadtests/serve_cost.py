@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import psutil
+
+from serve_app.client import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,15 +58,8 @@ def one_run(config: str, dashboard: bool) -> dict[str, float]:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() - t0 > 600:
-                raise RuntimeError("the server did not become ready")
-            time.sleep(0.25)
+        wait_ready(f"http://127.0.0.1:{port}", 600, alive=lambda: proc.poll() is None,
+                   every_s=0.25)
         ready_s = time.monotonic() - t0
         time.sleep(5)
         return {"dashboard": dashboard, "ready_s": round(ready_s, 1),

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import mimetypes
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -175,6 +177,29 @@ class Client:
 
     def delete_preset(self, name: str) -> None:
         self._request("DELETE", f"/v1/presets/{name}")
+
+
+def wait_ready(url: str, timeout_s: float = 300.0, *, alive: Callable[[], bool] | None = None,
+               every_s: float = 0.5) -> float:
+    """Poll ``GET {url}/readyz`` until it answers 200; the seconds waited.
+
+    For scripts and tests that start a server: ``alive`` (say, ``lambda: proc.poll() is None``)
+    ends the wait with ``RuntimeError`` as soon as the server's process is gone; past
+    ``timeout_s`` it is ``TimeoutError``. A server's first answers may be refused
+    connections or 503s while Serve starts its proxy and replicas: both are waited through.
+    """
+    t0 = time.monotonic()
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=30).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        if alive is not None and not alive():
+            raise RuntimeError(f"the server of {url} exited before it was ready")
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{url} was not ready in {timeout_s:.0f} s")
+        time.sleep(every_s)
 
 
 def auth_headers(api_key: str | None = None) -> dict[str, str]:

@@ -21,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from serve_app.client import wait_ready
 from serve_app.config import AppConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def serve_url(serve_args: dict[str, Any], object_stores: dict[str, str]) -> Iter
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(serve_args), name=APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url)
+        wait_ready(url)  # the proxy's first request also sets up its router
         yield url
     finally:
         try:
@@ -193,22 +194,6 @@ def _dashboard_agent_port(port: int) -> Iterator[None]:
         yield
     finally:
         parameter.RayParams.__init__ = original  # type: ignore[method-assign]
-
-
-def _wait_ready(url: str, timeout_s: float = 300.0) -> None:
-    """Until /readyz says ready (the proxy's first request also sets up its router)."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=30).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not become ready in {timeout_s}s")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 import yaml
 from conftest import noise_png
 from PIL import Image
+
+from serve_app.client import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -85,17 +86,10 @@ class OwnRay:
         self.serve = subprocess.Popen(
             [str(BIN / "photoenhance"), "serve", "--config", str(config), "--port", str(http)],
             cwd=ROOT, env=serve_env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 900  # a fresh Ray and app on a busy 2-core machine
-        while not self._ready():
-            assert self.serve.poll() is None, (tmp / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the application did not become ready"
-            time.sleep(1)
-
-    def _ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200
-        except httpx.HTTPError:
-            return False
+        try:  # a fresh Ray and app on a busy 2-core machine
+            wait_ready(self.url, 900, alive=lambda: self.serve.poll() is None, every_s=1)
+        except RuntimeError:
+            raise AssertionError((tmp / "serve.log").read_text()[-3000:]) from None
 
     def stop(self) -> None:
         if self.serve is not None and self.serve.poll() is None:

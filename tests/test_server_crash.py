@@ -29,6 +29,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from serve_app.client import wait_ready
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,16 +59,7 @@ class Server:
         )
 
     def wait_ready(self, timeout: float = 420) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError("the server did not become ready")
+        wait_ready(self.url, timeout, alive=lambda: self.proc.poll() is None)
 
     def crash(self) -> None:
         family = [psutil.Process(self.proc.pid)]

@@ -26,6 +26,8 @@ import pytest
 from conftest import job_ended, noise_png, wait_job
 from PIL import Image
 
+from serve_app.client import wait_ready
+
 TIGHT_APP = "pe-tight"
 ESTIMATE_ROOM = 272 * 2**20
 SLOW = {"upscale": "4", "face": "false", "bg_model": "RealESRGAN_x4plus", "tile": "32"}
@@ -91,18 +93,11 @@ def tight(serve_url: str, tight_args: dict[str, Any]) -> Iterator[str]:
 
     serve.run(build_app(tight_args), name=TIGHT_APP, route_prefix="/tight")
     url = f"{serve_url}/tight"
-    until(lambda: _ready(url), timeout=300, every=0.5)
+    wait_ready(url, 300)
     try:
         yield url
     finally:
         serve.delete(TIGHT_APP)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=30).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _door(url: str) -> tuple[float, float]:
@@ -160,7 +155,7 @@ def test_a_killed_model_replica_is_replica_unavailable_then_not_ready(tight: str
     import ray
 
     until(lambda: _door(tight) == (0.0, 0.0))
-    until(lambda: _ready(tight), timeout=300, every=0.5)
+    wait_ready(tight, 300)
     actor, replica_id = _replica_actor(TIGHT_APP, "Enhancer")
     with ThreadPoolExecutor(2) as pool:
         # A request that takes seconds, in the model when the replica dies.
@@ -175,7 +170,7 @@ def test_a_killed_model_replica_is_replica_unavailable_then_not_ready(tight: str
     # Until Serve has started a new replica, the application says it is not ready.
     seen = until(lambda: _not_ready(tight), timeout=120, every=0.1)
     assert retry_after(seen) == 5
-    until(lambda: _ready(tight), timeout=300, every=0.5)
+    wait_ready(tight, 300)
     assert _replica_actor(TIGHT_APP, "Enhancer")[1] != replica_id
     ok = _post(tight, noise_png(4, 16, 16), FAST)
     assert ok.status_code == 200, ok.text
@@ -209,7 +204,7 @@ def test_an_unexpected_fault_is_a_generic_500(tight: str, tight_args: dict[str, 
 def test_an_image_too_large_for_the_device_is_413_alone(tight: str) -> None:
     """The CPU allocator refusing (the replica's memory cap) is the image's size: a 413 with
     its code, the replica stays, and the next request succeeds on it."""
-    until(lambda: _ready(tight), timeout=300, every=0.5)
+    wait_ready(tight, 300)
     _, replica_id = _replica_actor(TIGHT_APP, "Enhancer")
     buf = io.BytesIO()
     Image.new("RGB", (2000, 2000), (90, 120, 150)).save(buf, "PNG")
