@@ -74,6 +74,11 @@ class EngineConfig(_Section):
         "too_large_for_device instead of the kernel's OOM killer ending the replica and its "
         "neighbours' requests. 0: no limit.",
     )
+    overlap_paste: bool | None = Field(
+        None, description="Paste a batch's faces (CPU work) outside the device lock, so the "
+        "next batch's device stages overlap it. None: on for a GPU, off on the CPU (where "
+        "the CPU is the device and overlapping only adds contention).",
+    )
     det_threshold: float = Field(0.97, gt=0, lt=1)
     use_parse: bool = Field(True, description="Blend pasted faces with parsing masks.")
     torch_threads: int = Field(0, ge=0, description="0: torch's default.")

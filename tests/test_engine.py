@@ -111,6 +111,30 @@ def test_background_model_choices_and_face_off(engine):
     assert res[0].image.shape[:2] == (img.shape[0] * 4, img.shape[1] * 4)
 
 
+def test_device_stages_and_paste_split_and_overlap(engine):
+    """``forward_batch`` then ``finish_batch`` is ``enhance_batch``; a batch's paste may run
+    in another thread while the next batch is in its device stages (as the replica runs them),
+    with the same results as one after the other."""
+    a = [read("Blake_Lively.jpg", 128), read("0014.jpg", 96)]
+    b = [read("children-alpha.png", 128), np.zeros((4,), np.uint8)]
+    opt = [EnhanceOptions(upscale=2)] * 2
+    want_a, want_b = engine.enhance_batch(a, opt), engine.enhance_batch(b, opt)
+
+    staged_a = engine.forward_batch(a, opt)
+    pasted: list = []
+    paste_a = threading.Thread(target=lambda: pasted.extend(engine.finish_batch(staged_a)))
+    paste_a.start()
+    got_b = engine.finish_batch(engine.forward_batch(b, opt))
+    paste_a.join()
+    for want, got in zip([*want_a, *want_b], [*pasted, *got_b], strict=True):
+        if isinstance(want, PhotoEnhanceError):
+            assert isinstance(got, InvalidImage) and type(got) is type(want)
+            continue
+        np.testing.assert_array_equal(got.image, want.image)
+        assert (got.faces, got.face_boxes) == (want.faces, want.face_boxes)
+        assert "paste" in got.timings and got.timings["total"] >= got.timings["paste"]
+
+
 def test_one_bad_image_does_not_fail_the_others(engine):
     good = read("0014.jpg", 96)
     bad = [np.zeros((4,), np.uint8), np.zeros((8, 8, 3), np.float32), "nope", np.zeros((1, 9), np.uint8)]

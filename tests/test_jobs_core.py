@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from serve_app.api.schemas import EnhancedImage
 from serve_app.config import AppConfig, JobsConfig, StorageConfig
 from serve_app.errors import InvalidImage, NotReady, Overloaded
 from serve_app.jobs import sources
@@ -26,15 +26,6 @@ from serve_app.jobs.spec import JobSpec
 from serve_app.jobs.storage import Storage
 
 
-@dataclass
-class FakeImage:
-    data: bytes
-    format: str = "png"
-    width: int = 2
-    height: int = 2
-    faces: int = 0
-
-
 class FakeModel:
     """Echoes input bytes; fails per a script; can block until released."""
 
@@ -44,7 +35,7 @@ class FakeModel:
         self.gate: asyncio.Event | None = None
         self.block_after: int | None = None  # calls past this many never return
 
-    async def __call__(self, data: bytes, options: object) -> FakeImage:
+    async def __call__(self, data: bytes, options: object) -> EnhancedImage:
         self.calls[data] = self.calls.get(data, 0) + 1
         if self.block_after is not None and sum(self.calls.values()) > self.block_after:
             await asyncio.Event().wait()
@@ -58,7 +49,7 @@ class FakeModel:
             raise Overloaded("busy")
         if data.startswith(b"down"):
             raise Overloaded("always busy")
-        return FakeImage(b"out:" + data)
+        return EnhancedImage(b"out:" + data, "image/png", "png", 2, 2)
 
 
 def jobs_config(**kw: object) -> JobsConfig:

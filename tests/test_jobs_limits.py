@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from serve_app.api.schemas import EnhancedImage
 from serve_app.config import AppConfig, JobsConfig
 from serve_app.jobs import sources
 from serve_app.jobs.gate import Gate
@@ -34,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # disk does part-way through a write. Nothing in the code under test is replaced.
 DISK_FULL = textwrap.dedent("""
     import asyncio, json, resource, signal, sys
-    from dataclasses import dataclass
     from pathlib import Path
+    from serve_app.api.schemas import EnhancedImage
     from serve_app.config import JobsConfig
     from serve_app.jobs import sources
     from serve_app.jobs.scheduler import Scheduler
@@ -44,16 +45,8 @@ DISK_FULL = textwrap.dedent("""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killed process
     base, n, limit = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 
-    @dataclass
-    class Out:
-        data: bytes
-        format: str = "png"
-        width: int = 2
-        height: int = 2
-        faces: int = 0
-
     async def enhance(data, options):
-        return Out(b"out:" + data)
+        return EnhancedImage(b"out:" + data, "image/png", "png", 2, 2)
 
     async def main():
         folder = base / "jobs" / "j1"
@@ -215,15 +208,9 @@ class Echo:
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
 
-    async def __call__(self, data: bytes, options: object) -> object:
+    async def __call__(self, data: bytes, options: object) -> EnhancedImage:
         await asyncio.sleep(self.delay)
-
-        class Out:
-            format, width, height, faces = "png", 2, 2, 0
-
-        out = Out()
-        out.data = b"out:" + data  # type: ignore[attr-defined]
-        return out
+        return EnhancedImage(b"out:" + data, "image/png", "png", 2, 2)
 
 
 def new_job(base: Path, n: int) -> tuple[JobSpec, Path]:

@@ -154,6 +154,14 @@ class Enhancer:
         self._run_batch.set_max_batch_size(self._count)
         self._run_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self._engine_lock = asyncio.Lock()
+        # Batches between the start of their device stages and the end of their paste. Two
+        # when pastes overlap the device (one pasting, the next on the device; a third
+        # waits, so staged images cannot pile up); one when not (each batch whole, in turn).
+        overlap = self.config.engine.overlap_paste
+        if overlap is None:
+            overlap = getattr(self.engine.device, "type", "cpu") != "cpu"
+        self._pasting = asyncio.Semaphore(2 if overlap else 1)
+        self._pastes: set[asyncio.Task] = set()  # held here: a task whose clients left runs on
         self._in_flight = 0
         self._broken: str | None = None
         self._backlog = BacklogProbe.for_app(self.config)
@@ -217,9 +225,11 @@ class Enhancer:
         pixels = int(image.shape[0]) * int(image.shape[1])
         work = _Work(image, options, max(self._count * pixels / self._budget, 1.0), now)
         if pixels > self._budget:
-            [result] = await self._run_engine([work])
+            [(paste, i)] = await self._run_engine([work])
         else:
-            result = await self._run_batch(work)
+            paste, i = await self._run_batch(work)
+        # Shielded: this request's end (say, its client left) must not cancel the others'.
+        result = (await asyncio.shield(paste))[i]
         if isinstance(result, BaseException):
             raise result
         return result
@@ -253,13 +263,34 @@ class Enhancer:
     # ------------------------------------------------------------------ batching
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=_batch_cost)
-    async def _run_batch(self, works: list[_Work]) -> list[EnhanceResult | PhotoEnhanceError]:
+    async def _run_batch(self, works: list[_Work]) -> list[tuple[asyncio.Task, int]]:
         return await self._run_engine(works)
 
-    async def _run_engine(self, works: list[_Work]) -> list[EnhanceResult | PhotoEnhanceError]:
-        async with self._engine_lock:
-            started = time.perf_counter()
-            results = await self._call_engine(works)
+    async def _run_engine(self, works: list[_Work]) -> list[tuple[asyncio.Task, int]]:
+        """Run the batch's device stages; return at once with, per image, its batch's paste
+        (a task) and its place in it. The batch handler is then free for the next batch,
+        whose device stages overlap this one's paste: the device does not wait on CPU work."""
+        await self._pasting.acquire()  # bounds the batches held between device and paste
+        try:
+            started, staged = await self._call_engine(works)
+        except BaseException:
+            self._pasting.release()
+            raise
+        task = asyncio.create_task(self._paste(works, started, staged))
+        self._pastes.add(task)
+        task.add_done_callback(self._pastes.discard)
+        return [(task, i) for i in range(len(works))]
+
+    async def _paste(self, works: list[_Work], started: float,
+                     staged: Any) -> list[EnhanceResult | PhotoEnhanceError]:
+        try:
+            results = [_safe(r) for r in await asyncio.to_thread(self.engine.finish_batch, staged)]
+            if len(results) != len(works):
+                raise EngineFailure(f"engine returned {len(results)} results for {len(works)}")
+        except Exception as exc:
+            results = [engine_error(exc) for _ in works]
+        finally:
+            self._pasting.release()
         for work, result in zip(works, results, strict=True):
             if isinstance(result, EnhanceResult):
                 result.timings = {"queue": started - work.enqueued, **result.timings}
@@ -270,22 +301,26 @@ class Enhancer:
                 LOGGER.debug("replica metrics not recorded", exc_info=True)
         return results
 
-    async def _call_engine(self, works: list[_Work]) -> list[EnhanceResult | PhotoEnhanceError]:
+    async def _call_engine(self, works: list[_Work]) -> tuple[float, Any]:
+        """(when the engine took the batch, its device stages: an ``engine.batch.Staged``)."""
+        from serve_app.engine import batch
+
         images = [w.image for w in works]
         options = [w.options for w in works]
+        started = time.perf_counter()
         try:
-            results = await asyncio.to_thread(self.engine.enhance_batch, images, options)
-            if len(results) != len(works):
-                raise EngineFailure(f"engine returned {len(results)} results for {len(works)}")
-            return [_safe(r) for r in results]
+            async with self._engine_lock:  # one batch in the device stages at a time
+                started = time.perf_counter()
+                return started, await asyncio.to_thread(self.engine.forward_batch, images, options)
         except Exception as exc:
-            if len(works) > 1:
-                # Whatever broke the batch, run each image alone so only its culprit fails.
-                LOGGER.exception("batch of %d failed; retrying one by one", len(works))
-                return [(await self._call_engine([w]))[0] for w in works]
-            if "cuda error" in str(exc).lower():
-                self._broken = str(exc)[:200]  # check_health fails; Serve replaces the replica
-            return [engine_error(exc)]
+            if len(works) == 1:
+                if "cuda error" in str(exc).lower():
+                    self._broken = str(exc)[:200]  # check_health fails; Serve replaces it
+                return started, batch.Staged.failed(images[0], options[0], engine_error(exc))
+        # Whatever broke the batch, run each image alone so only its culprit fails.
+        LOGGER.exception("batch of %d failed; retrying one by one", len(works))
+        alone = [(await self._call_engine([w]))[1] for w in works]
+        return started, batch.Staged.join(alone)
 
 
 def cap_private_memory(headroom_mb: int) -> int:

@@ -1,6 +1,8 @@
 """One micro-batch through the pipeline: detect, align, restore, parse, upsample, paste.
 
-Every stage works on all images of the batch at once. A stage that fails on the batch is
+In two calls: ``forward`` runs the stages that use the device, ``finish`` the paste, which is
+CPU work only, so a caller can hand the device to the next batch while this one pastes
+(``run`` is both). Every stage works on all images of the batch at once. A stage that fails on the batch is
 re-run image by image, so an error stays with the image that caused it. The semantics of
 each option are those of ``upstream.Reference`` (which the equivalence tests hold us to).
 """
@@ -199,12 +201,12 @@ def _finish(engine: Engine, items: list[BatchItem]) -> None:
     list(_pool().map(_finish_one, items))
 
 
-_STAGES: list[tuple[str, Callable[[Engine, list[BatchItem]], None]]] = [
+# The stages that use the device; paste (``finish``) comes after, on the CPU alone.
+_DEVICE_STAGES: list[tuple[str, Callable[[Engine, list[BatchItem]], None]]] = [
     ("detect", _detect),
     ("restore", _restore),
     ("parse", _parse),
     ("upsample", _upsample),
-    ("paste", _finish),
 ]
 
 
@@ -227,7 +229,30 @@ def _run_stage(engine: Engine, name: str, fn, items: list[BatchItem]) -> None:
         j.timings[name] = j.timings.get(name, 0.0) + dt
 
 
+@dataclass
+class Staged:
+    """A batch between ``forward`` and ``finish``: its items and the seconds spent so far."""
+
+    items: list[BatchItem]
+    seconds: float
+
+    @classmethod
+    def failed(cls, image: np.ndarray, opt: EnhanceOptions, error: PhotoEnhanceError) -> Staged:
+        """One image whose device stages failed: ``finish`` passes its error on."""
+        return cls([BatchItem(src=image, opt=opt, error=error)], 0.0)
+
+    @classmethod
+    def join(cls, parts: list[Staged]) -> Staged:
+        """Images staged one by one, as one batch (in order)."""
+        return cls([j for p in parts for j in p.items], max(p.seconds for p in parts))
+
+
 def run(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptions]):
+    return finish(engine, forward(engine, images, options))
+
+
+def forward(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptions]) -> Staged:
+    """Check, detect, restore, parse, upsample: every stage that uses the device."""
     items = [BatchItem(src=img, opt=opt) for img, opt in zip(images, options, strict=True)]
     t0 = time.perf_counter()
     for j in items:
@@ -236,11 +261,21 @@ def run(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptions])
         except Exception as exc:
             j.error = engine_error(exc, "engine stage failed")
     with torch.inference_mode():
-        for name, fn in _STAGES:
+        for name, fn in _DEVICE_STAGES:
             live = [j for j in items if j.error is None]
             if live:
                 _run_stage(engine, name, fn, live)
-    total = time.perf_counter() - t0
+    return Staged(items, time.perf_counter() - t0)
+
+
+def finish(engine: Engine, staged: Staged) -> list[EnhanceResult | PhotoEnhanceError]:
+    """Paste the faces and make the results: CPU work, no device."""
+    items = staged.items
+    t0 = time.perf_counter()
+    live = [j for j in items if j.error is None]
+    if live:
+        _run_stage(engine, "paste", _finish, live)
+    total = staged.seconds + time.perf_counter() - t0
     out: list[EnhanceResult | PhotoEnhanceError] = []
     for j in items:
         if j.error is not None:

@@ -201,6 +201,17 @@ class Engine:
     def enhance_batch(
         self, images: Sequence[np.ndarray], options: Sequence[EnhanceOptions]
     ) -> list[EnhanceResult | PhotoEnhanceError]:
+        return self.finish_batch(self.forward_batch(images, options))
+
+    def forward_batch(
+        self, images: Sequence[np.ndarray], options: Sequence[EnhanceOptions]
+    ) -> batch.Staged:
+        """The device's part of ``enhance_batch``; ``finish_batch`` (CPU only) completes it, so
+        a caller may run the next batch's ``forward_batch`` meanwhile."""
         if len(images) != len(options):
             raise ValueError(f"{len(images)} images but {len(options)} options")
-        return batch.run(self, list(images), list(options))
+        return batch.forward(self, list(images), list(options))
+
+    def finish_batch(self, staged: batch.Staged) -> list[EnhanceResult | PhotoEnhanceError]:
+        """Paste and results of a ``forward_batch``: CPU work only."""
+        return batch.finish(self, staged)
