@@ -302,9 +302,8 @@ class Enhancer:
         return results
 
     async def _call_engine(self, works: list[_Work]) -> tuple[float, Any]:
-        """(when the engine took the batch, its device stages: an ``engine.batch.Staged``)."""
-        from serve_app.engine import batch
-
+        """(when the engine took the batch, its device stages, as ``Engine.forward_batch``
+        returns them)."""
         images = [w.image for w in works]
         options = [w.options for w in works]
         started = time.perf_counter()
@@ -316,11 +315,12 @@ class Enhancer:
             if len(works) == 1:
                 if "cuda error" in str(exc).lower():
                     self._broken = str(exc)[:200]  # check_health fails; Serve replaces it
-                return started, batch.Staged.failed(images[0], options[0], engine_error(exc))
+                return started, self.engine.staged_failure(images[0], options[0],
+                                                           engine_error(exc))
         # Whatever broke the batch, run each image alone so only its culprit fails.
         LOGGER.exception("batch of %d failed; retrying one by one", len(works))
         alone = [(await self._call_engine([w]))[1] for w in works]
-        return started, batch.Staged.join(alone)
+        return started, self.engine.join_staged(alone)
 
 
 def cap_private_memory(headroom_mb: int) -> int:

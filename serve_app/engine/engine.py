@@ -215,3 +215,15 @@ class Engine:
     def finish_batch(self, staged: batch.Staged) -> list[EnhanceResult | PhotoEnhanceError]:
         """Paste and results of a ``forward_batch``: CPU work only."""
         return batch.finish(self, staged)
+
+    @staticmethod
+    def staged_failure(image: np.ndarray, opt: EnhanceOptions,
+                       error: PhotoEnhanceError) -> batch.Staged:
+        """In place of ``forward_batch([image], [opt])`` when it failed: ``finish_batch``
+        then returns ``error`` for it."""
+        return batch.Staged.failed(image, opt, error)
+
+    @staticmethod
+    def join_staged(parts: list[batch.Staged]) -> batch.Staged:
+        """Images staged one by one (say, after their batch failed), as one batch."""
+        return batch.Staged.join(parts)
