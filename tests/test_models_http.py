@@ -9,8 +9,9 @@ import time
 import cv2
 import numpy as np
 import pytest
+from conftest import job_ended, wait_job
 
-from serve_app.engine import added
+from serve_app.engine import added, catalog
 
 try:
     from _added_models import FAMILIES, SLOW, model_name, write_state
@@ -100,6 +101,48 @@ def test_refused_with_a_clear_422(served, http, serve_args, params, code):
     err = r.json()["error"]
     assert err["code"] == code
     assert serve_args["weights"]["dir"] not in r.text  # no server paths in answers
+
+
+@pytest.mark.parametrize(
+    "options, code",
+    [
+        ({"face": "false", "bg_model": "never-added"}, "unknown_model"),
+        ({"face": "true", "face_model": model_name("ESRGAN"), "bg_model": "none"},
+         "wrong_model_kind"),
+    ],
+)
+def test_a_job_naming_a_model_it_cannot_run_is_refused_before_it_exists(
+        served, http, data_dir, options, code):
+    """Refused at submission (422), not failed item by item; nothing is left behind."""
+    inputs = data_dir / "inputs" / "models"
+    inputs.mkdir(parents=True, exist_ok=True)
+    (inputs / "a.png").write_bytes(_png(16, 16))
+    jobs = data_dir / "jobs"
+    before = set(jobs.iterdir()) if jobs.exists() else set()
+    sent = [
+        http.post("/v1/jobs", json={"inputs": [str(inputs / "a.png")], "options": options}),
+        http.post("/v1/jobs", files=[("files", ("a.png", _png(16, 16), "image/png"))],
+                  data=options),
+    ]
+    for r in sent:
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == code
+    assert (set(jobs.iterdir()) if jobs.exists() else set()) == before
+
+
+def test_a_job_may_name_a_model_added_a_moment_ago(served, http, serve_args, tmp_path):
+    """Not yet in the listings the ingress and the replicas last read: asked again, fresh."""
+    location = serve_args["weights"]["dir"]
+    rec = added.add([write_state("ESRGAN", tmp_path)], location, "t-just-added", replace=True)
+    try:
+        r = http.post("/v1/jobs", files=[("files", ("a.png", _png(12, 10), "image/png"))],
+                      data={"face": "false", "bg_model": rec.name, "upscale": str(rec.scale),
+                            "format": "png"})
+        assert r.status_code == 202, r.text
+        job = wait_job(http, r.json()["job_id"], job_ended)
+        assert (job["state"], job["counts"]["succeeded"]) == ("completed", 1), job
+    finally:
+        catalog.remove(location, rec.name)
 
 
 def test_denoise_answers(http):

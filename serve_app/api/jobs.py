@@ -9,7 +9,8 @@ handlers give them their JSON shape. ``owner_of`` says as which owner a request 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -20,10 +21,18 @@ from serve_app.api.guard import owner_name
 from serve_app.api.http import limit_body, read_json_body
 from serve_app.api.streams import JobStreams
 from serve_app.config import AppConfig
-from serve_app.errors import InvalidRequest, TooManyRequests, UnsupportedMediaType
+from serve_app.engine import catalog
+from serve_app.errors import (
+    InvalidOption,
+    InvalidRequest,
+    TooManyRequests,
+    UnsupportedMediaType,
+)
 from serve_app.jobs import JobIntake, JobReader, Presets
+from serve_app.options import EnhanceOptions
 
 Owner = Callable[[Request | WebSocket], str | None]
+ModelInfo = Callable[..., Awaitable[dict[str, Any]]]  # Service.model_info(fresh=...)
 
 
 def _no_owner(_: Request | WebSocket) -> str | None:
@@ -31,8 +40,9 @@ def _no_owner(_: Request | WebSocket) -> str | None:
 
 
 def build_job_routes(config: AppConfig, presets: Presets | None = None,
-                     owner_of: Owner = _no_owner) -> list[BaseRoute]:
-    return job_routes(JobsApi(config, presets, owner_of))
+                     owner_of: Owner = _no_owner,
+                     model_info: ModelInfo | None = None) -> list[BaseRoute]:
+    return job_routes(JobsApi(config, presets, owner_of, model_info))
 
 
 def job_routes(api: JobsApi) -> list[BaseRoute]:
@@ -54,14 +64,15 @@ def job_routes(api: JobsApi) -> list[BaseRoute]:
 
 class JobsApi:
     def __init__(self, config: AppConfig, presets: Presets | None = None,
-                 owner_of: Owner = _no_owner) -> None:
+                 owner_of: Owner = _no_owner, model_info: ModelInfo | None = None) -> None:
         self.config = config
+        self.model_info = model_info
         if presets is None:
             from serve_app.presets import PresetStore
 
             store = PresetStore(config.jobs.data_dir / "presets.json")
             presets = lambda owner: store.custom()  # noqa: E731
-        self.intake = JobIntake(config, presets)
+        self.intake = JobIntake(config, presets, check=self._check_models)
         self.reader = JobReader(config)
         self.owner_of = owner_of
         self.streams = JobStreams(config.http)
@@ -94,6 +105,26 @@ class JobsApi:
         job_id = snapshot["job_id"]
         body = {**snapshot, "urls": _urls(job_id)}
         return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+    async def _check_models(self, options: EnhanceOptions) -> None:
+        """A job naming an added model the model replicas do not know, or one of the wrong
+        kind, is refused (422) before it exists, not failed item by item. A name missing
+        from the cached listing is asked again fresh (a model added a moment ago); when the
+        replicas cannot answer now, the job goes in and each item is checked where it runs."""
+        if self.model_info is None or not catalog.added_fields(options):
+            return
+        for fresh in (False, True):
+            try:
+                info = await self.model_info(fresh=fresh)
+            except Exception:  # noqa: BLE001 - cannot say now: the items are checked as they run
+                return
+            kinds = {m.get("name"): m.get("kind") for m in info.get("added_models") or []}
+            try:
+                catalog.check_options(options, kinds.get)
+                return
+            except InvalidOption:
+                if fresh:
+                    raise
 
     async def _check_quota(self, owner: str) -> None:
         """Per-key limits on unfinished jobs and items (``auth.max_*_in_flight``): 429."""

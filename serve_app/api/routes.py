@@ -68,8 +68,9 @@ class Service(Protocol):
         self, data: bytes, options: Mapping[str, Any] | EnhanceOptions | None = None
     ) -> EnhancedImage: ...
 
-    async def model_info(self) -> dict[str, Any]:
-        """The model deployment's ``info()``; raises ``NotReady`` when it cannot answer."""
+    async def model_info(self, fresh: bool = False) -> dict[str, Any]:
+        """The model deployment's ``info()`` (``fresh``: not from a cache, the added models
+        read now); raises ``NotReady`` when it cannot answer."""
         ...
 
 
@@ -91,7 +92,8 @@ def build_asgi_app(service: Service) -> DrainBody:
         Route("/v1/presets/{name}", api.put_preset, methods=["PUT"]),
         Route("/v1/presets/{name}", api.delete_preset, methods=["DELETE"]),
     ]
-    routes += build_job_routes(config, service.presets.for_owner, owner_filter)
+    routes += build_job_routes(config, service.presets.for_owner, owner_filter,
+                               service.model_info)
     middleware = []
     if config.http.cors_origins:  # outside the guard: preflights carry no key
         middleware.append(Middleware(

@@ -90,13 +90,14 @@ class Ingress:
         async with self._door.slot():
             return await self._enhance(data, options)
 
-    async def model_info(self) -> dict[str, Any]:
-        """The model deployment's ``info()`` (cached briefly); ``NotReady`` if it cannot say."""
+    async def model_info(self, fresh: bool = False) -> dict[str, Any]:
+        """The model deployment's ``info()`` (cached briefly; ``fresh``: asked now, with the
+        added models read from their registry now); ``NotReady`` if it cannot say."""
         now = time.monotonic()
-        if self._info is not None and now - self._info_at < INFO_TTL_S:
+        if not fresh and self._info is not None and now - self._info_at < INFO_TTL_S:
             return self._info
         try:
-            info = await self._call_model(self._model.info.remote(), INFO_TIMEOUT_S)
+            info = await self._call_model(self._model.info.remote(fresh), INFO_TIMEOUT_S)
         except Overloaded as exc:  # no answer, queue full, a replica restarting: not ready
             if isinstance(exc, NotReady):
                 raise

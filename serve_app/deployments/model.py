@@ -234,8 +234,11 @@ class Enhancer:
             raise result
         return result
 
-    def info(self) -> dict[str, Any]:
-        """Engine facts (device, profile, ``synthetic``), plus ``ready`` and batch settings."""
+    def info(self, fresh: bool = False) -> dict[str, Any]:
+        """Engine facts (device, profile, ``synthetic``), plus ``ready`` and batch settings;
+        ``fresh``: the added models read from the registry now, not from the last look."""
+        if fresh:
+            self.engine.added.refresh()
         return {
             **self.engine.info(),
             "ready": True,

@@ -17,7 +17,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -217,26 +217,36 @@ class Catalog:
 
     def check(self, opt: EnhanceOptions) -> None:
         """Refuse (422) options naming an unknown added model or one of the wrong kind."""
-        if opt.face and opt.face_model not in FACE_MODELS:
-            self._expect(opt.face_model, "face", "face_model")
-        bg = opt.resolved_bg_model()
-        if bg not in BG_MODELS and not (opt.face and opt.aligned):
-            self._expect(bg, "bg", "bg_model")
+        check_options(opt, lambda name: (m.kind if (m := self.get(name)) else None))
 
-    def _expect(self, name: str, kind: str, field_name: str) -> AddedModel:
-        model = self.get(name)
-        if model is None:
+
+def added_fields(opt: EnhanceOptions) -> list[tuple[str, str, str]]:
+    """(option, name, kind) of each added model ``opt`` would run: names not built in."""
+    out = []
+    if opt.face and opt.face_model not in FACE_MODELS:
+        out.append(("face_model", opt.face_model, "face"))
+    bg = opt.resolved_bg_model()
+    if bg not in BG_MODELS and not (opt.face and opt.aligned):
+        out.append(("bg_model", bg, "bg"))
+    return out
+
+
+def check_options(opt: EnhanceOptions, kind_of: Callable[[str], str | None]) -> None:
+    """Refuse (422) options naming a model ``kind_of`` does not know (None) or one of the
+    wrong kind; ``kind_of`` says an added model's kind (``face`` or ``bg``)."""
+    for field_name, name, kind in added_fields(opt):
+        found = kind_of(name)
+        if found is None:
             raise InvalidOption(
                 f"{field_name}: no model named {name!r} (see GET /v1/models)",
                 field=field_name, code="unknown_model",
             )
-        if model.kind != kind:
-            other = "face_model" if model.kind == "face" else "bg_model"
+        if found != kind:
+            other = "face_model" if found == "face" else "bg_model"
             raise InvalidOption(
-                f"{field_name}: {name!r} is a {_KIND_WORDS[model.kind]}; use it as {other}",
+                f"{field_name}: {name!r} is a {_KIND_WORDS[found]}; use it as {other}",
                 field=field_name, code="wrong_model_kind",
             )
-        return model
 
 
 _KIND_WORDS = {"bg": "whole-image model (upscaler or restorer)", "face": "face restorer"}

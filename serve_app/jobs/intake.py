@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +119,14 @@ def raw_options(value: Any) -> dict[str, Any]:
 class JobIntake:
     """Submits jobs and passes control commands to the job actor."""
 
-    def __init__(self, config: AppConfig, presets: Presets | None = None) -> None:
+    def __init__(self, config: AppConfig, presets: Presets | None = None,
+                 check: Callable[[EnhanceOptions], Awaitable[None]] | None = None) -> None:
         self.config = config
         self.jobs_dir = mgr.jobs_dir(config)
         self.presets: Presets = presets or (lambda owner: {})
+        # Whether the server can run a job's options (say, the added models it names): it
+        # raises to refuse the job before it exists.
+        self.check = check
         self.gate = Gate(config)
         self.reader = JobReader(config)
         mgr.configure_fsspec(config)
@@ -136,6 +140,8 @@ class JobIntake:
         options = self._options(req.options, owner)
         if (req.inputs is None) == (req.input_prefix is None):
             raise InvalidRequest("send exactly one of 'inputs' and 'input_prefix'", code="no_inputs")
+        if self.check is not None:
+            await self.check(options)
         job_id = new_job_id()
         folder = self.jobs_dir / job_id
         return await self._create(folder, self._uri_spec(job_id, folder, req, options, owner))
@@ -168,6 +174,8 @@ class JobIntake:
             opts = raw_options(option_fields.pop("options", None))
             req = parse_request({**fields, "options": {**option_fields, **opts}})
             options = self._options(req.options, owner)
+            if self.check is not None:
+                await self.check(options)
             items = [(str(path), filename) for path, filename in spooled.files]
             await asyncio.to_thread(sources.write_inputs, folder / sources.INPUTS, items)
             estimate = spooled.bytes * options.upscale**2
