@@ -26,7 +26,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
@@ -39,6 +39,9 @@ from serve_app.deployments.transcode import Transcoder, accelerator_for
 from serve_app.engine.types import EnhanceResult
 from serve_app.errors import EngineFailure, PhotoEnhanceError, engine_error
 from serve_app.options import EnhanceOptions
+
+if TYPE_CHECKING:  # the engine (torch) loads inside the replica only
+    from serve_app.engine.batch import Staged
 
 LOGGER = logging.getLogger(__name__)
 
@@ -285,7 +288,7 @@ class Enhancer:
         return [(task, i) for i in range(len(works))]
 
     async def _paste(self, works: list[_Work], started: float,
-                     staged: Any) -> list[EnhanceResult | PhotoEnhanceError]:
+                     staged: Staged) -> list[EnhanceResult | PhotoEnhanceError]:
         try:
             results = [_safe(r) for r in await asyncio.to_thread(self.engine.finish_batch, staged)]
             if len(results) != len(works):
@@ -304,7 +307,7 @@ class Enhancer:
                 LOGGER.debug("replica metrics not recorded", exc_info=True)
         return results
 
-    async def _call_engine(self, works: list[_Work]) -> tuple[float, Any]:
+    async def _call_engine(self, works: list[_Work]) -> tuple[float, Staged]:
         """(when the engine took the batch, its device stages, as ``Engine.forward_batch``
         returns them)."""
         images = [w.image for w in works]
