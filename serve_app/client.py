@@ -28,7 +28,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from serve_app.api.schemas import EnhancedImage, parse_boxes
+from serve_app.api.schemas import EnhancedImage
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 API_KEY_ENV = "PHOTOENHANCE_API_KEY"
@@ -78,6 +78,16 @@ def parse_server_timing(value: str) -> dict[str, float]:
                 with contextlib.suppress(ValueError):
                     out[name] = float(val) / 1000.0
     return out
+
+
+def parse_boxes(value: str) -> tuple[tuple[int, int, int, int], ...]:
+    """The boxes of an ``X-Face-Boxes`` value (``api.schemas.format_boxes`` writes it)."""
+    out = []
+    for part in value.split():
+        values = part.split(",")
+        if len(values) == 4 and all(v.removeprefix("-").isdigit() for v in values):
+            out.append(tuple(int(v) for v in values))  # anything else: not ours, skipped
+    return tuple(out)
 
 
 def _error(response: httpx.Response) -> ApiError:

@@ -135,6 +135,32 @@ def test_device_stages_and_paste_split_and_overlap(engine):
         assert "paste" in got.timings and got.timings["total"] >= got.timings["paste"]
 
 
+def test_a_cuda_fault_fails_the_image_and_marks_the_engine(engine):
+    """The words torch raises on a broken device (here from a stage, as a kernel would):
+    the images get a generic 500, and ``Engine.fault`` is set, which fails a model replica's
+    health check so that Serve replaces it. Another failure leaves the engine healthy."""
+    from serve_app.engine import batch
+    from serve_app.errors import EngineFailure
+
+    def faulty(message):
+        def stage(_engine, _items):
+            raise RuntimeError(message)
+        return stage
+
+    items = [batch.BatchItem(src=read("0014.jpg", 64), opt=EnhanceOptions()) for _ in range(2)]
+    try:
+        batch._run_stage(engine, "upsample", faulty("some other bug"), items)
+        assert engine.fault is None and all(isinstance(j.error, EngineFailure) for j in items)
+        for j in items:
+            j.error = None
+        batch._run_stage(engine, "upsample",
+                         faulty("CUDA error: an illegal memory access was encountered"), items)
+        assert all(isinstance(j.error, EngineFailure) for j in items)
+        assert engine.fault is not None and engine.fault.startswith("CUDA error")
+    finally:
+        engine.fault = None
+
+
 def test_one_bad_image_does_not_fail_the_others(engine):
     good = read("0014.jpg", 96)
     bad = [np.zeros((4,), np.uint8), np.zeros((8, 8, 3), np.float32), "nope", np.zeros((1, 9), np.uint8)]

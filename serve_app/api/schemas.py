@@ -54,16 +54,6 @@ def format_boxes(boxes: tuple[tuple[int, int, int, int], ...]) -> str:
     return " ".join(",".join(str(int(v)) for v in b) for b in boxes[:MAX_HEADER_BOXES])
 
 
-def parse_boxes(value: str) -> tuple[tuple[int, int, int, int], ...]:
-    """The boxes of an ``X-Face-Boxes`` value (the client's side of ``format_boxes``)."""
-    out = []
-    for part in value.split():
-        values = part.split(",")
-        if len(values) == 4 and all(v.removeprefix("-").isdigit() for v in values):
-            out.append(tuple(int(v) for v in values))  # anything else: not ours, skipped
-    return tuple(out)
-
-
 def server_timing(timings: dict[str, float]) -> str:
     """``Server-Timing`` value: each stage in milliseconds, names made token-safe."""
     parts = []

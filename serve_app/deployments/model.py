@@ -166,7 +166,6 @@ class Enhancer:
         self._pasting = asyncio.Semaphore(2 if overlap else 1)
         self._pastes: set[asyncio.Task] = set()  # held here: a task whose clients left runs on
         self._in_flight = 0
-        self._broken: str | None = None
         self._backlog = BacklogProbe.for_app(self.config)
         self._metrics = _replica_metrics(getattr(self.engine, "device", None))
         device = getattr(self.engine, "device", None)
@@ -218,7 +217,7 @@ class Enhancer:
             width=int(result.image.shape[1]),
             height=int(result.image.shape[0]),
             faces=int(result.faces),
-            face_boxes=tuple(tuple(int(v) for v in b) for b in result.face_boxes),
+            face_boxes=tuple(result.face_boxes),
             timings=timings,
             synthetic=self.engine.uses_synthetic(options),
         )
@@ -257,8 +256,8 @@ class Enhancer:
         return True
 
     def check_health(self) -> None:
-        if self._broken:
-            raise RuntimeError(f"engine is broken: {self._broken}")
+        if self.engine.fault:
+            raise RuntimeError(f"engine is broken: {self.engine.fault}")
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Figures for the queue-depth policy: this replica's work and the job backlog."""
@@ -317,16 +316,8 @@ class Enhancer:
             async with self._engine_lock:  # one batch in the device stages at a time
                 started = time.perf_counter()
                 return started, await asyncio.to_thread(self.engine.forward_batch, images, options)
-        except Exception as exc:
-            if len(works) == 1:
-                if "cuda error" in str(exc).lower():
-                    self._broken = str(exc)[:200]  # check_health fails; Serve replaces it
-                return started, self.engine.staged_failure(images[0], options[0],
-                                                           engine_error(exc))
-        # Whatever broke the batch, run each image alone so only its culprit fails.
-        LOGGER.exception("batch of %d failed; retrying one by one", len(works))
-        alone = [(await self._call_engine([w]))[1] for w in works]
-        return started, self.engine.join_staged(alone)
+        except Exception as exc:  # a bug outside the stages (they keep errors per image)
+            return started, self.engine.staged_failure(images, options, engine_error(exc))
 
 
 def cap_private_memory(headroom_mb: int) -> int:

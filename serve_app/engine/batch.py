@@ -2,8 +2,8 @@
 
 In two calls: ``forward`` runs the stages that use the device, ``finish`` the paste, which is
 CPU work only, so a caller can hand the device to the next batch while this one pastes
-(``run`` is both). Every stage works on all images of the batch at once. A stage that fails on the batch is
-re-run image by image, so an error stays with the image that caused it. The semantics of
+(``run`` is both). Every stage works on all images of the batch at once. A stage that fails
+on the batch is re-run image by image, so an error stays with the image that caused it. The semantics of
 each option are those of ``upstream.Reference`` (which the equivalence tests hold us to).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -210,13 +210,21 @@ _DEVICE_STAGES: list[tuple[str, Callable[[Engine, list[BatchItem]], None]]] = [
 ]
 
 
+def _failure(engine: Engine, exc: Exception) -> PhotoEnhanceError:
+    """The image's error; a CUDA fault also marks the engine (``Engine.fault``): the device is
+    unusable for every later image, not only this one."""
+    if "cuda error" in str(exc).lower():
+        engine.fault = str(exc)[:200]
+    return engine_error(exc, "engine stage failed")
+
+
 def _run_stage(engine: Engine, name: str, fn, items: list[BatchItem]) -> None:
     t0 = time.perf_counter()
     try:
         fn(engine, items)
     except Exception as exc:
         if len(items) == 1:
-            items[0].error = engine_error(exc, "engine stage failed")
+            items[0].error = _failure(engine, exc)
         else:
             # Isolate the culprit: the same stage, image by image.
             LOGGER.warning("stage %s failed on a batch of %d (%s); retrying one by one",
@@ -237,14 +245,11 @@ class Staged:
     seconds: float
 
     @classmethod
-    def failed(cls, image: np.ndarray, opt: EnhanceOptions, error: PhotoEnhanceError) -> Staged:
-        """One image whose device stages failed: ``finish`` passes its error on."""
-        return cls([BatchItem(src=image, opt=opt, error=error)], 0.0)
-
-    @classmethod
-    def join(cls, parts: list[Staged]) -> Staged:
-        """Images staged one by one, as one batch (in order)."""
-        return cls([j for p in parts for j in p.items], max(p.seconds for p in parts))
+    def failed(cls, images: Sequence[np.ndarray], options: Sequence[EnhanceOptions],
+               error: PhotoEnhanceError) -> Staged:
+        """Images whose device stages could not run: ``finish`` passes ``error`` on."""
+        return cls([BatchItem(src=img, opt=opt, error=error)
+                    for img, opt in zip(images, options, strict=True)], 0.0)
 
 
 def run(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptions]):
@@ -259,7 +264,7 @@ def forward(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptio
         try:
             _prepare(engine, j)
         except Exception as exc:
-            j.error = engine_error(exc, "engine stage failed")
+            j.error = _failure(engine, exc)
     with torch.inference_mode():
         for name, fn in _DEVICE_STAGES:
             live = [j for j in items if j.error is None]

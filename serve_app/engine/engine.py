@@ -58,6 +58,9 @@ class Engine:
             torch.set_num_threads(cfg.torch_threads)
         self._nets: dict[str, nn.Module] = {}
         self._lock = threading.Lock()
+        # Set when a stage met a CUDA fault (the device is unusable until the process
+        # restarts): a model replica's health check fails on it, and Serve replaces it.
+        self.fault: str | None = None
 
     @property
     def budget_mb(self) -> int:
@@ -217,13 +220,8 @@ class Engine:
         return batch.finish(self, staged)
 
     @staticmethod
-    def staged_failure(image: np.ndarray, opt: EnhanceOptions,
+    def staged_failure(images: Sequence[np.ndarray], options: Sequence[EnhanceOptions],
                        error: PhotoEnhanceError) -> batch.Staged:
-        """In place of ``forward_batch([image], [opt])`` when it failed: ``finish_batch``
-        then returns ``error`` for it."""
-        return batch.Staged.failed(image, opt, error)
-
-    @staticmethod
-    def join_staged(parts: list[batch.Staged]) -> batch.Staged:
-        """Images staged one by one (say, after their batch failed), as one batch."""
-        return batch.Staged.join(parts)
+        """In place of a ``forward_batch`` that raised: ``finish_batch`` then returns
+        ``error`` for each image."""
+        return batch.Staged.failed(images, options, error)
