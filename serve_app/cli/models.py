@@ -38,6 +38,7 @@ def add_cmd(files: tuple[Path, ...], name: str | None, replace: bool,
     """Recognise FILE's architecture, store it, record its facts and SHA-256.
 
     FILE: a .pth/.pt/.ckpt/.safetensors state dict, or an ncnn pair MODEL.param MODEL.bin.
+    Only tensors are read: TorchScript archives and pickles of other objects are refused.
     """
     from serve_app.engine import added
 

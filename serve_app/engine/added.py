@@ -58,17 +58,24 @@ class Inspected:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    """A weights file's state dict (.pth/.pt/.ckpt through spandrel's restricted unpickler,
-    or .safetensors), unwrapped the way spandrel does (params_ema, module. ...)."""
-    from spandrel import ModelLoader
+    """A weights file's state dict, read as tensors only (``engine.checkpoint``: TorchScript
+    archives refused unopened, pickles through torch's weights-only unpickler, or
+    .safetensors), unwrapped the way spandrel does (params_ema, state_dict, module. ...)."""
+    from spandrel import canonicalize_state_dict
 
+    from serve_app.engine import checkpoint
+
+    name = Path(path).name
     try:
-        return ModelLoader("cpu").load_state_dict_from_file(path)
-    except ValueError as exc:  # unsupported extension
-        raise Refused(str(exc)) from None
-    except Exception as exc:
-        raise Refused(f"{Path(path).name}: not a readable weights file ({type(exc).__name__})") \
-            from None
+        raw = checkpoint.load(path)
+    except (checkpoint.Unsafe, checkpoint.Unreadable) as exc:
+        raise Refused(f"{name}: {exc}") from None
+    except OSError:
+        raise Refused(f"{name}: the file cannot be read") from None
+    try:
+        return canonicalize_state_dict(raw)
+    except (AttributeError, TypeError):  # keys that are not names: not a state dict
+        raise Refused(f"{name}: not a state dict of named tensors") from None
 
 
 def inspect(state: dict[str, Any]) -> Inspected:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import serve_app.compat  # noqa: F401  (before basicsr, gfpgan, realesrgan, facexlib)
+from serve_app.engine import checkpoint
 from serve_app.engine.weights import LoadedWeightsInfo, WeightSpec, spec
 from serve_app.errors import WeightsError
 
@@ -67,8 +68,13 @@ def construct(s: WeightSpec, profile: str) -> nn.Module:
 
 
 def load_state(path: Any, s: WeightSpec) -> dict[str, torch.Tensor]:
-    """The state dict in a file, unwrapped the way upstream does (params_ema first)."""
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    """The state dict in a file, unwrapped the way upstream does (params_ema first). Read as
+    tensors only (``engine.checkpoint``): the weights folder may hold a file someone put
+    there by hand, and a file is never run."""
+    try:
+        raw = checkpoint.load(path)
+    except (checkpoint.Unsafe, checkpoint.Unreadable) as exc:
+        raise WeightsError(f"{path}: {exc}") from None
     if s.key is not None:
         key = "params_ema" if "params_ema" in raw else "params"
         if key not in raw:
