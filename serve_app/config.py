@@ -284,6 +284,11 @@ class JobsConfig(_Section):
         7 * 86400.0, gt=0, description="Ended jobs' folders go this long after they end; "
         "None: kept until DELETE."
     )
+    paused_ttl_s: float | None = Field(
+        7 * 86400.0, gt=0, description="A job paused this long is cancelled (reason_code "
+        "`paused_expired`), so a forgotten pause does not hold its output folder and its "
+        "key's quota for ever; None: paused jobs wait until resumed or cancelled."
+    )
     webhook_secret: str | None = Field(
         None, description="HMAC-SHA256 secret signing job callbacks when the job's API key "
         "has none of its own (config or PHOTOENHANCE_WEBHOOK_SECRET)."

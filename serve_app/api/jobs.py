@@ -92,10 +92,12 @@ class JobsApi:
                 limited.stream(),
                 owner=owner,
                 declared_bytes=int(declared) if declared.isdigit() else None,
+                namespace=self.owner_of(request),
             )
         elif media_type in ("application/json", ""):  # no type: read_json_body answers 415
             body = await read_json_body(request, self.config.jobs.max_json_bytes)
-            snapshot = await self.intake.submit(body, owner=owner)
+            snapshot = await self.intake.submit(body, owner=owner,
+                                                namespace=self.owner_of(request))
         else:
             raise UnsupportedMediaType(
                 "send multipart/form-data with 'files', or application/json with 'inputs' "
@@ -127,7 +129,10 @@ class JobsApi:
                     raise
 
     async def _check_quota(self, owner: str) -> None:
-        """Per-key limits on unfinished jobs and items (``auth.max_*_in_flight``): 429."""
+        """Per-key limits on unfinished jobs and items (``auth.max_*_in_flight``): 429.
+        A cheap early refusal, before an upload streams in; the job actor checks again,
+        counting the new job's items, as it creates the job (atomic across ingress
+        replicas: ``JobManager.create_job``)."""
         auth = self.config.auth
         live = [j for j in await self.reader.list(owner=owner) if j["finished_at"] is None]
         if len(live) >= auth.max_jobs_in_flight:

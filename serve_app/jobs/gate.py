@@ -141,24 +141,51 @@ class Gate:
         raise InvalidUri(f"{protocol}:// inputs are not accepted; use a path, s3://, gs:// "
                          "or http(s)://")
 
-    def output(self, uri: object, own_folder: Path) -> Location:
-        """Where a job's outputs may go; ``None`` or ``""``: its own folder."""
+    def output(self, uri: object, own_folder: Path, namespace: str | None = None) -> Location:
+        """Where a job's outputs may go; ``None`` or ``""``: its own folder.
+
+        ``namespace`` (a user key's name) keeps the key in its own folder of each shared
+        root and bucket prefix: ``<root>/<rest>`` becomes ``<root>/<namespace>/<rest>``
+        (unchanged when ``rest`` already starts there), and a relative path is taken under
+        the first output root (``<data_dir>/outputs/<namespace>/<path>``). Without it (an
+        admin key, a handle, keys off) any allowed place is taken as written."""
         if uri is None or uri == "":
             return Location("file", str(_resolved(own_folder)))
         text = _text(uri, "output")
         protocol = protocol_of(text)
         if protocol == "file":
-            path = self._local(text)
+            relative = namespace is not None and not text.lower().startswith(("/", "file:"))
+            path = self._local(str(self.output_roots[0] / text) if relative else text)
             own = _resolved(own_folder)
             if path.is_relative_to(own):
                 return Location("file", str(path))
             if path.is_relative_to(self.jobs_dir) or not _within(path, self.output_roots):
                 raise ForbiddenPath("the output is outside the folders this server writes to")
+            if namespace is not None:
+                path = self._namespaced(path, namespace)
             return Location("file", str(path))
         if protocol in ("s3", "gs"):
-            return Location(protocol, _bucket_uri(text, self.output_buckets, "write"))
+            uri = _bucket_uri(text, self.output_buckets, "write")
+            if namespace is not None:
+                uri = _bucket_namespaced(uri, self.output_buckets, namespace)
+            return Location(protocol, uri)
         raise InvalidUri(f"{protocol}:// outputs are not accepted; use a path, s3:// or gs://",
                          code="invalid_output")
+
+    def _namespaced(self, path: Path, namespace: str) -> Path:
+        """``path`` moved into ``namespace``'s folder of the (innermost) root holding it."""
+        root = max((r for r in self.output_roots if path.is_relative_to(r)),
+                   key=lambda r: len(r.parts))
+        rest = path.relative_to(root).parts
+        if rest[:1] == (namespace,):
+            return path
+        home = _resolved(root / namespace)
+        moved = _resolved(home.joinpath(*rest))
+        # A symlink on the way must not lead out of the key's folder or the roots.
+        if (not moved.is_relative_to(home) or moved.is_relative_to(self.jobs_dir)
+                or not _within(moved, self.output_roots)):
+            raise ForbiddenPath("the output is outside the folders this server writes to")
+        return moved
 
     def url(self, url: object, *, resolve: bool = True) -> str:
         """An http(s) URL that is well formed and (``resolve``) reaches only allowed
@@ -234,6 +261,17 @@ def _bucket_uri(text: str, allowed: tuple[str, ...], verb: str) -> str:
         if uri.rstrip("/") == base or uri.startswith(base + "/"):
             return uri
     raise ForbiddenPath(f"this server does not {verb} that bucket or prefix")
+
+
+def _bucket_namespaced(uri: str, allowed: tuple[str, ...], namespace: str) -> str:
+    """``uri`` (allowed by an entry) moved into ``namespace``'s prefix of the longest entry."""
+    base = max((e.rstrip("/") for e in allowed
+                if uri.rstrip("/") == e.rstrip("/") or uri.startswith(e.rstrip("/") + "/")),
+               key=len)
+    rest = uri.rstrip("/")[len(base):].lstrip("/")
+    if rest.split("/", 1)[0] == namespace:
+        return uri
+    return f"{base}/{namespace}" + (f"/{rest}" if rest else "")
 
 
 def parse_url(url: str) -> tuple[str, int]:

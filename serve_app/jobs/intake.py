@@ -134,8 +134,10 @@ class JobIntake:
     # ------------------------------------------------------------------ submitting
 
     async def submit(self, request: Mapping[str, Any] | JobRequest, *,
-                     owner: str | None = None) -> dict[str, Any]:
-        """A job reading URIs (``inputs``) or a prefix (``input_prefix``); its snapshot."""
+                     owner: str | None = None, namespace: str | None = None) -> dict[str, Any]:
+        """A job reading URIs (``inputs``) or a prefix (``input_prefix``); its snapshot.
+        ``namespace``: a user key's name, whose outputs stay in its own folder of each
+        shared root (``Gate.output``); None for admin keys and handles."""
         req = parse_request(request)
         options = self._options(req.options, owner)
         if (req.inputs is None) == (req.input_prefix is None):
@@ -144,7 +146,8 @@ class JobIntake:
             await self.check(options)
         job_id = new_job_id()
         folder = self.jobs_dir / job_id
-        return await self._create(folder, self._uri_spec(job_id, folder, req, options, owner))
+        return await self._create(folder, self._uri_spec(job_id, folder, req, options, owner,
+                                                         namespace))
 
     async def submit_upload(
         self,
@@ -153,6 +156,7 @@ class JobIntake:
         *,
         owner: str | None = None,
         declared_bytes: int | None = None,
+        namespace: str | None = None,
     ) -> dict[str, Any]:
         """A job over the files of a ``multipart/form-data`` stream (field ``files``); other
         fields are job fields (``priority``, ``output``, ``max_inflight``) or options."""
@@ -180,7 +184,7 @@ class JobIntake:
             await asyncio.to_thread(sources.write_inputs, folder / sources.INPUTS, items)
             estimate = spooled.bytes * options.upscale**2
             return self._spec(job_id, folder, "upload", req, options, len(items), estimate,
-                              owner=owner)
+                              owner=owner, namespace=namespace)
 
         return await self._create(folder, spec())
 
@@ -202,7 +206,8 @@ class JobIntake:
             raise
 
     async def _uri_spec(self, job_id: str, folder: Path, req: JobRequest,
-                        options: EnhanceOptions, owner: str | None) -> JobSpec:
+                        options: EnhanceOptions, owner: str | None,
+                        namespace: str | None = None) -> JobSpec:
         await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         if req.inputs is not None:
             uris = req.inputs
@@ -213,14 +218,15 @@ class JobIntake:
                                     [(u, u) for u in uris])
             estimate = await asyncio.to_thread(_estimate, uris, len(uris))
             return self._spec(job_id, folder, "inputs", req, options, len(uris),
-                              estimate * options.upscale**2, owner=owner)
+                              estimate * options.upscale**2, owner=owner, namespace=namespace)
         if protocol_of(req.input_prefix or "") in ("http", "https"):
             raise InvalidRequest("an http(s) URL cannot be listed; send 'inputs'", code="invalid_uri")
         prefix = (await asyncio.to_thread(self.gate.input, req.input_prefix)).uri
         sample = await asyncio.to_thread(_sample_prefix, prefix)
         estimate = await asyncio.to_thread(_estimate, sample, len(sample))
         return self._spec(job_id, folder, "prefix", req, options, None,
-                          estimate * options.upscale**2, prefix, owner=owner)
+                          estimate * options.upscale**2, prefix, owner=owner,
+                          namespace=namespace)
 
     def _check_inputs(self, uris: list[str]) -> None:
         hosts_seen: set[tuple[str, int]] = set()
@@ -250,8 +256,9 @@ class JobIntake:
         prefix: str | None = None,
         *,
         owner: str | None,
+        namespace: str | None = None,
     ) -> JobSpec:
-        output = self._output(req.output, folder)
+        output = self._output(req.output, folder, namespace)
         if req.callback_url is not None:
             webhooks.secret_for(self.config.jobs, owner)  # 400 when callbacks are not enabled
             try:
@@ -266,6 +273,7 @@ class JobIntake:
             kind=kind,  # type: ignore[arg-type]
             input_prefix=prefix,
             output=output,
+            requested_output=req.output,
             options=options,
             priority=req.priority,
             max_inflight=req.max_inflight,
@@ -275,8 +283,8 @@ class JobIntake:
             callback_url=req.callback_url,
         )
 
-    def _output(self, value: str | None, folder: Path) -> str:
-        location = self.gate.output(value, folder / "outputs")
+    def _output(self, value: str | None, folder: Path, namespace: str | None = None) -> str:
+        location = self.gate.output(value, folder / "outputs", namespace)
         if not location.local:
             import fsspec
 

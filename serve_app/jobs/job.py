@@ -59,6 +59,7 @@ REASONS: dict[str, str] = {
     "internal_error": "an internal error stopped the job; resume to retry",
     "listing_failed": "listing the input prefix failed",
     "no_inputs": "no inputs were found",
+    "paused_expired": "the job stayed paused longer than this server keeps paused jobs",
 }
 
 # Which control actions each state accepts.
@@ -97,6 +98,7 @@ class Job:
         self.finish_times: deque[float] = deque(maxlen=RATE_WINDOW)
         self.started_at: float | None = None
         self.finished_at: float | None = None
+        self.paused_at: float | None = None  # when it last went paused (paused_ttl_s)
         self.updated_at = time.time()
         self.last_dispatch = 0.0
         self.version = 0
@@ -133,6 +135,9 @@ class Job:
         job.listed = saved.get("listed", job.listed)
         job.started_at = saved.get("started_at")
         job.finished_at = saved.get("finished_at")
+        job.paused_at = saved.get("paused_at")
+        if job.state == "paused" and job.paused_at is None:  # a state.json of before
+            job.paused_at = saved.get("updated_at", spec.created_at)
         job.updated_at = saved.get("updated_at", spec.created_at)
         job.callback = saved.get("callback", job.callback)
         if job.state in TERMINAL:
@@ -179,6 +184,7 @@ class Job:
                 "counts": self.counts,
                 "started_at": self.started_at,
                 "finished_at": self.finished_at,
+                "paused_at": self.paused_at,
                 "updated_at": self.updated_at,
                 "callback": self.callback,
             },
@@ -300,6 +306,7 @@ class Job:
         """``reason``: a code of ``REASONS``."""
         self.state = state
         self.reason = reason
+        self.paused_at = time.time() if state == "paused" else None
         if state in TERMINAL:
             self.finished_at = time.time()
         self.touch(state_changed=True)
@@ -356,8 +363,10 @@ class Job:
             "kind": self.spec.kind,
             "priority": self.spec.priority,
             "owner": self.spec.owner,
-            # The job's own folder is no business of the client's: it reads outputs by name.
-            "output": None if self.name_prefix == "" else self.spec.output,
+            # What the client sent (None: the job's own folder), never the resolved path;
+            # a job.json written before requested_output existed echoes as it did then.
+            "output": self.spec.requested_output if self.spec.requested_output is not None
+            or self.name_prefix == "" else self.spec.output,
             "options": self.spec.options.model_dump(mode="json"),
             "total": total,
             "listing": not self.listed,

@@ -23,7 +23,7 @@ from serve_app.config import AppConfig
 from serve_app.errors import NotReady, as_photo_error
 from serve_app.jobs.gate import Gate
 from serve_app.jobs.manifest import ManifestRecord
-from serve_app.jobs.scheduler import Scheduler
+from serve_app.jobs.scheduler import Quota, Scheduler
 from serve_app.jobs.spec import ACTIVE, PENDING, JobSpec
 from serve_app.options import EnhanceOptions
 
@@ -109,9 +109,13 @@ class JobManager:
         return os.getpid()
 
     async def create_job(self, spec: JobSpec) -> dict[str, Any]:
-        """Start a job the intake validated (the spec arrives as the object, not re-parsed)."""
+        """Start a job the intake validated (the spec arrives as the object, not re-parsed).
+        A key's quota is checked here, in the one actor every ingress replica calls, in the
+        same step that registers the job: no other creation interleaves (429 when over)."""
         scheduler = await self._scheduler()
-        job = await scheduler.submit(spec, jobs_dir(self.config) / spec.job_id)
+        auth = self.config.auth
+        quota = Quota(auth.max_jobs_in_flight, auth.max_items_in_flight)
+        job = await scheduler.submit(spec, jobs_dir(self.config) / spec.job_id, quota)
         return job.snapshot()
 
     async def list_jobs(

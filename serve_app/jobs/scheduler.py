@@ -25,12 +25,13 @@ import shutil
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 from serve_app.config import JobsConfig
-from serve_app.errors import Conflict, as_photo_error
+from serve_app.errors import Conflict, TooManyRequests, as_photo_error
 from serve_app.jobs import sources, webhooks
 from serve_app.jobs.gate import ForbiddenPath, Gate, Location, protocol_of
 from serve_app.jobs.job import Job
@@ -49,25 +50,49 @@ EXPIRE_EVERY_S = 60.0
 
 
 UNAVAILABLE = frozenset({"not_ready", "DeploymentUnavailableError"})
+# A replica died while it held the item: the ingress's answer when its model replica went
+# away, or Ray's own error when the ingress replica did (ActorUnavailableError, a replica
+# that may come back, is not a death).
+DIED_CODES = frozenset({"replica_unavailable"})
+DIED_ERRORS = frozenset({"ActorDiedError", "RayActorError"})
+REPLICA_DIED = "replica_died"
+REPLICA_DIED_MESSAGES = (
+    "a model replica died while it enhanced this file, with no attempts left; not retried",
+    "a model replica died while it enhanced this file, and again on its one retry alone; "
+    "the file was not retried further",
+)
 
 
 def classify(exc: BaseException) -> tuple[str, str, str]:
     """``(kind, code, message)``. ``kind`` is ``permanent`` for 4xx errors (the item fails at
     once), ``unavailable`` when the application is not running (wait, without spending an
-    attempt) and ``transient`` for everything else: overload, timeouts, a replica or actor
-    that died, a 5xx from a source."""
+    attempt), ``died`` when the replica holding the item died (the poison-pill rule of
+    ``Scheduler._attempts``) and ``transient`` for everything else: overload, timeouts, other
+    Ray errors, a 5xx from a source."""
     err = as_photo_error(exc)
     if err is not None:
         if err.code in UNAVAILABLE:
             return "unavailable", err.code, err.message
+        if err.code in DIED_CODES:
+            return "died", err.code, err.message
         return ("transient" if err.status >= 500 else "permanent"), err.code, err.message
     if isinstance(exc, TimeoutError):
         return "transient", "timeout", "the enhancement did not finish in time"
     name = type(exc).__name__
+    if name in DIED_ERRORS:
+        return "died", "replica_unavailable", "a replica went away while it held this item"
     message = f"{name}: {str(exc)[:300]}"
     if name in UNAVAILABLE:
         return "unavailable", "app_unavailable", message
     return "transient", "ray_error" if "Ray" in name or "Actor" in name else "internal_error", message
+
+
+@dataclass(frozen=True)
+class Quota:
+    """A key's limits on unfinished jobs and items (``auth.max_*_in_flight``)."""
+
+    jobs: int
+    items: int
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -92,7 +117,10 @@ class Scheduler:
         self.timeout_s = timeout_s
         self.gate = gate  # None: a trusted runner (a Ray job) that may read anything
         self.jobs: dict[str, Job] = {}
-        self._claims: dict[str, Location] = {}  # outputs of jobs being created
+        self._claims: dict[str, tuple[Location, JobSpec]] = {}  # jobs being created
+        # Suspects (an item whose replica died under it) retry one at a time, so that a
+        # file that kills replicas never shares its retry with another suspect.
+        self._quarantine = asyncio.Lock()
         self.inflight = 0
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -137,11 +165,16 @@ class Scheduler:
 
     # ------------------------------------------------------------------ jobs
 
-    async def submit(self, spec: JobSpec, folder: Path) -> Job:
+    async def submit(self, spec: JobSpec, folder: Path, quota: Quota | None = None) -> Job:
+        """Create and start the job. The quota and output checks and the claim run with no
+        await between them, so concurrent submissions (from any ingress replica: they all
+        call this one actor) cannot both pass a check that only one of them fits."""
         if spec.job_id in self.jobs:  # a retried submission: the job exists already
             return self.jobs[spec.job_id]
+        if quota is not None and spec.owner is not None:
+            self._check_quota(spec, quota)
         output = Location(protocol_of(spec.output), spec.output)  # type: ignore[arg-type]
-        self._claim(spec.job_id, output)
+        self._claim(spec, output)
 
         def create() -> Job:
             job = Job.create(spec, folder)
@@ -155,17 +188,40 @@ class Scheduler:
             self._claims.pop(spec.job_id, None)
         return job
 
-    def _claim(self, job_id: str, output: Location) -> None:
-        """Refuse (409) an output that a live job writes to, or inside or around one."""
-        taken = [
-            *self._claims.values(),
-            *(Location(protocol_of(j.spec.output), j.spec.output)  # type: ignore[arg-type]
-              for j in self.jobs.values() if j.state not in TERMINAL),
-        ]
+    def _live_specs(self) -> list[JobSpec]:
+        """Jobs not ended, and jobs being created."""
+        return [*(spec for _, spec in self._claims.values()),
+                *(j.spec for j in self.jobs.values() if j.state not in TERMINAL)]
+
+    def _check_quota(self, spec: JobSpec, quota: Quota) -> None:
+        """429 when the key's unfinished jobs, or their unfinished items with this job's,
+        would pass its limits. A prefix job counts the items listed so far."""
+        live = [j for j in self._live_specs() if j.owner == spec.owner]
+        if len(live) >= quota.jobs:
+            raise TooManyRequests(
+                f"this key has {len(live)} unfinished jobs (the limit is {quota.jobs}); wait "
+                "for one to end", code="too_many_jobs", retry_after_s=30)
+        items = 0
+        for other in live:
+            job = self.jobs.get(other.job_id)
+            items += (other.total or 0) if job is None else max(job.total - job.done, 0)
+        new = spec.total or 0
+        if items + new > quota.items:
+            raise TooManyRequests(
+                f"this job's {new} items and this key's {items} unfinished ones pass its "
+                f"limit of {quota.items} unfinished items", code="too_many_items",
+                retry_after_s=30)
+
+    def _claim(self, spec: JobSpec, output: Location) -> None:
+        """Refuse (409) an output that a live job writes to, or inside or around one. The
+        answer names no job, owner or path: with per-key output folders, another key's job
+        can only be there because an admin or a handle put it there."""
+        taken = [Location(protocol_of(s.output), s.output)  # type: ignore[arg-type]
+                 for s in self._live_specs()]
         if any(output.overlaps(other) for other in taken):
-            raise Conflict("another running job writes to that output; choose another "
-                           "folder or wait until it ends", code="output_in_use")
-        self._claims[job_id] = output
+            raise Conflict("that output folder is in use; choose another folder or retry "
+                           "later", code="output_in_use")
+        self._claims[spec.job_id] = (output, spec)
 
     async def delete(self, job_id: str) -> None:
         """Cancel the job if it runs, wait for its items in flight, forget it and remove
@@ -183,11 +239,18 @@ class Scheduler:
         LOGGER.info("job %s deleted", job_id)
 
     async def expire(self, now: float | None = None) -> list[str]:
-        """Delete ended jobs older than ``retention_s``; returns their ids."""
+        """Cancel jobs paused longer than ``paused_ttl_s`` (``paused_expired``), delete ended
+        jobs older than ``retention_s``; returns the ids deleted."""
+        now = time.time() if now is None else now
+        ttl = self.config.paused_ttl_s
+        if ttl is not None:
+            for job in list(self.jobs.values()):
+                if job.state == "paused" and (job.paused_at or job.updated_at) + ttl < now:
+                    LOGGER.warning("job %s: paused for over %gs, cancelled", job.id, ttl)
+                    self._cancel(job, "paused_expired")
         retention = self.config.retention_s
         if retention is None:
             return []
-        now = time.time() if now is None else now
         old = [j.id for j in self.jobs.values()
                if j.state in TERMINAL and (j.finished_at or j.updated_at) + retention < now]
         for job_id in old:
@@ -244,14 +307,23 @@ class Scheduler:
         job = self.get(job_id)
         if action == "resume":
             job.storage.check_space(0, self.config.min_free_bytes)
-        job.control(action)
         if action == "cancel":
-            self._abandon(job)
-            self._settle(job)
-        elif action == "resume":
-            self._maybe_finish(job)
+            job.control(action)
+            self._cancel(job)
+        else:
+            job.control(action)
+            if action == "resume":
+                self._maybe_finish(job)
         self.wake()
         return job
+
+    def _cancel(self, job: Job, reason: str | None = None) -> None:
+        """Cancel (the job is already cancelled when ``reason`` is None: a client's cancel)."""
+        if reason is not None:
+            job.set_state("cancelled", reason)
+        self._abandon(job)
+        self._settle(job)
+        self.wake()
 
     def _abandon(self, job: Job) -> None:
         for task in list(job.tasks):
@@ -307,7 +379,7 @@ class Scheduler:
             try:
                 self._fill()
                 expiring = self._expiry is not None and not self._expiry.done()
-                if time.monotonic() - self._expired_at > EXPIRE_EVERY_S and not expiring:
+                if time.monotonic() - self._expired_at > self._expire_every() and not expiring:
                     # In the background: removing large folders must not hold up dispatch.
                     self._expired_at = time.monotonic()
                     self._expiry = self._background(self.expire())
@@ -315,6 +387,12 @@ class Scheduler:
                 LOGGER.exception("job scheduler pass failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
+
+    def _expire_every(self) -> float:
+        """Every minute, or more often when a limit is shorter (each checked within half
+        of it)."""
+        limits = [t for t in (self.config.retention_s, self.config.paused_ttl_s) if t]
+        return max(TICK_S, min([EXPIRE_EVERY_S, *(t / 2 for t in limits)]))
 
     def _fill(self) -> None:
         per_job = self.config.max_inflight_per_job
@@ -411,7 +489,7 @@ class Scheduler:
         source, name = await asyncio.to_thread(job.inputs.get, index)
         options = job.spec.options
         t0 = time.perf_counter()
-        attempt = unavailable = 0
+        attempt = unavailable = deaths = 0
         while True:
             attempt += 1
             stage = "fetch"
@@ -426,7 +504,12 @@ class Scheduler:
                     )
                 stage = "enhance"
                 t_enh = time.perf_counter()
-                result = await asyncio.wait_for(self.dispatch(data, options), self.timeout_s)
+                if deaths:
+                    async with self._quarantine:
+                        result = await asyncio.wait_for(self.dispatch(data, options),
+                                                        self.timeout_s)
+                else:
+                    result = await asyncio.wait_for(self.dispatch(data, options), self.timeout_s)
                 del data
                 timings = {"fetch": t_enh - t_fetch, "enhance": time.perf_counter() - t_enh}
                 return {"source": source, "name": name, "result": result, "attempts": attempt,
@@ -443,6 +526,19 @@ class Scheduler:
                     LOGGER.info("job %s item %d: %s, waiting %.1fs", job.id, index, code, delay)
                     await asyncio.sleep(delay)
                     continue
+                if kind == "died":
+                    # The poison-pill rule: a replica that died under the item may have died
+                    # of it, or of a neighbour in its batch. The item is a suspect: retried
+                    # once, alone among suspects; a second death fails it, so a file that
+                    # kills replicas kills at most two (docs/JOBS.md, "Retries").
+                    deaths += 1
+                    LOGGER.warning("job %s item %d: its replica died (%s), death %d", job.id,
+                                   index, message, deaths)
+                    if deaths >= 2 or attempt >= self.config.max_attempts:
+                        return {"source": source, "name": name, "attempts": attempt, "t0": t0,
+                                "error": {"code": REPLICA_DIED, "stage": stage,
+                                          "message": REPLICA_DIED_MESSAGES[deaths >= 2]},
+                                "timings": {}}
                 if kind == "permanent" or attempt >= self.config.max_attempts:
                     return {"source": source, "name": name, "attempts": attempt, "t0": t0,
                             "error": {"code": code, "message": message, "stage": stage},

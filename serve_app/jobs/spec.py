@@ -32,6 +32,9 @@ class JobSpec(BaseModel):
     kind: Literal["upload", "inputs", "prefix"]
     input_prefix: str | None = None
     output: str = Field(description="Output storage URI.")
+    requested_output: str | None = Field(
+        None, description="The output as the client wrote it (None: the job's own folder); "
+        "what answers echo, never the resolved server path.")
     options: EnhanceOptions = Field(
         default_factory=EnhanceOptions, description="Resolved once, at submission."
     )
