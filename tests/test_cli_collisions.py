@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import PurePath
 
 from click.testing import CliRunner
 
-from serve_app.cli.enhance import enhance_cmd, output_stems
+from serve_app.cli.enhance import enhance_cmd
+from serve_app.cli.files import output_path, plan
 
 FAST = ["--upscale", "1", "--no-face", "--bg-model", "none"]
 
 
-def test_output_stems_are_distinct():
-    paths = [Path("in/image.bmp"), Path("in/image.tiff"), Path("in/other.png"),
-             Path("a/x.jpg"), Path("b/x.jpg"), Path("in/Image.PNG"), Path("in/image.bmp.png")]
-    stems = output_stems(paths)
-    assert stems[Path("in/other.png")] == "other"  # no collision: the plain stem
-    # image.bmp's whole name is image.bmp.png's stem: the one that needs it least yields.
-    assert stems[Path("in/image.bmp.png")] == "image.bmp"
-    assert stems[Path("in/image.bmp")] == "image.bmp-2"
-    assert stems[Path("in/image.tiff")] == "image.tiff"
-    assert stems[Path("in/Image.PNG")] == "Image.PNG"
-    assert len({s.lower() for s in stems.values()}) == len(paths)
-    assert {stems[Path("a/x.jpg")], stems[Path("b/x.jpg")]} == {"x.jpg", "x.jpg-2"}
+def test_output_names_are_distinct(tmp_path):
+    for name in ["image.bmp", "image.tiff", "other.png", "Image.PNG", "image.bmp.png"]:
+        (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x")
+    for name in ["a/x.jpg", "b/x.jpg"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = plan([tmp_path / "in", tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg"])
+    rels = {p.relative_to(tmp_path).as_posix(): str(rel) for p, rel in found.inputs}
+    # Two files given alone with one name: the later one yields.
+    assert rels["a/x.jpg"] == "x.jpg" and rels["b/x.jpg"] == "x-2.jpg"
+    taken = {r.casefold() for r in rels.values()}
+    out = {k: str(output_path(PurePath(v), "png", taken)) for k, v in rels.items()}
+    assert out["in/other.png"] == "other.png"  # its own format: its own name
+    assert out["in/image.tiff"] == "image.tiff.png"
+    assert out["in/image.bmp.png"] == "image.bmp.png"
+    # image.bmp's converted name is image.bmp.png's own: the converted one yields.
+    assert out["in/image.bmp"] == "image.bmp-2.png"
+    assert out["a/x.jpg"] == "x.jpg.png"
+    assert out["in/Image.PNG"] == "Image.PNG"
+    assert len({o.lower() for o in out.values()}) == len(out)
 
 
 def _run(args: list[str]) -> tuple[int, str]:
@@ -52,12 +62,16 @@ def test_colliding_inputs_give_two_files_and_the_count_is_true(serve_url, images
     code, output = _run([str(src), "--out", str(out), "--server", serve_url, "--format", "png", *FAST])
     assert code == 0, output
     assert "3 of 3 written" in output
-    assert sorted(p.name for p in out.iterdir()) == ["image.bmp.png", "image.tiff.png", "photo.png"]
+    # photo.jpg converted: the new extension is appended, its JPEG output of before removed.
+    assert sorted(p.name for p in out.iterdir()) == ["image.bmp.png", "image.tiff.png", "photo.jpg.png"]
 
 
 def test_job_output_names_never_collide():
-    from serve_app.jobs.naming import output_name
+    from serve_app.jobs.naming import OutputNames
 
-    names = [output_name(i, n, "png") for i, n in enumerate(["image.bmp", "image.tiff", "a/x.jpg", "b/x.jpg"])]
-    assert len(set(names)) == 4 and names[0] == "000000_image.png"
-    assert output_name(0, "heic.heic", "avif").endswith(".avif")
+    rels = ["image.bmp", "image.tiff", "a/x.jpg", "b/x.jpg", "x.jpg", "X.png"]
+    names = OutputNames(lambda start, stop: rels[start:stop])
+    names.assign(len(rels), complete=True)
+    out = [names.name(i, "png") for i in range(len(rels))]
+    assert out == ["image.png", "image (1).png", "a/x.png", "b/x.png", "x.png", "X (1).png"]
+    assert names.name(0, "avif") == "image.avif"

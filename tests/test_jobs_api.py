@@ -111,9 +111,10 @@ def test_upload_names_cannot_escape_and_results_stream(
         if path.is_file() and any(k in path.name for k in ("escape", "win", "abs")):
             # In a job's folder: this job's, or an earlier run's when the suite repeats.
             assert data_dir / "jobs" in path.parents, f"{path} escaped the jobs folder"
-    outputs = sorted(p.name for p in (job_dir / "outputs").iterdir())
-    assert outputs == ["000000_escape.png", "000001_win.png", "000002_abs.png",
-                       "000003_ok.png", "000004_hidden.png"]
+    root = job_dir / "outputs"
+    outputs = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    # Names kept, confined: "..", the root and drive letters dropped, no hidden file.
+    assert outputs == ["_hidden.png", "escape.png", "etc/abs.png", "ok.png", "win.png"]
 
     items = http.get(f"/v1/jobs/{job_id}/items", params={"offset": 1, "limit": 2}).json()
     assert [i["index"] for i in items["items"]] == [1, 2] and items["total"] == 5

@@ -20,7 +20,7 @@ from serve_app.jobs import sources
 from serve_app.jobs.gate import Gate, PrivateAddress, check_address
 from serve_app.jobs.job import Job
 from serve_app.jobs.manifest import ManifestRecord, ManifestWriter, read_manifest
-from serve_app.jobs.naming import new_job_id, output_name, safe_stem, spool_name
+from serve_app.jobs.naming import new_job_id, plain_name, safe_stem, spool_name
 from serve_app.jobs.scheduler import Scheduler, backoff, classify
 from serve_app.jobs.spec import JobSpec
 from serve_app.jobs.storage import Storage
@@ -104,7 +104,7 @@ def test_safe_names_stay_inside_the_folder() -> None:
         assert "/" not in name and "\\" not in name and not name.startswith(".")
         assert name.startswith("000003_")
     assert safe_stem("../../x.png") == "x"
-    assert output_name(7, "dir/My Photo.JPG", "jpeg") == "000007_My_Photo.jpg"
+    assert plain_name("dir/My Photo.JPG") == "dir/My Photo"  # outputs keep names: test_names.py
 
 
 def record(index: int) -> ManifestRecord:
@@ -333,7 +333,7 @@ def test_restart_resumes_without_losing_or_repeating_items(tmp_path: Path) -> No
         await first.stop()  # in-flight items are abandoned, as when the process dies
         before = manifest_indices(folder)
         # An output written whose record never was, and a torn last line:
-        (folder / "outputs" / output_name(59, "img59.png", "png")).write_bytes(b"stale")
+        (folder / "outputs" / "img59.png").write_bytes(b"stale")
         with open(folder / "manifest.jsonl", "ab") as f:
             f.write(b'{"index":58,"status":"succ')
 
@@ -346,7 +346,7 @@ def test_restart_resumes_without_losing_or_repeating_items(tmp_path: Path) -> No
         await second.stop()
         indices = manifest_indices(folder)
         assert sorted(indices) == list(range(60)) and indices[: len(before)] == before
-        assert (folder / "outputs" / output_name(59, "img59.png", "png")).read_bytes() == b"out:r59"
+        assert (folder / "outputs" / "img59.png").read_bytes() == b"out:r59"
         for data in contents[:10]:
             if int(data[1:]) in before:
                 assert model.calls[data] == 1  # recorded items were not re-run

@@ -265,7 +265,7 @@ def test_answers_carry_no_server_paths(http: httpx.Client, data_dir: Path) -> No
     for text in texts:
         assert str(data_dir) not in text and "/tmp/" not in text, text
     item = http.get(f"/v1/jobs/{job_id}/items").json()["items"][0]
-    assert item["source"] == "../../holiday.png" and item["name"] == "000000_holiday.png"
+    assert item["source"] == "../../holiday.png" and item["name"] == "holiday.png"
 
 
 def test_delete_removes_a_job_and_its_folder(

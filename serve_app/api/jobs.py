@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -31,7 +32,19 @@ from serve_app.errors import (
 from serve_app.jobs import JobIntake, JobReader, Presets
 from serve_app.options import EnhanceOptions
 
+
+def _inline(name: str) -> str:
+    """Content-Disposition for an output: its last component, as RFC 6266's ``filename*``
+    where it is not ASCII (a header is Latin-1; a name like ``写真.jpg`` is not)."""
+    leaf = name.rsplit("/", 1)[-1]
+    if leaf.isascii():
+        return f'inline; filename="{leaf}"'
+    return f"inline; filename*=utf-8''{quote(leaf)}"
+
+
 Owner = Callable[[Request | WebSocket], str | None]
+# JSON values a job body may hold besides its inputs: options and the other fields.
+JSON_ROOM = 1024
 ModelInfo = Callable[..., Awaitable[dict[str, Any]]]  # Service.model_info(fresh=...)
 
 
@@ -181,7 +194,7 @@ class JobsApi:
             media_type=result.media_type,
             headers={
                 "Content-Length": str(record.bytes),
-                "Content-Disposition": f'inline; filename="{record.name}"',
+                "Content-Disposition": _inline(record.name),
                 "X-Content-SHA256": record.sha256 or "",
             },
         )

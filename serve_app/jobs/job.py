@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from serve_app.jobs.manifest import (
     read_manifest,
     read_record,
 )
+from serve_app.jobs.naming import OutputNames, source_path
 from serve_app.jobs.sources import INPUTS, InputList
 from serve_app.jobs.spec import (
     ACTIVE,
@@ -82,6 +84,7 @@ class Job:
             self.folder.resolve())
         self.name_prefix = "" if own else f"{self.id}_"
         self.inputs = InputList(self.folder / INPUTS)
+        self.names = OutputNames(self._relatives)  # rebuilt from inputs.jsonl after a restart
         self.manifest_path = self.folder / MANIFEST
         self.state: str = "queued"
         self.reason: str | None = None  # a code of REASONS
@@ -293,6 +296,22 @@ class Job:
                 row["source"] = self.source_of(i)
             rows.append(row)
         return {"items": rows, "offset": offset, "limit": limit, "total": matching}
+
+    def output_name(self, index: int, fmt: str) -> str:
+        """Item ``index``'s output name (the client's name, kept where safe: naming.py);
+        the same after a restart, as names go in index order."""
+        self.names.assign(len(self.inputs), complete=self.listed)
+        return self.name_prefix + self.names.name(index, fmt)
+
+    def _relatives(self, start: int, stop: int) -> Iterator[str]:
+        """Items ``start``..``stop``'s relative source paths, read in one pass."""
+        if start >= stop:
+            return
+        with open(self.inputs.path, "rb") as f:
+            f.seek(self.inputs.offsets[start])
+            for _ in range(stop - start):
+                source, name = json.loads(f.readline())
+                yield source_path(self.spec.kind, source, name, self.spec.input_prefix)
 
     def source_of(self, index: int) -> str:
         """The input as the client named it: its URI, or an upload's filename (never the

@@ -23,7 +23,7 @@ from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NotFound
 from serve_app.jobs import manager as mgr
 from serve_app.jobs.manifest import MANIFEST, ManifestRecord, read_manifest
-from serve_app.jobs.naming import is_job_id
+from serve_app.jobs.naming import is_job_id, zip_member
 from serve_app.jobs.sources import INPUTS
 from serve_app.jobs.spec import ITEM_STATES, JOB_JSON, TERMINAL, JobSpec, read_json
 from serve_app.jobs.storage import Storage
@@ -170,12 +170,16 @@ class JobReader:
         size = await asyncio.to_thread(_size, path)
 
         def members() -> Iterator[Any]:
+            seen: set[str] = set()  # one member per name, whatever an old manifest holds
+            indices: set[int] = set()  # a duplicate record (the job index ignores it too)
             for _, record in read_manifest(path, upto=size):
-                if not record.succeeded or record.name is None:
+                if not record.succeeded or record.name is None or record.index in indices:
                     continue
+                indices.add(record.index)
                 when = datetime.fromtimestamp(record.finished_at or time.time())
                 method = NO_COMPRESSION_64(record.bytes, record.crc32)
-                yield record.name, when, 0o644, method, storage.iter_bytes(record.name)
+                member = zip_member(record.name, seen)
+                yield member, when, 0o644, method, storage.iter_bytes(record.name)
 
         return stream_zip(members())
 

@@ -36,7 +36,6 @@ from serve_app.jobs import sources, webhooks
 from serve_app.jobs.gate import ForbiddenPath, Gate, Location, protocol_of
 from serve_app.jobs.job import Job
 from serve_app.jobs.manifest import MANIFEST, ManifestRecord
-from serve_app.jobs.naming import output_name
 from serve_app.jobs.spec import ACTIVE, JOB_JSON, TERMINAL, JobSpec
 from serve_app.options import EnhanceOptions
 
@@ -608,7 +607,7 @@ def _write_and_record(job: Job, index: int, outcome: dict[str, Any]) -> tuple[in
     timings = dict(outcome["timings"])
     fields: dict[str, Any] = {}
     if result is not None:
-        name = job.name_prefix + output_name(index, outcome["name"], result.format)
+        name = job.output_name(index, result.format)
         t = time.perf_counter()
         job.storage.write_atomic(name, result.data)
         timings["write"] = time.perf_counter() - t

@@ -70,7 +70,10 @@ class Storage:
             self._fs.pipe_file(f"{self._root}/{name}", data)
             return self.uri_of(name)
         final = self.path / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.path)
+        # A name may hold folders (an upload's ``day1/x.png``): the temporary file sits
+        # beside the final one, so the rename stays on one file system.
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -95,11 +98,12 @@ class Storage:
         if not self.local or not self.path.is_dir():
             return 0
         count = 0
-        for entry in os.scandir(self.path):
-            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    count += 1
+        for folder, _, files in os.walk(self.path):  # outputs may sit in folders
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, name))
+                        count += 1
         return count
 
     # ------------------------------------------------------------------ reading
