@@ -26,9 +26,10 @@ def error_payload(code: str, message: str, details: dict[str, Any] | None = None
     return {"error": body}
 
 
-def error_response(exc: PhotoEnhanceError) -> JSONResponse:
+def error_response(exc: PhotoEnhanceError, **beside: Any) -> JSONResponse:
+    """``beside``: fields next to ``error`` (``/readyz`` adds the model's state)."""
     return JSONResponse(
-        {"error": exc.to_dict()}, status_code=exc.status, headers=exc.headers() or None
+        {"error": exc.to_dict(), **beside}, status_code=exc.status, headers=exc.headers() or None
     )
 
 

@@ -7,6 +7,7 @@ only reads requests, calls it and writes responses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import re
@@ -31,7 +32,7 @@ from serve_app.api.jobs import build_job_routes
 from serve_app.api.schemas import SYNTHETIC_WARNING, EnhancedImage
 from serve_app.codec import INPUT_FORMATS
 from serve_app.config import AppConfig
-from serve_app.errors import NotFound, NotReady, as_photo_error
+from serve_app.errors import NotFound, NotReady, PhotoEnhanceError, as_photo_error
 from serve_app.options import (
     BG_MODELS,
     FACE_MODELS,
@@ -71,6 +72,15 @@ class Service(Protocol):
     async def model_info(self, fresh: bool = False) -> dict[str, Any]:
         """The model deployment's ``info()`` (``fresh``: not from a cache, the added models
         read now); raises ``NotReady`` when it cannot answer."""
+        ...
+
+    async def model_state(self) -> dict[str, Any] | None:
+        """The model deployment's ``state``, running ``replicas`` and ``scale_to_zero`` as
+        Serve reports them, asking no replica; None when Serve cannot say."""
+        ...
+
+    def last_model_info(self) -> dict[str, Any] | None:
+        """The last ``model_info`` answer, without asking again."""
         ...
 
 
@@ -155,20 +165,54 @@ class _Api:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        try:
-            info = await self.service.model_info()
-        except Exception as exc:
-            err = as_photo_error(exc) or NotReady("the model deployment is not ready")
-            return error_response(err)
-        synthetic = bool(info.get("synthetic"))
+        """Ready = can take a request: a model replica answers, or the model is at zero
+        replicas by policy (or waking from it) and a request starts one. The model's own
+        state is in ``models``. Where the model may scale to zero, no replica is asked:
+        a probe's call would wake it, or keep it from ever reaching zero."""
+        state = await self.service.model_state()
+        if state is not None and state["scale_to_zero"]:
+            if state["state"] == "unavailable":
+                return self._not_ready(
+                    NotReady("the model deployment is unavailable", retry_after_s=5), state)
+            info = self.service.last_model_info()  # what the last answer said, if any
+            if info is None and state["state"] == "running":
+                # Asked once per ingress replica (weights synthetic or not): too rare to
+                # hold the model up; a replica that cannot answer is Serve's to replace.
+                with contextlib.suppress(Exception):
+                    info = await self.service.model_info()
+        else:
+            if state is not None and state["state"] != "running":
+                return self._not_ready(NotReady(
+                    f"the model deployment is not ready ({state['state']})", retry_after_s=5
+                ), state)
+            try:
+                info = await self.service.model_info()
+            except Exception as exc:
+                err = as_photo_error(exc) or NotReady("the model deployment is not ready")
+                return self._not_ready(err, state and {**state, "state": "unavailable"})
+            if state is None:  # Serve could not say; the replica's answer does
+                state = {"state": "running", "replicas": None,
+                         "scale_to_zero": self.config.model.autoscaling.min_replicas == 0}
+        synthetic = None if info is None else bool(info.get("synthetic"))
         # Open to anyone, so never the admin view.
         model = public_engine_info(info, admin=False)
-        body: dict[str, Any] = {"status": "ready", "synthetic": synthetic, "model": model}
+        body: dict[str, Any] = {
+            "status": "ready", "ready": True, "synthetic": synthetic, "model": model,
+            "models": {"enhancer": state},
+        }
         headers = {}
         if synthetic:
             body["warning"] = SYNTHETIC_WARNING
             headers["X-Weights-Synthetic"] = "true"
         return JSONResponse(body, headers=headers)
+
+    @staticmethod
+    def _not_ready(err: PhotoEnhanceError, state: dict[str, Any] | None) -> Response:
+        """The error answer, with the model's state beside it for operators."""
+        beside: dict[str, Any] = {"ready": False}
+        if state is not None:
+            beside["models"] = {"enhancer": state}
+        return error_response(err, **beside)
 
     async def metrics(self, request: Request) -> Response:
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)

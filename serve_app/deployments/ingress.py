@@ -45,6 +45,35 @@ LOGGER = logging.getLogger(__name__)
 INFO_TIMEOUT_S = 5.0
 INFO_TTL_S = 2.0
 INLINE_PROBE_BYTES = 256 * 1024  # larger bodies are probed on a thread, off the event loop
+MODEL_DEPLOYMENT = "Enhancer"
+STATE_TTL_S = 1.0  # how long one look at Serve's controller answers /readyz
+STATE_TIMEOUT_S = 5.0
+# Serve's replica states on the way to RUNNING (ray.serve._private.common.ReplicaState).
+_COMING = ("STARTING", "UPDATING", "RECOVERING")
+# Deployment statuses that mean something is wrong, not a policy (DeploymentStatus).
+_FAILING = ("UNHEALTHY", "DEPLOY_FAILED")
+
+
+def classify(status: str, replica_states: Mapping[str, int], scale_to_zero: bool) -> str:
+    """The model deployment's state from what Serve's controller reports: ``running`` (a
+    replica serves), ``starting`` (one is on its way, none serves yet), ``scaled_to_zero``
+    (none, by policy: a request starts one), or ``unavailable`` (none, and not by policy;
+    or Serve reports the deployment unhealthy or failed)."""
+    states = {str(getattr(k, "value", k)): int(v) for k, v in replica_states.items()}
+    if states.get("RUNNING", 0) > 0:
+        return "running"
+    if str(getattr(status, "value", status)) in _FAILING:
+        return "unavailable"
+    if any(states.get(k, 0) > 0 for k in _COMING):
+        return "starting"
+    return "scaled_to_zero" if scale_to_zero else "unavailable"
+
+
+def _model_status(app_name: str) -> Any:
+    """Serve's ``DeploymentStatusOverview`` of the model deployment (blocking: a controller
+    call), or None when Serve does not know the application."""
+    app = serve.status().applications.get(app_name)
+    return None if app is None else app.deployments.get(MODEL_DEPLOYMENT)
 
 
 @serve.deployment(name="Ingress")
@@ -66,9 +95,16 @@ class Ingress:
         metrics.DOOR_DRAIN_RATE.set_function(self._door.drain_rate)
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
+        self._scale_to_zero = self.config.model.autoscaling.min_replicas == 0
+        self._app_name = serve.get_replica_context().app_name
+        self._state: dict[str, Any] | None = None
+        self._state_at = 0.0
+        self._state_lock = asyncio.Lock()
         # The first model call from a new replica costs seconds (router set-up, first result
-        # transfer); pay it in the background, not in the first user's request.
-        self._warmup = asyncio.get_running_loop().create_task(self._warm_up())
+        # transfer); pay it in the background, not in the first user's request. Not where
+        # the model may sleep at zero replicas: the warm-up would wake it.
+        self._warmup = None if self._scale_to_zero else (
+            asyncio.get_running_loop().create_task(self._warm_up()))
         # The job actor starts with the server, so unfinished jobs resume at once.
         start_manager(self.config)
 
@@ -107,6 +143,37 @@ class Ingress:
         self._info, self._info_at = info, now
         metrics.WEIGHTS_SYNTHETIC.set(1 if info.get("synthetic") else 0)
         return info
+
+    async def model_state(self) -> dict[str, Any] | None:
+        """The model deployment as Serve's controller reports it, asking no replica (a call
+        would wake a model at zero and keep it from scaling down): ``state`` (see
+        ``classify``), ``replicas`` (running), ``scale_to_zero`` (the policy allows zero).
+        Cached for ``STATE_TTL_S``; None when the controller cannot say."""
+        async with self._state_lock:
+            now = time.monotonic()
+            if self._state is not None and now - self._state_at < STATE_TTL_S:
+                return self._state
+            try:
+                status = await asyncio.wait_for(
+                    asyncio.to_thread(_model_status, self._app_name), STATE_TIMEOUT_S)
+            except Exception as exc:
+                LOGGER.warning("readiness: Serve's controller did not answer (%s)", exc)
+                return None
+            if status is None:
+                return None
+            replicas = {str(getattr(k, "value", k)): int(v)
+                        for k, v in status.replica_states.items()}
+            self._state = {
+                "state": classify(status.status, replicas, self._scale_to_zero),
+                "replicas": replicas.get("RUNNING", 0),
+                "scale_to_zero": self._scale_to_zero,
+            }
+            self._state_at = now
+            return self._state
+
+    def last_model_info(self) -> dict[str, Any] | None:
+        """The model deployment's last ``info()`` answer, without asking it again."""
+        return self._info
 
     # ------------------------------------------------------------------ internals
 
