@@ -62,7 +62,12 @@ def deployment_options(config: AppConfig) -> tuple[dict[str, Any], dict[str, Any
         "max_ongoing_requests": max(
             i.max_ongoing_requests, config.ingress_inflight() + i.max_queued_requests + 16
         ),
-        "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
+        # An ingress replica being replaced (a config or code upgrade) still holds requests
+        # waiting at its door and on a model that may itself be restarting: it may stop only
+        # once they are answered, or the proxy answers them 500 (tests/test_config_change.py).
+        "graceful_shutdown_timeout_s": max(
+            m.graceful_shutdown_timeout_s, i.queue_timeout_s + i.request_timeout_s + 5
+        ),
     }
     if i.max_replicas is not None and i.max_replicas > i.num_replicas:
         # The head's share of each request (header probe, routing) grows with the traffic:
