@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ class _Reduce:
     def __init__(self, marker: Path) -> None:
         self.marker = str(marker)
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self) -> tuple[Any, ...]:
         return (open, (self.marker, "w"))
 
 
@@ -95,7 +96,7 @@ def test_the_payloads_run_when_loaded_the_unsafe_way(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", f"import torch; torch.jit.load({str(archive)!r})"],
                    check=True, capture_output=True, timeout=300)
     assert ts_marker.exists()
-    pickle.loads(pickle.dumps({"w": torch.zeros(1), "x": _Reduce(pk_marker)}))  # noqa: S301
+    pickle.loads(pickle.dumps({"w": torch.zeros(1), "x": _Reduce(pk_marker)}))
     assert pk_marker.exists()
 
 
