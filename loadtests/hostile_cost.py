@@ -109,6 +109,12 @@ def cases(url: str, app_config: Any) -> list[tuple[str, Any]]:
             continue
         out.append((f"image: {name}", lambda k=kwargs: httpx.post(
             url + "/v1/enhance", timeout=120, **k)))
+    from test_codec_hostile import HTTP_CASES as metadata_cases  # issue 17's metadata files
+
+    for name, (make, _status, _code) in metadata_cases.items():
+        out.append((f"metadata: {name}", lambda body=make(): httpx.post(
+            url + "/v1/enhance?upscale=1&face=false&bg_model=none", timeout=120, content=body,
+            headers={"Content-Type": "application/octet-stream"})))
     big = b"\xff\xd8\xff" + b"\0" * (app_config.limits.max_bytes + 4 * 2**20)
 
     def urllib_413() -> None:

@@ -120,6 +120,15 @@ def png_with_chunks(count: int) -> bytes:
     return data[:at] + png_chunk(b"xbOm", b"") * count + data[at:]
 
 
+def png_icc_bomb(size: int) -> bytes:
+    """A 16x16 PNG whose ``iCCP`` profile inflates to ``size`` bytes from about size/1000."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "PNG")
+    data = buf.getvalue()
+    chunk = png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(bytes(size), 9))
+    return data[:33] + chunk + data[33:]
+
+
 def animated(fmt: str, frames: int) -> bytes:
     # Neighbouring frames differ everywhere, so that no encoder merges them.
     images = [Image.new("RGB", (8, 8), (i * 97 % 256, i * 57 % 256, 255 * (i % 2))) for i in range(frames)]
@@ -314,6 +323,8 @@ HTTP_BOMBS = {
     "webp_frames": (lambda: animated("WEBP", 300), 413, "too_many_frames"),
     "tiff_pages": (lambda: tiff_pages(300), 413, "too_many_frames"),
     "tiff_strips": (lambda: tiff_with_strips(16, 16, 40_000), 413, "too_many_strips"),
+    # 64 KiB on the wire, 64 MiB inflated: measured one byte past the 4 MiB cap, no further.
+    "png_icc_inflation": (lambda: png_icc_bomb(64 << 20), 413, "metadata_too_large"),
 }
 
 

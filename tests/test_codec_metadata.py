@@ -7,6 +7,7 @@ encoded with ``codec.encode`` and read back with Pillow, independently of our wr
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import zlib
@@ -288,6 +289,33 @@ def test_a_broken_profile_is_ignored():
     decoded = codec.decode(png_with_profile(rgb, b"not a profile" * 20))
     assert tuple(decoded.image[8, 8, ::-1]) == PATCH
     assert codec.encode(decoded.image, "jpeg", metadata=decoded.metadata)[:2] == b"\xff\xd8"
+
+
+def test_a_tiff_exif_holds_only_what_describes_the_photo():
+    """A TIFF's EXIF is its first page directory: its XMP, ICC and Photoshop layer tags are
+    not copied into the output's EXIF (XMP and ICC travel as blocks of their own)."""
+    from PIL import TiffImagePlugin
+
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[MAKE], tags[0x0112], tags[700], tags[37724] = "Camera", 1, XMP, b"layers" * 10_000
+    tags.tagtype[700], tags.tagtype[37724] = 1, 7
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, "TIFF", tiffinfo=tags, icc_profile=P3)
+    data = buf.getvalue()
+    meta = codec.decode(data, codec.probe(data, LIMITS)).metadata
+    exif = Image.Exif()
+    exif.load(EXIF_PREFIX + meta.exif)
+    assert sorted(exif) == [MAKE, 0x0112]
+    assert (meta.xmp, meta.icc_profile, meta.dropped) == (XMP, P3, ())
+
+
+def test_xmp_values_are_made_true_in_both_forms():
+    xmp = XMP.replace(b"<dc:creator>", b"<tiff:ImageWidth>64</tiff:ImageWidth><dc:creator>")
+    decoded = codec.decode(camera_jpeg())  # 64x48, orientation 6: 48 wide once turned
+    meta = dataclasses.replace(decoded.metadata, xmp=xmp)
+    out = read(codec.encode(decoded.image, "png", metadata=meta)).info["xmp"]
+    assert b'tiff:Orientation="1"' in out and b"<tiff:ImageWidth>48</tiff:ImageWidth>" in out
+    assert b'exif:PixelXDimension="48"' in out
 
 
 # ----------------------------------------------------------------------------- HEIC, AVIF

@@ -6,7 +6,9 @@ inputs (decompression bombs included) are refused before any memory is spent on 
 HxWx4 BGRA; uint8 or uint16) with EXIF orientation applied, in sRGB (``color``), and the
 photo's metadata beside it (``metadata``). ``encode`` writes PNG, JPEG, WebP or AVIF, with
 the metadata made true for the new size. No input bytes, however broken, raise anything but
-a ``PhotoEnhanceError``. ``bounded`` runs decode and encode in stoppable workers.
+a ``PhotoEnhanceError``, and no message carries a library's own words (they go to the log).
+``codec.workers`` runs decode and encode in stoppable workers; metadata blocks are capped
+before they are parsed (``codec.metadata``), wherever the codec runs.
 
 Format rules (also in the README):
 
@@ -36,7 +38,15 @@ import numpy as np
 from PIL import Image
 
 from serve_app.codec import color as colorm
-from serve_app.codec.metadata import ImageMetadata, attach, pillow_args, prepare, read_metadata
+from serve_app.codec.metadata import (
+    ImageMetadata,
+    attach,
+    check_blocks,
+    pillow_args,
+    png_for_pillow,
+    prepare,
+    read_metadata,
+)
 from serve_app.codec.structure import check_structure
 from serve_app.config import EncodingConfig, LimitsConfig
 from serve_app.errors import (
@@ -194,14 +204,23 @@ def _looks_like_text(head: bytes) -> bool:
     return True
 
 
+def _pillow_bytes(data: bytes, fmt: InputFormat) -> tuple[bytes, tuple[str, ...]]:
+    """What Pillow is given to open, and the metadata blocks dropped on the way: a PNG's text
+    chunks are removed first, so that Pillow never inflates them."""
+    return png_for_pillow(data) if fmt == "png" else (data, ())
+
+
 def _open(data: bytes, fmt: InputFormat) -> Image.Image:
     """Open lazily (header only). Pillow's own bomb guard is turned into our 413."""
     try:
         return Image.open(io.BytesIO(data), formats=_PIL_FORMATS[fmt])
-    except Image.DecompressionBombError as exc:
-        raise TooManyPixels(f"image has too many pixels ({exc})") from None
+    except Image.DecompressionBombError:
+        raise TooManyPixels("image has too many pixels") from None
     except Exception as exc:  # Pillow raises many kinds on broken headers.
-        raise InvalidImage(f"broken {fmt} image: {_short(exc)}") from None
+        # Its words name its own objects ("<_io.BytesIO object at 0x...>"), libheif's its
+        # internals: the log has them, the client our own.
+        LOGGER.info("%s header refused: %s", fmt, _short(exc))
+        raise InvalidImage(f"broken {fmt} image: its header cannot be read") from None
 
 
 def _short(exc: BaseException) -> str:
@@ -250,9 +269,10 @@ def probe(data: bytes, limits: LimitsConfig, upscale: int = 1) -> ImageInfo:
         # Check the claimed size before any parser sees the rest of the file.
         check_pixels(int.from_bytes(data[16:20]), int.from_bytes(data[20:24]), limits, upscale)
     check_structure(data, fmt, limits)
-    with _open(data, fmt) as im:
+    with _open(_pillow_bytes(data, fmt)[0], fmt) as im:
         width, height = im.size
         mode = im.mode
+        check_blocks(im.info)
     check_pixels(width, height, limits, upscale)
     return ImageInfo(format=fmt, width=width, height=height, mode=mode)
 
@@ -276,7 +296,8 @@ def decode(data: bytes, info: ImageInfo | None = None) -> DecodedImage:
     except MemoryError:
         raise
     except Exception as exc:  # never let a decoder's failure escape as a 500
-        raise InvalidImage(f"broken {fmt} image: {_short(exc)}") from None
+        LOGGER.info("%s decode failed: %s", fmt, _short(exc))
+        raise InvalidImage(f"broken {fmt} image: its data is truncated or corrupt") from None
     if image.size == 0:
         raise InvalidImage("image decoded to no pixels")
     meta = replace(meta, size=(int(image.shape[1]), int(image.shape[0])))
@@ -284,8 +305,9 @@ def decode(data: bytes, info: ImageInfo | None = None) -> DecodedImage:
 
 
 def _decode(data: bytes, fmt: InputFormat) -> tuple[np.ndarray, ImageMetadata]:
-    with _open(data, fmt) as im:
-        meta, orientation = read_metadata(im, fmt)
+    view, dropped = _pillow_bytes(data, fmt)
+    with _open(view, fmt) as im:
+        meta, orientation = read_metadata(im, fmt, dropped)
         icc = meta.icc_profile
         converted = False
         if _is_deep_color(im, data, fmt):
@@ -489,8 +511,9 @@ def prepare_output(
 def header_metadata(data: bytes, info: ImageInfo) -> ImageMetadata:
     """The metadata of an image decoded elsewhere (nvJPEG): read from the header, no pixels."""
     try:
-        with _open(data, info.format) as im:
-            meta, _ = read_metadata(im, info.format)
+        view, dropped = _pillow_bytes(data, info.format)
+        with _open(view, info.format) as im:
+            meta, _ = read_metadata(im, info.format, dropped)
     except PhotoEnhanceError:
         return ImageMetadata(size=(info.width, info.height))
     return replace(meta, size=(info.width, info.height))

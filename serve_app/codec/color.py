@@ -11,6 +11,12 @@ colorants and ``rTRC``/``gTRC``/``bTRC`` curves that sRGB, Display P3, Adobe RGB
 and Rec. 2020 profiles are made of): the same maths LittleCMS does for them, in float32, so
 16 bits stay 16 bits. A 16-bit image with a LUT-based profile is left as it is, profile
 included (docs: README "Formats").
+
+Parsed profiles and transforms are cached by the profile's SHA-256 in ``BoundedCache``s, which
+hold neither the profile's bytes nor more than ``CACHE_BYTES`` worth of profiles: before,
+``lru_cache`` kept each profile's bytes as part of its key, so 16 distinct 20 MiB profiles
+grew a model replica by about 1 GB for good. A profile over ``metadata.MAX_ICC_BYTES`` is
+refused before it gets here (``metadata.check_blocks``) and never parsed.
 """
 
 from __future__ import annotations
@@ -19,11 +25,18 @@ import functools
 import hashlib
 import logging
 import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 import numpy as np
 from PIL import Image, ImageCms
 
+from serve_app.codec.metadata import MAX_ICC_BYTES
+
 LOGGER = logging.getLogger(__name__)
+V = TypeVar("V")
 
 ColorMode = str  # "keep" | "srgb"
 COLOR_MODES: tuple[str, ...] = ("keep", "srgb")
@@ -48,22 +61,70 @@ def _description(icc: bytes) -> str:
 
 
 def _key(icc: bytes) -> str:
-    return hashlib.sha1(icc).hexdigest()
+    return hashlib.sha256(icc).hexdigest()  # not SHA-1: a collision would swap two profiles
 
 
-@functools.lru_cache(maxsize=32)
+class BoundedCache(Generic[V]):
+    """A least-recently-used cache bounded in entries and in total weight (here: the bytes of
+    the profiles its values were made from). Thread-safe; a value is made outside the lock,
+    so two threads may make the same one, and the second is kept."""
+
+    def __init__(self, max_entries: int, max_weight: int) -> None:
+        self.max_entries, self.max_weight = max_entries, max_weight
+        self._items: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
+        self._weight = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, weight: int, make: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key][0]
+        value = make()
+        if weight > self.max_weight:
+            return value  # never kept
+        with self._lock:
+            old = self._items.pop(key, None)
+            self._weight += weight - (old[1] if old else 0)
+            self._items[key] = (value, weight)
+            while len(self._items) > self.max_entries or self._weight > self.max_weight:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._weight -= dropped
+        return value
+
+    @property
+    def weight(self) -> int:
+        return self._weight
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+CACHE_ENTRIES = 32
+CACHE_BYTES = 4 * MAX_ICC_BYTES  # of profile bytes per cache (a transform holds its profile)
+_PROFILES: BoundedCache[ImageCms.ImageCmsProfile] = BoundedCache(CACHE_ENTRIES, CACHE_BYTES)
+_TRANSFORMS: BoundedCache[ImageCms.ImageCmsTransform] = BoundedCache(CACHE_ENTRIES, CACHE_BYTES)
+_SHAPERS: BoundedCache[MatrixShaper | None] = BoundedCache(CACHE_ENTRIES // 2, CACHE_BYTES)
+
+
 def _profile(key: str, icc: bytes) -> ImageCms.ImageCmsProfile:
-    return ImageCms.ImageCmsProfile(ImageCms.core.profile_frombytes(icc))
-
-
-@functools.lru_cache(maxsize=32)
-def _transform(key: str, icc: bytes, mode: str, to_srgb: bool) -> ImageCms.ImageCmsTransform:
-    src = _profile(key, icc)
-    srgb = _profile(_key(srgb_profile()), srgb_profile())
-    a, b = (src, srgb) if to_srgb else (srgb, src)
-    return ImageCms.buildTransform(
-        a, b, mode, mode, renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC
+    if len(icc) > MAX_ICC_BYTES:  # refused upstream; never parsed, whoever calls
+        raise ValueError("ICC profile over its cap")
+    return _PROFILES.get(
+        key, len(icc), lambda: ImageCms.ImageCmsProfile(ImageCms.core.profile_frombytes(icc))
     )
+
+
+def _transform(key: str, icc: bytes, mode: str, to_srgb: bool) -> ImageCms.ImageCmsTransform:
+    def make() -> ImageCms.ImageCmsTransform:
+        src = _profile(key, icc)
+        srgb = _profile(_key(srgb_profile()), srgb_profile())
+        a, b = (src, srgb) if to_srgb else (srgb, src)
+        return ImageCms.buildTransform(
+            a, b, mode, mode, renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC
+        )
+
+    return _TRANSFORMS.get((key, mode, to_srgb), len(icc), make)
 
 
 def usable(icc: bytes | None, mode: str) -> bool:
@@ -150,8 +211,7 @@ def _inverse_lookup(table: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.interp(y, np.maximum.accumulate(table), grid).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=16)
-def _matrix_shaper(key: str, icc: bytes) -> MatrixShaper | None:
+def _matrix_shaper(icc: bytes) -> MatrixShaper | None:
     tags = _tags(icc)
     try:
         cols = [_xyz(icc, tags[name]) for name in (b"rXYZ", b"gXYZ", b"bXYZ")]
@@ -164,7 +224,10 @@ def _matrix_shaper(key: str, icc: bytes) -> MatrixShaper | None:
 
 
 def matrix_shaper(icc: bytes) -> MatrixShaper | None:
-    return _matrix_shaper(_key(icc), icc)
+    if len(icc) > MAX_ICC_BYTES:
+        return None
+    # Weighed as its three tables, not the profile: the bytes are not kept.
+    return _SHAPERS.get(_key(icc), 3 * _TABLE * 4, lambda: _matrix_shaper(icc))
 
 
 def _tags(icc: bytes) -> dict[bytes, tuple[int, int]]:

@@ -10,6 +10,25 @@ WebP and AVIF carry them through Pillow's encoder instead (``pillow_args``).
 Pillow does the byte work (its ``Image.Exif`` parses and serialises EXIF, sub-IFDs included,
 and drops IFD1, the thumbnail, on the way): docs/BENCHMARKS.md ("Metadata library") has the
 measurement against piexif and pyvips behind that choice.
+
+Every block is bounded before anything parses it (docs/SECURITY.md, "Metadata"), on the
+model replica's threads and in the codec workers alike:
+
+- ``MAX_ICC_BYTES`` (4 MiB) and ``MAX_EXIF_BYTES`` (128 KiB): over the cap the image is
+  refused, ``413 metadata_too_large``, because both change how the pixels are shown (colours;
+  orientation and DPI), so serving the photo without them would silently turn or recolour
+  it. Display and camera profiles are a few KiB, printer profiles with large LUTs 1-3 MiB; a
+  camera JPEG's EXIF cannot pass 64 KiB (one APP1 segment), and Pillow parses about 20 µs of
+  CPU per EXIF entry, so the cap bounds a decode and encode's three parses to about 0.3 s.
+- ``MAX_XMP_BYTES`` (1 MiB) and ``MAX_IPTC_BYTES`` (256 KiB): over the cap the block is
+  dropped (the photo is served without it; ``ImageMetadata.dropped`` names it and the log
+  says so), since neither changes the pixels. A camera's or an editor's XMP is tens of KiB.
+- PNG text chunks (``tEXt``, ``zTXt``, ``iTXt``) other than the XMP one are never carried to
+  the output, so ``png_for_pillow`` removes them before Pillow opens the file: a ``zTXt`` is
+  never inflated (200 of them made Pillow inflate 64 MiB on the ingress before).
+
+XMP is edited by ``edit_xmp``: one pass over its tags, linear in its length (the regular
+expressions used before were quadratic on unclosed elements: 64 KiB took 1 s of CPU).
 """
 
 from __future__ import annotations
@@ -18,12 +37,25 @@ import logging
 import re
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
+
+from serve_app.errors import PayloadTooLarge
 
 LOGGER = logging.getLogger(__name__)
+
+MAX_XMP_BYTES = 1 << 20
+MAX_ICC_BYTES = 4 << 20
+MAX_EXIF_BYTES = 128 << 10
+MAX_IPTC_BYTES = 256 << 10
+# Pillow's own PNG bounds, as a backstop for any PNG that reaches it without
+# ``png_for_pillow``: one inflated chunk may be an ICC profile we accept, and all text chunks
+# together (only the XMP one is left) no more than twice the XMP cap (its default: 64 MiB).
+PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, MAX_ICC_BYTES + 1)
+PngImagePlugin.MAX_TEXT_MEMORY = 2 * MAX_XMP_BYTES
 
 MetadataMode = Literal["keep", "strip", "keep-no-gps"]
 METADATA_MODES: tuple[str, ...] = ("keep", "strip", "keep-no-gps")
@@ -44,9 +76,9 @@ _LAYOUT_TAGS = frozenset({
 })
 # IPTC-IIM datasets (record 2) that name a place: dropped with the GPS tags.
 _IPTC_PLACES = frozenset({26, 90, 92, 95, 100, 101})
-# XMP properties that locate the photo or hold a thumbnail.
-_XMP_DROP_NO_GPS = r"exif:GPS\w+|photoshop:(?:City|State|Country)|Iptc4xmpCore:(?:Location|CountryCode)|Iptc4xmpExt:Location\w*"
-_XMP_DROP_ALWAYS = r"xmp:Thumbnails|xapGImg:\w+|xmpGImg:\w+"
+# TIFF tags carried as blocks of their own (XMP, IPTC, ICC) or holding Photoshop's layers and
+# resources (often far larger than the photo's description): not part of a TIFF's EXIF.
+_TIFF_NOT_EXIF = frozenset({700, 33723, 34675, 34377, 37724})
 
 
 @dataclass(frozen=True)
@@ -60,6 +92,7 @@ class ImageMetadata:
     dpi: tuple[float, float] | None = None
     size: tuple[int, int] | None = None
     pixels_in_srgb: bool = False  # the pixels were converted from ``icc_profile`` to sRGB
+    dropped: tuple[str, ...] = ()  # blocks over their cap, not carried ("xmp", "iptc")
 
     @property
     def empty(self) -> bool:
@@ -86,28 +119,155 @@ def orientation_of(exif: Image.Exif | None) -> int:
     return int(value) if value in range(1, 9) else 1
 
 
-def read_metadata(im: Image.Image, fmt: str) -> tuple[ImageMetadata, int]:
-    """The image's metadata and its EXIF orientation (1 for HEIF: libheif applies it)."""
+def read_metadata(
+    im: Image.Image, fmt: str, dropped: tuple[str, ...] = ()
+) -> tuple[ImageMetadata, int]:
+    """The image's metadata and its EXIF orientation (1 for HEIF: libheif applies it).
+
+    Each block is measured against its cap before it is parsed: an ICC profile or EXIF block
+    over it is refused (``PayloadTooLarge``, ``metadata_too_large``), an XMP or IPTC block is
+    dropped. ``dropped`` names blocks already dropped on the way (``png_for_pillow``).
+    """
     info = im.info
+    check_blocks(info)
     exif_raw = info.get("exif")
     if fmt == "tiff":
-        # A TIFF's EXIF is its own first page directory; keep only what describes the photo.
-        try:
-            exif_raw = im.getexif().tobytes()
-        except Exception:
-            exif_raw = None
+        exif_raw = _tiff_exif(im)
+        if exif_raw is not None and len(exif_raw) > MAX_EXIF_BYTES:
+            raise _too_large("exif", len(exif_raw), MAX_EXIF_BYTES)
     exif = load_exif(exif_raw if isinstance(exif_raw, bytes) else None)
     orientation = 1 if fmt == "heif" else orientation_of(exif)
     xmp = info.get("xmp")
     if fmt == "tiff" and not xmp:
         xmp = _tag_bytes(getattr(im, "tag_v2", {}).get(700))
+    for block in dropped:
+        LOGGER.warning("%s over its cap; dropped", _BLOCKS[block])
+    lost = list(dropped)
+    xmp = _capped("xmp", bytes(xmp) if isinstance(xmp, bytes | bytearray) else None,
+                  MAX_XMP_BYTES, lost)
+    iptc = _capped("iptc", _read_iptc(im, fmt), MAX_IPTC_BYTES, lost)
     return ImageMetadata(
         exif=exif.tobytes()[len(EXIF_PREFIX):] if exif is not None and len(exif) else None,
-        xmp=bytes(xmp) if isinstance(xmp, bytes | bytearray) and xmp else None,
-        iptc=_read_iptc(im, fmt),
+        xmp=xmp or None,
+        iptc=iptc,
         icc_profile=info.get("icc_profile") or None,
         dpi=_dpi(info.get("dpi"), exif),
+        dropped=tuple(sorted(set(lost))),
     ), orientation
+
+
+_BLOCKS = {"icc": "ICC profile", "exif": "EXIF block", "xmp": "XMP packet", "iptc": "IPTC block"}
+
+
+def _too_large(block: str, size: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the image's {_BLOCKS[block]} is {size} bytes; the largest accepted is {limit}",
+        code="metadata_too_large", block=block, size=size, limit=limit,
+    )
+
+
+def check_blocks(info: Mapping[str, Any]) -> None:
+    """Refuse an image whose ICC profile or EXIF block (as a Pillow header read left them in
+    ``info``) is over its cap: both change how the pixels look, so they are not dropped."""
+    for block, key, limit in (("icc", "icc_profile", MAX_ICC_BYTES), ("exif", "exif", MAX_EXIF_BYTES)):
+        value = info.get(key)
+        if isinstance(value, bytes | bytearray) and len(value) > limit:
+            raise _too_large(block, len(value), limit)
+
+
+def _capped(block: str, value: bytes | None, limit: int, lost: list[str]) -> bytes | None:
+    if value is not None and len(value) > limit:
+        LOGGER.warning("%s of %d bytes is over its cap (%d); dropped", _BLOCKS[block], len(value), limit)
+        lost.append(block)
+        return None
+    return value
+
+
+def _tiff_exif(im: Image.Image) -> bytes | None:
+    """A TIFF's EXIF is its own first page directory: only what describes the photo is kept
+    (not its layout, nor the blocks carried on their own)."""
+    try:
+        exif = im.getexif()
+        for tag in (_LAYOUT_TAGS | _TIFF_NOT_EXIF) & set(exif):
+            del exif[tag]
+        return exif.tobytes()
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------- PNG text
+
+
+_PNG_TEXT = frozenset({b"tEXt", b"zTXt", b"iTXt"})
+_PNG_XMP_KEYWORD = b"XML:com.adobe.xmp"
+
+
+def png_for_pillow(data: bytes) -> tuple[bytes, tuple[str, ...]]:
+    """The PNG as Pillow may open it, and the blocks dropped on the way.
+
+    One walk over the chunk headers: text chunks are removed (none but the first XMP
+    ``iTXt`` is carried to the output; this way no ``zTXt`` is ever inflated), and so is an
+    XMP over ``MAX_XMP_BYTES``. An ICC profile (``iCCP``, measured by inflating at most one
+    byte past the cap) or an ``eXIf`` over its cap is refused. The bytes are copied only when
+    a chunk is removed.
+    """
+    parts: list[bytes] = []
+    dropped: set[str] = set()
+    kept_from, pos, xmp_seen = 0, 8, False
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        body, end = pos + 8, pos + 12 + length
+        if kind == b"IEND" or end > len(data):
+            break  # the rest is the decoder's to judge
+        if kind == b"iCCP":
+            name_end = data.find(b"\0", body, min(body + 80, end - 4))  # name, NUL, method
+            size = _inflated_size(data, name_end + 2, end - 4, MAX_ICC_BYTES) if name_end >= 0 else 0
+            if size > MAX_ICC_BYTES:
+                raise _too_large("icc", size, MAX_ICC_BYTES)
+        elif kind == b"eXIf" and length > MAX_EXIF_BYTES:
+            raise _too_large("exif", length, MAX_EXIF_BYTES)
+        elif kind in _PNG_TEXT:
+            keep = False
+            if kind == b"iTXt" and not xmp_seen and data.startswith(_PNG_XMP_KEYWORD + b"\0", body):
+                xmp_seen = True
+                keep = _itxt_size(data, body + len(_PNG_XMP_KEYWORD) + 1, end - 4) <= MAX_XMP_BYTES
+                if not keep:
+                    dropped.add("xmp")  # logged where it is decoded (``read_metadata``)
+            if not keep:
+                parts.append(data[kept_from:pos])
+                kept_from = end
+        pos = end
+    if not parts:
+        return data, ()
+    parts.append(data[kept_from:])
+    return b"".join(parts), tuple(sorted(dropped))
+
+
+def _itxt_size(data: bytes, pos: int, end: int) -> int:
+    """The text size of an iTXt body from after its keyword: flag, method, language\0,
+    translated keyword\0, text (inflated when the flag says so)."""
+    if pos + 2 > end:
+        return 0
+    compressed = data[pos]
+    lang_end = data.find(b"\0", pos + 2, end)
+    text = data.find(b"\0", lang_end + 1, end) + 1 if lang_end >= 0 else 0
+    if text <= 0:
+        return 0
+    if not compressed:
+        return end - text
+    return _inflated_size(data, text, end, MAX_XMP_BYTES)
+
+
+def _inflated_size(data: bytes, start: int, end: int, limit: int) -> int:
+    """How many bytes ``data[start:end]`` inflates to, counting no further than ``limit + 1``
+    (so the work is bounded by the cap, whatever the ratio); 0 when it is not zlib data."""
+    if start < 0 or start >= end:
+        return 0
+    try:
+        return len(zlib.decompressobj().decompress(data[start:end], limit + 1))
+    except zlib.error:
+        return 0
 
 
 def _tag_bytes(value: Any) -> bytes | None:
@@ -160,14 +320,16 @@ def prepare(
     if mode not in METADATA_MODES:
         raise ValueError(f"metadata mode {mode!r}")
     no_gps = mode == "keep-no-gps"
+    xmp = _prepare_xmp(meta.xmp, no_gps, width, height)
     return replace(
         meta,
         exif=_prepare_exif(meta.exif, no_gps, width, height, dpi),
-        xmp=_prepare_xmp(meta.xmp, no_gps, width, height),
+        xmp=xmp,
         iptc=_drop_iptc_places(meta.iptc) if no_gps and meta.iptc else meta.iptc,
         icc_profile=icc_profile,
         dpi=dpi,
         size=(width, height),
+        dropped=tuple(sorted({*meta.dropped, "xmp"})) if meta.xmp and not xmp else meta.dropped,
     )
 
 
@@ -198,26 +360,90 @@ def _prepare_exif(
 def _prepare_xmp(raw: bytes | None, no_gps: bool, width: int, height: int) -> bytes | None:
     if not raw:
         return None
-    text = raw.decode("utf-8", "replace")
-    text = _xmp_set(text, "tiff:Orientation", "1")
-    text = _xmp_set(text, "exif:PixelXDimension", str(width))
-    text = _xmp_set(text, "exif:PixelYDimension", str(height))
-    text = _xmp_set(text, "tiff:ImageWidth", str(width))
-    text = _xmp_set(text, "tiff:ImageLength", str(height))
-    text = _xmp_drop(text, _XMP_DROP_ALWAYS)
-    if no_gps:
-        text = _xmp_drop(text, _XMP_DROP_NO_GPS)
+    values = {
+        "tiff:Orientation": "1",
+        "exif:PixelXDimension": str(width),
+        "exif:PixelYDimension": str(height),
+        "tiff:ImageWidth": str(width),
+        "tiff:ImageLength": str(height),
+    }
+    text = edit_xmp(raw.decode("utf-8", "replace"), values, no_gps)
+    if text is None:
+        LOGGER.warning("XMP packet with an unclosed element to remove; dropped")
+        return None
     return text.encode("utf-8")
 
 
-def _xmp_set(text: str, name: str, value: str) -> str:
-    text = re.sub(rf'({re.escape(name)}\s*=\s*")[^"]*(")', rf"\g<1>{value}\g<2>", text)
-    return re.sub(rf"(<{re.escape(name)}>)[^<]*(</{re.escape(name)}>)", rf"\g<1>{value}\g<2>", text)
+# A tag: ``<`` to ``>``, where a quoted value may hold ``>`` but nothing holds ``<`` (XML
+# forbids it in attribute values). A match never crosses a ``<``, so trying one at every
+# ``<`` costs, all together, one pass over the text.
+_XMP_TAG = re.compile(r"""<[^<>"']*(?:(?:"[^"<]*"|'[^'<]*')[^<>"']*)*>""")
+_XMP_NAME = re.compile(r"</?([^\s/>]+)")
+# An attribute with the one whitespace character before it (so a removed one leaves none).
+_XMP_ATTR = re.compile(r"""(\s)([^\s=/>"']+)(\s*=\s*)("[^"]*"|'[^']*')""")
+_XMP_PLACES = frozenset({
+    "photoshop:City", "photoshop:State", "photoshop:Country", "Iptc4xmpCore:Location",
+    "Iptc4xmpCore:CountryCode",
+})
 
 
-def _xmp_drop(text: str, names: str) -> str:
-    text = re.sub(rf'\s(?:{names})\s*=\s*"[^"]*"', "", text)
-    return re.sub(rf"<({names})\b[^>]*?(?:/>|>.*?</\1\s*>)", "", text, flags=re.S)
+def _xmp_removed(name: str, no_gps: bool) -> bool:
+    """XMP properties that hold a thumbnail, or (``no_gps``) locate the photo."""
+    if name == "xmp:Thumbnails" or name.startswith(("xapGImg:", "xmpGImg:")):
+        return True
+    return no_gps and (
+        (name.startswith("exif:GPS") and len(name) > 8)
+        or name.startswith("Iptc4xmpExt:Location") or name in _XMP_PLACES
+    )
+
+
+def edit_xmp(text: str, values: Mapping[str, str], no_gps: bool) -> str | None:
+    """``text`` with the properties named in ``values`` set (attributes, or elements holding
+    only text) and the thumbnail (and, ``no_gps``, location) properties removed, nested
+    content included. None when an element to remove is never closed: where it ends cannot be
+    known, so the packet is not kept. One pass over the tags: linear in ``len(text)``."""
+    out: list[str] = []
+    last = 0  # text[last:] is not written yet
+    skipping, depth = "", 0  # an element being removed, and how deep in it (same name)
+    setting = ""  # the element whose start tag was the last tag: its text may be set
+
+    def attribute(m: re.Match[str]) -> str:
+        name = m.group(2)
+        if _xmp_removed(name, no_gps):
+            return ""
+        if name in values:
+            quote = m.group(4)[0]
+            return f"{m.group(1)}{name}{m.group(3)}{quote}{values[name]}{quote}"
+        return m.group()
+
+    for m in _XMP_TAG.finditer(text):
+        tag = m.group()
+        found = _XMP_NAME.match(tag)
+        name = found.group(1) if found else ""
+        closing, empty = tag.startswith("</"), tag.endswith("/>")
+        if skipping:
+            if name == skipping and not empty:
+                depth += -1 if closing else 1
+                if not depth:
+                    skipping, last = "", m.end()
+            continue
+        if not closing and _xmp_removed(name, no_gps):
+            out.append(text[last:m.start()])
+            last, setting = m.end(), ""
+            if not empty:
+                skipping, depth = name, 1
+            continue
+        if setting and closing and name == setting:
+            out.append(values[name])
+        else:
+            out.append(text[last:m.start()])
+        out.append(_XMP_ATTR.sub(attribute, tag) if "=" in tag and not closing else tag)
+        last = m.end()
+        setting = name if name in values and not closing and not empty else ""
+    if skipping:
+        return None
+    out.append(text[last:])
+    return "".join(out)
 
 
 def _drop_iptc_places(iim: bytes) -> bytes | None:
