@@ -44,7 +44,6 @@ LOGGER = logging.getLogger(__name__)
 
 INFO_TIMEOUT_S = 5.0
 INFO_TTL_S = 2.0
-INLINE_PROBE_BYTES = 256 * 1024  # larger bodies are probed on a thread, off the event loop
 MODEL_DEPLOYMENT = "Enhancer"
 STATE_TTL_S = 1.0  # how long one look at Serve's controller answers /readyz
 STATE_TIMEOUT_S = 5.0
