@@ -276,7 +276,13 @@ class JobsConfig(_Section):
         "besides <data_dir>/inputs and <data_dir>/outputs.",
     )
     max_json_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, description="Largest JSON body of POST /v1/jobs."
+        6 * 1024 * 1024, ge=1024, description="Largest JSON body of POST /v1/jobs (413): "
+        "room for max_json_inputs URIs of ~80 bytes. A larger job names an input_prefix "
+        "(listed lazily) or is split, so that parsing a body stays within ~64 MiB.",
+    )
+    max_json_inputs: int = Field(
+        100_000, ge=1, description="Most `inputs` in one JSON job body (413 too_many_inputs, "
+        "counted on the bytes before the body is parsed).",
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     max_fetches_per_job: int = Field(4, ge=1, description="Input fetches in flight in one job.")
@@ -336,6 +342,11 @@ class HttpConfig(_Section):
         "most half of ingress.max_ongoing_requests, so streams never fill the ingress.",
     )
     max_streams_per_job: int = Field(4, ge=1)
+    max_streams_per_key: int | None = Field(
+        None, ge=1, description="Open event streams one API key may hold per ingress replica "
+        "(429 too_many_key_streams), so one key cannot take every slot; None: a quarter of "
+        "max_streams (at least 1). Not applied with keys off.",
+    )
     stream_heartbeat_s: float = Field(15.0, gt=0, description="Keep-alive comment interval.")
     stream_idle_timeout_s: float = Field(
         300.0, gt=0, description="A stream whose job has not changed for this long ends."
@@ -346,6 +357,11 @@ class HttpConfig(_Section):
         "discarded so simple clients can read the answer; beyond this the connection closes.",
     )
     drain_timeout_s: float = Field(10.0, ge=0, description="Time bound of that drain.")
+
+    def streams_per_key(self) -> int:
+        """The per-key share of ``max_streams`` in force (never above it)."""
+        share = self.max_streams_per_key or max(1, self.max_streams // 4)
+        return min(share, self.max_streams)
 
 
 class AppConfig(_Section):

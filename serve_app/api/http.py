@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from python_multipart.multipart import parse_options_header
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -87,18 +90,64 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_json_body(request: Request, limit: int = 64 * 1024) -> Any:
+async def read_json_body(
+    request: Request, limit: int = 64 * 1024, *, max_values: int | None = None,
+    advice: str = "", too_many: str = "too_many_values",
+) -> Any:
     """The JSON body, which must be sent as ``application/json`` (a cross-site page cannot
-    send that type without a CORS preflight) and nest at most ``MAX_JSON_DEPTH`` deep."""
+    send that type without a CORS preflight) and nest at most ``MAX_JSON_DEPTH`` deep.
+
+    At most ``limit`` bytes (413 ``payload_too_large``) and ``max_values`` values (413
+    ``too_many``), counted on the bytes before any Python object is built: a parsed JSON
+    value costs up to 70 times its bytes (``[],`` is a 72-byte list per 3 bytes).
+    ``advice`` ends either message (what to send instead).
+    """
     if _media_type(request) != "application/json":
         raise UnsupportedMediaType(
             "send the body as JSON with 'Content-Type: application/json'",
             code="unsupported_media_type",
         )
-    body = await read_body(request, limit)
+    body = bytearray()  # json.loads takes it as it is: no joined copy of the chunks
+    try:
+        async for chunk in limit_body(request, limit).stream():
+            body += chunk
+    except PayloadTooLarge as exc:
+        raise PayloadTooLarge(f"{exc.message}{advice}", max_bytes=limit) from None
     if not body.strip():
         return {}
+    if max_values is not None and count_json_values(body, max_values) > max_values:
+        raise PayloadTooLarge(
+            f"the body holds more than {max_values} JSON values{advice}",
+            code=too_many, max_values=max_values,
+        )
     return loads(body, "body")
+
+
+# A JSON string (escapes included; possessive, so linear even when one never ends), or a
+# comma or an opening bracket.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[,\[{]', re.DOTALL)
+
+
+def count_json_values(body: bytes | bytearray, stop: int) -> int:
+    """An upper bound of the values and object members in a JSON text, from its bytes
+    alone, exact up to ``stop`` (past it, some number above ``stop``).
+
+    Every element or member but the first of its container follows a comma, so: commas +
+    containers + 1 (exact but for empty containers). Counted at C speed over the whole body
+    first; only when that passes ``stop`` (commas inside strings count there too) are the
+    strings skipped, token by token, stopping at ``stop``: the work is bounded by the limit,
+    not by the body.
+    """
+    count = body.count(b",") + body.count(b"[") + body.count(b"{") + 1
+    if count <= stop:
+        return count
+    count = 1
+    for token in _JSON_TOKEN.finditer(body):
+        if body[token.start()] != ord('"'):
+            count += 1
+            if count > stop:
+                break
+    return count
 
 
 def loads(text: str | bytes, what: str) -> Any:
@@ -133,7 +182,8 @@ def _depth(value: Any) -> int:
         deepest = max(deepest, level)
         if deepest > MAX_JSON_DEPTH:
             break
-        stack.extend((child, level + 1) for child in children)
+        # Containers only: a tuple per scalar cost 64 bytes each (1 GB for a 63 MiB body).
+        stack.extend((c, level + 1) for c in children if isinstance(c, dict | list))
     return deepest
 
 
@@ -157,6 +207,7 @@ async def read_image_request(request: Request, limits: LimitsConfig) -> ImageReq
     if media_type != "multipart/form-data":
         return ImageRequest(await read_body(request, limits.max_bytes), options)
 
+    check_multipart_boundary(request.headers.get("content-type", ""))
     limited = limit_body(request, limits.max_bytes + MULTIPART_OVERHEAD)
     form = await limited.form(max_files=1, max_fields=len(OPTION_NAMES) + 4)
     try:
@@ -180,6 +231,43 @@ async def read_image_request(request: Request, limits: LimitsConfig) -> ImageReq
     finally:
         await form.close()
     return ImageRequest(data, options)
+
+
+# RFC 2046 section 5.1.1: 1-70 of these characters, the last not a space.
+_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]\Z")
+
+
+def check_multipart_boundary(content_type: str) -> None:
+    """400 ``bad_request`` unless the multipart boundary is one RFC 2046 allows (the
+    multipart parser refuses some others, past 256 characters, with an error of its own)."""
+    _, params = parse_options_header(content_type)
+    if not _BOUNDARY.match(params.get(b"boundary", b"")):
+        raise InvalidRequest(
+            "the multipart boundary must be 1 to 70 characters of RFC 2046's set",
+            code="bad_request",
+        )
+
+
+class ItemIndex(Convertor[int]):
+    """``{index:item_index}``: an item's index in a path, parsed with a bounded check.
+
+    Starlette's ``int`` convertor calls ``int()`` on any run of digits, and 5000 of them pass
+    Python's int-string limit (ValueError, a 500). More than 10 significant digits is past
+    any job's list: it becomes 2**31, answered (404) as any index past the list.
+    """
+
+    regex = "[0-9]+"
+    PAST_ANY_LIST = 1 << 31
+
+    def convert(self, value: str) -> int:
+        digits = value.lstrip("0")
+        return int(digits or "0") if len(digits) <= 10 else self.PAST_ANY_LIST
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+register_url_convertor("item_index", ItemIndex())
 
 
 # --------------------------------------------------------------------------- options

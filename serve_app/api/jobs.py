@@ -19,13 +19,14 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from serve_app.api.guard import owner_name
-from serve_app.api.http import limit_body, read_json_body
+from serve_app.api.http import check_multipart_boundary, limit_body, read_json_body
 from serve_app.api.streams import JobStreams
 from serve_app.config import AppConfig
 from serve_app.engine import catalog
 from serve_app.errors import (
     InvalidOption,
     InvalidRequest,
+    PayloadTooLarge,
     TooManyRequests,
     UnsupportedMediaType,
 )
@@ -65,8 +66,10 @@ def job_routes(api: JobsApi) -> list[BaseRoute]:
         Route("/v1/jobs/{job_id}", api.get_job, methods=["GET"]),
         Route("/v1/jobs/{job_id}", api.delete_job, methods=["DELETE"]),
         Route("/v1/jobs/{job_id}/items", api.items, methods=["GET"]),
-        Route("/v1/jobs/{job_id}/items/{index:int}/result", api.item_result, methods=["GET"]),
-        Route("/v1/jobs/{job_id}/items/{index:int}/source", api.item_source, methods=["GET"]),
+        Route("/v1/jobs/{job_id}/items/{index:item_index}/result", api.item_result,
+              methods=["GET"]),
+        Route("/v1/jobs/{job_id}/items/{index:item_index}/source", api.item_source,
+              methods=["GET"]),
         Route("/v1/jobs/{job_id}/events", api.events, methods=["GET"]),
         WebSocketRoute("/v1/jobs/{job_id}/ws", api.websocket),
         Route("/v1/jobs/{job_id}/results.zip", api.results_zip, methods=["GET"]),
@@ -98,6 +101,7 @@ class JobsApi:
         if owner is not None:
             await self._check_quota(owner)
         if media_type == "multipart/form-data":
+            check_multipart_boundary(request.headers["content-type"])
             declared = request.headers.get("content-length", "")
             limited = limit_body(request, self.intake.upload_limit())
             snapshot = await self.intake.submit_upload(
@@ -108,7 +112,7 @@ class JobsApi:
                 namespace=self.owner_of(request),
             )
         elif media_type in ("application/json", ""):  # no type: read_json_body answers 415
-            body = await read_json_body(request, self.config.jobs.max_json_bytes)
+            body = await self._read_job_body(request)
             snapshot = await self.intake.submit(body, owner=owner,
                                                 namespace=self.owner_of(request))
         else:
@@ -120,6 +124,24 @@ class JobsApi:
         job_id = snapshot["job_id"]
         body = {**snapshot, "urls": _urls(job_id)}
         return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+    async def _read_job_body(self, request: Request) -> Any:
+        """A JSON job body within ``jobs.max_json_bytes`` and ``max_json_inputs`` (413):
+        counted before it is parsed, so a hostile body costs the ingress little memory."""
+        jobs = self.config.jobs
+        advice = ("; for a larger job name an 'input_prefix' (a folder or bucket prefix, "
+                  "listed as the job runs) or split it into several jobs")
+        body = await read_json_body(
+            request, jobs.max_json_bytes, max_values=jobs.max_json_inputs + JSON_ROOM,
+            advice=advice, too_many="too_many_inputs",
+        )
+        inputs = body.get("inputs") if isinstance(body, dict) else None
+        if isinstance(inputs, list) and len(inputs) > jobs.max_json_inputs:
+            raise PayloadTooLarge(
+                f"{len(inputs)} inputs; the limit is {jobs.max_json_inputs}{advice}",
+                code="too_many_inputs", max_values=jobs.max_json_inputs,
+            )
+        return body
 
     async def _check_models(self, options: EnhanceOptions) -> None:
         """A job naming an added model the model replicas do not know, or one of the wrong
@@ -248,13 +270,15 @@ class JobsApi:
     async def events(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
         owner = self.owner_of(request)
-        return await self.streams.events(job_id, lambda: self.reader.progress(job_id, owner=owner))
+        return await self.streams.events(job_id, lambda: self.reader.progress(job_id, owner=owner),
+                                         key=owner_name(request))
 
     async def websocket(self, websocket: WebSocket) -> None:
         job_id = websocket.path_params["job_id"]
         owner = self.owner_of(websocket)
         await self.streams.websocket(
-            websocket, job_id, lambda: self.reader.progress(job_id, owner=owner)
+            websocket, job_id, lambda: self.reader.progress(job_id, owner=owner),
+            key=owner_name(websocket),
         )
 
 

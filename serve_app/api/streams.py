@@ -1,8 +1,9 @@
 """Bounded progress streams (server-sent events and WebSocket) of one job.
 
-Every stream holds a slot: at most ``http.max_streams`` per ingress replica (503 when full)
-and ``http.max_streams_per_job`` per job (429), so streams can never take all of the
-ingress's concurrent requests. A stream sends a heartbeat (an SSE comment) every
+Every stream holds a slot: at most ``http.max_streams`` per ingress replica (503 when full),
+a fair share of them per API key (``http.max_streams_per_key``, 429 ``too_many_key_streams``,
+so one key cannot leave another none) and ``http.max_streams_per_job`` per job (429), so
+streams can never take all of the ingress's concurrent requests. A stream sends a heartbeat (an SSE comment) every
 ``http.stream_heartbeat_s``, and it ends:
 
 - after the job's final state (``end`` reason ``finished``),
@@ -37,19 +38,29 @@ Progress = Callable[[], AsyncIterator[dict[str, Any]]]
 
 
 class StreamSlots:
-    """Counts of open streams, in total and per job (one ingress replica)."""
+    """Counts of open streams, in total, per API key and per job (one ingress replica)."""
 
-    def __init__(self, total: int, per_job: int) -> None:
+    def __init__(self, total: int, per_job: int, per_key: int | None = None) -> None:
         self.total = total
         self.per_job = per_job
+        self.per_key = per_key or total
         self._open: Counter[str] = Counter()
+        self._by_key: Counter[str] = Counter()
 
     @property
     def open(self) -> int:
         return sum(self._open.values())
 
-    def acquire(self, job_id: str) -> Callable[[], None]:
-        """Take a slot for ``job_id``; returns its (idempotent) release."""
+    def acquire(self, job_id: str, key: str | None = None) -> Callable[[], None]:
+        """Take a slot for ``job_id`` on behalf of ``key`` (None: keys off or a handle, no
+        per-key share); returns its (idempotent) release."""
+        # The key's own share first: a key at its share is told so (429), not that the
+        # server is full.
+        if key is not None and self._by_key[key] >= self.per_key:
+            raise TooManyRequests(
+                f"this key already has {self.per_key} open event streams, its share; "
+                "close one first", code="too_many_key_streams", retry_after_s=5,
+            )
         if self.open >= self.total:
             raise Overloaded(
                 "too many open event streams; retry later", code="too_many_streams",
@@ -61,30 +72,40 @@ class StreamSlots:
                 code="too_many_streams", retry_after_s=5,
             )
         self._open[job_id] += 1
+        if key is not None:
+            self._by_key[key] += 1
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self._open[job_id] -= 1
-                if self._open[job_id] <= 0:
-                    del self._open[job_id]
+                _take_one(self._open, job_id)
+                if key is not None:
+                    _take_one(self._by_key, key)
 
         return release
+
+
+def _take_one(counts: Counter[str], name: str) -> None:
+    counts[name] -= 1
+    if counts[name] <= 0:
+        del counts[name]
 
 
 class JobStreams:
     def __init__(self, config: HttpConfig) -> None:
         self.config = config
-        self.slots = StreamSlots(config.max_streams, config.max_streams_per_job)
+        self.slots = StreamSlots(config.max_streams, config.max_streams_per_job,
+                                 config.streams_per_key())
 
-    async def events(self, job_id: str, progress: Progress) -> Response:
+    async def events(self, job_id: str, progress: Progress, key: str | None = None) -> Response:
         """An SSE response of ``progress()`` snapshots; errors before the first one (404)
-        are raised, so they get their JSON answer."""
+        are raised, so they get their JSON answer. ``key``: the API key's name, whose
+        share of the slots the stream takes."""
         from sse_starlette import EventSourceResponse
 
-        release = self.slots.acquire(job_id)
+        release = self.slots.acquire(job_id, key)
         try:
             snapshots = self._bounded(progress())
             first = await anext(snapshots)
@@ -107,10 +128,11 @@ class JobStreams:
         return EventSourceResponse(body, ping=self.config.stream_heartbeat_s,
                                    headers={"Cache-Control": "no-cache"})
 
-    async def websocket(self, websocket: WebSocket, job_id: str, progress: Progress) -> None:
+    async def websocket(self, websocket: WebSocket, job_id: str, progress: Progress,
+                        key: str | None = None) -> None:
         await websocket.accept()
         try:
-            release = self.slots.acquire(job_id)
+            release = self.slots.acquire(job_id, key)
         except PhotoEnhanceError as exc:
             await _ws_error(websocket, exc)
             return

@@ -10,16 +10,19 @@ field's size.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from serve_app.errors import InvalidRequest, PayloadTooLarge
 from serve_app.jobs.naming import spool_name
 
+LOGGER = logging.getLogger(__name__)
 FILE_FIELDS = frozenset({"files", "file"})
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 64
@@ -152,19 +155,12 @@ class UploadSpooler:
         boundary = params.get(b"boundary")
         if not boundary:
             raise InvalidRequest("multipart body without a boundary", code="invalid_multipart")
+        try:
+            # The parser refuses some boundaries itself (over 256 bytes): a client's error.
+            parser = MultipartParser(boundary, self._callbacks())
+        except FormParserError as exc:
+            raise _bad_multipart(exc) from None
         self.folder.mkdir(parents=True, exist_ok=True)
-        parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": self._on_part_begin,
-                "on_part_data": self._on_part_data,
-                "on_part_end": self._on_part_end,
-                "on_header_field": self._on_header_field,
-                "on_header_value": self._on_header_value,
-                "on_header_end": self._on_header_end,
-                "on_headers_finished": self._on_headers_finished,
-            },
-        )
         try:
             async for chunk in stream:
                 try:
@@ -172,7 +168,7 @@ class UploadSpooler:
                 except (InvalidRequest, PayloadTooLarge):
                     raise
                 except Exception as exc:
-                    raise InvalidRequest(f"bad multipart body: {exc}", code="invalid_multipart") from None
+                    raise _bad_multipart(exc) from None
                 if self._writes or self._closing:
                     await asyncio.to_thread(self._flush)
             parser.finalize()
@@ -180,3 +176,20 @@ class UploadSpooler:
             for f in self._open:
                 f.close()
         return self.result
+
+    def _callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self._on_part_begin,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+        }
+
+
+def _bad_multipart(exc: Exception) -> InvalidRequest:
+    # The parser's own words stay in the log: answers carry the server's messages only.
+    LOGGER.info("multipart upload refused: %s", exc)
+    return InvalidRequest("the multipart body is malformed", code="invalid_multipart")
