@@ -522,9 +522,10 @@ def test_stream_is_read_to_its_end(http, images):
 
 @pytest.fixture(scope="module")
 def keyed_url(serve_url: str, serve_args: dict[str, Any],
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """A second application with keys on, under its own prefix (the dev one stays keys-off).
-    Generous rate limits: a page makes a request per card."""
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+    """A second application with keys on, under its own prefix (the dev one stays keys-off):
+    its URL, ann's key and bob's (both users). Generous rate limits: a page makes a request
+    per card."""
     auth = pytest.importorskip("serve_app.auth")
     from ray import serve
 
@@ -532,6 +533,7 @@ def keyed_url(serve_url: str, serve_args: dict[str, Any],
 
     base = tmp_path_factory.mktemp("webkeyed")
     key = auth.append_key(base / "keys", "ann", "user")[0]
+    other = auth.append_key(base / "keys", "bob", "user")[0]
     args = {
         **serve_args,
         "name": "photoenhance-webkeyed",
@@ -542,7 +544,7 @@ def keyed_url(serve_url: str, serve_args: dict[str, Any],
     }
     serve.run(build_app(args), name="photoenhance-webkeyed", route_prefix="/webkeyed")
     try:
-        yield serve_url + "/webkeyed", key
+        yield serve_url + "/webkeyed", key, other
     finally:
         serve.delete("photoenhance-webkeyed")
 
@@ -550,7 +552,7 @@ def keyed_url(serve_url: str, serve_args: dict[str, Any],
 def test_api_key_asked_once_kept_and_sent(open_page, keyed_url, images):
     from playwright.sync_api import expect
 
-    url, key = keyed_url
+    url, key, _ = keyed_url
     headers = {"authorization": f"Bearer {key}"}
     data = images.cv2_bytes(images.array(32, 48), ".png")
     with httpx.Client(base_url=url, timeout=120) as client:
@@ -585,6 +587,67 @@ def test_api_key_asked_once_kept_and_sent(open_page, keyed_url, images):
     with zipfile.ZipFile(io.BytesIO(Path(dl.value.path()).read_bytes())) as z:
         assert len(z.namelist()) == 1
     w.assert_clean()
+
+
+def ended(client: httpx.Client, job_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    """The job's snapshot once it has ended (the event stream ends with its final state)."""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
+        assert r.status_code == 200
+        for _ in r.iter_text():
+            pass
+    snap = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+    assert ENDED.match(snap["state"]), snap
+    return snap
+
+
+def test_retry_failed_items_route(keyed_url, shared_data, images):
+    """POST /v1/jobs/{id}/retry: a new job over the failed items' kept originals, the same
+    owner's, with the old options or new ones; another key's job 404, nothing failed 409,
+    bad options 422."""
+    url, key, other = keyed_url
+    ann, bob = ({"authorization": f"Bearer {k}"} for k in (key, other))
+    good = images.cv2_bytes(images.array(32, 48), ".png")
+    broken = (shared_data / "bad" / "truncated.jpg").read_bytes()
+    files = [("files", ("day1/ok.png", good, "image/png")),
+             ("files", ("day1/broken.jpg", broken, "image/jpeg"))]
+    with httpx.Client(base_url=url, timeout=120) as c:
+        r = c.post("/v1/jobs", files=files, data={"upscale": "1", "face": "false"}, headers=ann)
+        assert r.status_code == 202, r.text
+        job = r.json()["job_id"]
+        assert ended(c, job, ann)["counts"]["failed"] == 1
+
+        r = c.post(f"/v1/jobs/{job}/retry", headers=bob)  # not bob's: not even there
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "job_not_found")
+        r = c.post(f"/v1/jobs/{job}/retry", json={"options": {"upscale": 3}}, headers=ann)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_option")
+        r = c.post(f"/v1/jobs/{job}/retry", json={"inputs": ["/etc/passwd"]}, headers=ann)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_request")
+        r = c.post(f"/v1/jobs/{job}/retry", json={"options": {"upscale": 2, "face": False}},
+                   headers=ann)
+        assert r.status_code == 202, r.text
+        again = r.json()["job_id"]
+        assert again != job and r.json()["total"] == 1
+        assert c.get(f"/v1/jobs/{again}", headers=bob).status_code == 404  # ann's job
+        snap = ended(c, again, ann)
+        assert snap["options"]["upscale"] == 2 and snap["kind"] == "upload"
+        row = items_of(c, again, ann)[0]
+        assert (row["status"], row["source"]) == ("failed", "day1/broken.jpg")
+        assert c.get(f"/v1/jobs/{again}/items/0/source", headers=ann).content == broken
+
+        # No body: the old job's options.
+        r = c.post(f"/v1/jobs/{again}/retry", headers=ann)
+        assert r.status_code == 202, r.text
+        assert ended(c, r.json()["job_id"], ann)["options"]["upscale"] == 2
+
+        ok = c.post("/v1/jobs", files=files[:1], data={"upscale": "1", "face": "false"},
+                    headers=ann).json()["job_id"]
+        assert ended(c, ok, ann)["state"] == "completed"
+        r = c.post(f"/v1/jobs/{ok}/retry", headers=ann)
+        assert (r.status_code, r.json()["error"]["code"]) == (409, "no_failed_items")
+
+
+def items_of(client: httpx.Client, job_id: str, headers: dict[str, str]) -> list[dict[str, Any]]:
+    return client.get(f"/v1/jobs/{job_id}/items", headers=headers).json()["items"]
 
 
 # ---------------------------------------------------------------------------- screenshots

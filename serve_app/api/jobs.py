@@ -74,6 +74,7 @@ def job_routes(api: JobsApi) -> list[BaseRoute]:
         WebSocketRoute("/v1/jobs/{job_id}/ws", api.websocket),
         Route("/v1/jobs/{job_id}/results.zip", api.results_zip, methods=["GET"]),
         Route("/v1/jobs/{job_id}/manifest.jsonl", api.manifest, methods=["GET"]),
+        Route("/v1/jobs/{job_id}/retry", api.retry, methods=["POST"]),
         Route("/v1/jobs/{job_id}/{action:str}", api.control, methods=["POST"]),
     ]
 
@@ -260,6 +261,23 @@ class JobsApi:
             owner=self.owner_of(request),
         )
         return JSONResponse(snapshot)
+
+    async def retry(self, request: Request) -> Response:
+        """A new job over this job's failed items (body: optional ``{"options": {...}}``)."""
+        owner = owner_name(request)
+        if owner is not None:
+            await self._check_quota(owner)
+        empty = request.headers.get("content-length") == "0" and "content-type" not in request.headers
+        body = {} if empty else await read_json_body(request, JSON_ROOM * 64)
+        if not isinstance(body, dict) or set(body) - {"options"}:
+            raise InvalidRequest("send {} or {\"options\": {...}}", code="invalid_request")
+        snapshot = await self.intake.retry(
+            request.path_params["job_id"], body.get("options"), owner=self.owner_of(request),
+            namespace=self.owner_of(request),
+        )
+        job_id = snapshot["job_id"]
+        return JSONResponse({**snapshot, "urls": _urls(job_id)}, status_code=202,
+                            headers={"Location": f"/v1/jobs/{job_id}"})
 
     async def delete_job(self, request: Request) -> Response:
         await self.intake.delete(request.path_params["job_id"], owner=self.owner_of(request))

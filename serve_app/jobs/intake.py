@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -22,13 +23,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve_app.config import MULTIPART_OVERHEAD, AppConfig
-from serve_app.errors import InvalidOption, InvalidRequest, NotFound
+from serve_app.errors import Conflict, InvalidOption, InvalidRequest, NotFound
 from serve_app.jobs import manager as mgr
 from serve_app.jobs import sources, webhooks
 from serve_app.jobs.gate import Gate, HostUnresolved, parse_url, protocol_of
-from serve_app.jobs.naming import new_job_id
+from serve_app.jobs.naming import new_job_id, spool_name
 from serve_app.jobs.reader import JobReader
-from serve_app.jobs.spec import JobSpec
+from serve_app.jobs.spec import JOB_JSON, JobSpec, read_json
 from serve_app.jobs.spool import UploadSpooler
 from serve_app.jobs.storage import Storage, is_local, local_path
 from serve_app.options import EnhanceOptions, resolve_options
@@ -188,6 +189,48 @@ class JobIntake:
 
         return await self._create(folder, spec())
 
+    async def retry(self, job_id: str, options: Mapping[str, Any] | None, *,
+                    owner: str | None = None, namespace: str | None = None) -> dict[str, Any]:
+        """A new job over ``job_id``'s failed items, owned as the old one; its snapshot.
+        ``owner``: as whom the caller reads (None: all). ``options`` None: the old job's
+        options; else resolved afresh (a preset, the rest defaults), as a submission's.
+        An upload's retry reads the kept originals (linked, not copied); another job's, its
+        URIs again (checked by the gate again)."""
+        await self.reader.get(job_id, owner=owner)  # another owner's job: 404
+        failed: list[int] = []
+        while True:
+            page = await self.reader.items(job_id, offset=len(failed), limit=1000,
+                                           status="failed", owner=owner)
+            failed += [row["index"] for row in page["items"]]
+            if not page["items"] or len(failed) >= page["total"]:
+                break
+        if not failed:
+            raise Conflict(f"job {job_id} has no failed items", code="no_failed_items")
+        old = JobSpec.model_validate(
+            await asyncio.to_thread(read_json, self.jobs_dir / job_id / JOB_JSON))
+        owner = old.owner  # the new job is the old one's owner's, whoever asks (an admin)
+        opts = old.options if options is None else self._options(raw_options(options), owner)
+        if self.check is not None:
+            await self.check(opts)
+        pairs = await asyncio.to_thread(_input_pairs, self.jobs_dir / job_id / sources.INPUTS,
+                                        set(failed))
+        new_id = new_job_id()
+        folder = self.jobs_dir / new_id
+        req = JobRequest(priority=old.priority, max_inflight=old.max_inflight)
+
+        async def spec() -> JobSpec:
+            if old.kind != "upload":
+                uris = [source for source, _ in pairs]
+                return await self._uri_spec(new_id, folder, req.model_copy(update={"inputs": uris}),
+                                            opts, owner, namespace)
+            items = await asyncio.to_thread(_link_uploads, pairs, folder / "inputs")
+            await asyncio.to_thread(sources.write_inputs, folder / sources.INPUTS, items)
+            size = sum(Path(p).stat().st_size for p, _ in items)
+            return self._spec(new_id, folder, "upload", req, opts, len(items),
+                              size * opts.upscale**2, owner=owner, namespace=namespace)
+
+        return await self._create(folder, spec())
+
     def _spool_space(self, _: int) -> None:
         # The floor holds for uploads too, checked as they stream (chunked bodies declare
         # no length up front).
@@ -309,6 +352,33 @@ class JobIntake:
         elsewhere stay)."""
         await self.reader.get(job_id, owner=owner)
         await mgr.call_manager(self.config, "delete", job_id)
+
+
+def _input_pairs(path: Path, indices: set[int]) -> list[tuple[str, str]]:
+    """Items ``indices``' (source, name) from a job's item list, read only (a listing job
+    may be appending to it)."""
+    out = []
+    with open(path, "rb") as f:
+        for i, line in enumerate(f):
+            if i in indices and line.endswith(b"\n"):
+                source, name = json.loads(line)
+                out.append((source, name))
+    return out
+
+
+def _link_uploads(pairs: list[tuple[str, str]], folder: Path) -> list[tuple[str, str]]:
+    """Another job's spooled uploads in ``folder``, hard-linked where the file system allows
+    (the originals are never written again), copied where not; (path, client's name) each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for index, (source, name) in enumerate(pairs):
+        target = folder / spool_name(index, name)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+        out.append((str(target), name))
+    return out
 
 
 def _estimate(uris: list[str], count: int) -> int:
