@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/local.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint install lock clean chromium
+.PHONY: serve test lint install lock clean chromium redis
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,7 +29,14 @@ chromium:
 	  { test "$$(id -u)" = 0 && (apt-get update -qq && apt-get install -y -qq chromium) || \
 	    echo "Chromium is missing and cannot be installed here: tests/test_web.py will skip"; }
 
-test: $(STAMP) lint chromium
+# tests/test_head_restart.py keeps the GCS's tables in Debian's redis-server (GCS fault
+# tolerance), started by the test on loopback; installed like Chromium, else the test skips.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server || \
+	  { test "$$(id -u)" = 0 && (apt-get update -qq && apt-get install -y -qq redis-server) || \
+	    echo "redis-server is missing and cannot be installed here: tests/test_head_restart.py will skip"; }
+
+test: $(STAMP) lint chromium redis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lock:

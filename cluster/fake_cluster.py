@@ -4,6 +4,7 @@ load scenario that makes Serve ask for replicas and the Ray autoscaler add and r
 
     .venv/bin/python cluster/fake_cluster.py --out docs/loadtest-fake-cluster
     .venv/bin/python cluster/fake_cluster.py --scale-out 1,2,3   # plumbing scale-out benchmark
+    .venv/bin/python cluster/fake_cluster.py --node-death --out /tmp/node-death   # a node dies
 
 The cluster keeps to itself: its head starts in its own temp dir on free ports (GCS, client
 server, dashboard agent), the fake nodes join that GCS only, and ``shutdown`` ends only the
@@ -360,6 +361,298 @@ def run_scale_out(opts: argparse.Namespace) -> dict[str, Any]:
         return report
 
 
+class Clients:
+    """Interactive clients: each sends a small PNG to ``POST /v1/enhance``, and on a 503 waits
+    its ``Retry-After`` and sends it again, as a client that honours it does, until a 200 (or
+    ``give_up_s``). Every attempt is recorded; an attempt that has no answer within
+    ``deadline_s`` is a hang."""
+
+    def __init__(self, url: str, n: int, deadline_s: float, give_up_s: float = 600.0) -> None:
+        import threading
+
+        self.url, self.deadline_s, self.give_up_s = url, deadline_s, give_up_s
+        self.stop = threading.Event()
+        self.attempts: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True)
+                         for i in range(n)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def join(self) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(self.give_up_s + self.deadline_s + 30)
+
+    def _loop(self, worker: int) -> None:
+        import httpx
+
+        body = png_bytes(worker)
+        with httpx.Client(timeout=self.deadline_s) as client:
+            while not self.stop.is_set():
+                self._one(client, body)
+                time.sleep(0.5)
+
+    def _one(self, client: Any, body: bytes) -> None:
+        import httpx
+
+        first = time.time()
+        tries = 0
+        final: int | str = "gave_up"
+        while time.time() - first < self.give_up_s:
+            tries += 1
+            t0 = time.time()
+            rec: dict[str, Any] = {"t": t0}
+            try:
+                r = client.post(f"{self.url}/v1/enhance?upscale=1&face=false", content=body,
+                                headers={"Content-Type": "image/png"})
+                rec.update(status=r.status_code, retry_after=r.headers.get("Retry-After"))
+                if r.status_code != 200:
+                    with contextlib.suppress(ValueError):
+                        rec["code"] = r.json().get("error", {}).get("code")
+            except httpx.TimeoutException:
+                rec["status"] = "hang"
+            except httpx.HTTPError as exc:
+                rec["status"] = f"transport:{type(exc).__name__}"
+            rec["seconds"] = time.time() - t0
+            with self._lock:
+                self.attempts.append(rec)
+            if rec["status"] != 503 or rec.get("retry_after") is None:
+                final = rec["status"]
+                break
+            time.sleep(min(float(rec["retry_after"]), 30.0))
+        with self._lock:
+            self.requests.append({"t": first, "tries": tries, "final": final,
+                                  "seconds": time.time() - first})
+
+
+def png_bytes(seed: int, side: int = 48) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def model_replicas() -> list[dict[str, Any]]:
+    """The model deployment's replica actors, from the GCS (no dashboard needed):
+    ``{actor_id, node_id, state}``."""
+    import ray
+
+    found = []
+    for actor_id, info in ray._private.state.actors().items():
+        if "Enhancer" in (info.get("ActorClassName") or ""):
+            found.append({"actor_id": actor_id, "node_id": info["Address"]["NodeID"],
+                          "state": info["State"]})
+    return found
+
+
+def gcs_nodes() -> dict[str, dict[str, Any]]:
+    """Every node the GCS knows, alive or dead, by node id."""
+    import ray
+
+    return {n["NodeID"]: n for n in ray.nodes()}
+
+
+def kill_node(temp_dir: Path, node: dict[str, Any]) -> dict[str, Any]:
+    """SIGKILL one fake node as a dead machine would go: its raylet and every process under it
+    (workers, agents), at once. The raylet is found by its socket path among this cluster's
+    own processes only. Fake nodes' raylets share the autoscaler monitor's process group
+    (Ray starts them without ``setsid``), so killing by group would take the head's daemons
+    too: the group is killed only where the raylet leads its own."""
+    import psutil
+
+    socket_name = node["RayletSocketName"]
+    raylets = [p for p in own_processes(temp_dir)
+               if p.name() == "raylet" and f"--raylet_socket_name={socket_name}" in p.cmdline()]
+    if len(raylets) != 1:
+        raise RuntimeError(f"raylet of node {node['NodeID']} not found ({len(raylets)} matches)")
+    [raylet] = raylets
+    family = [raylet, *raylet.children(recursive=True)]
+    names = sorted({p.name() for p in family})
+    pgid = os.getpgid(raylet.pid)
+    by_group = pgid == raylet.pid
+    if by_group:
+        os.killpg(pgid, signal.SIGKILL)
+    for proc in family:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    # They stay zombies until the monitor (their parent) reaps them: wait for that state, not
+    # for their end (psutil.wait_procs would wait its whole timeout).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(p) for p in family):
+        time.sleep(0.05)
+    return {"raylet_pid": raylet.pid, "pids": sorted(p.pid for p in family),
+            "names": names,
+            "killed_by": "process group" if by_group else "raylet and descendants"}
+
+
+def _running(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def run_node_death(opts: argparse.Namespace) -> dict[str, Any]:
+    """A model replica's node is SIGKILLed while a job runs and interactive clients send
+    requests: what they saw, what the job recorded, and when Serve and the autoscaler put
+    the replica and a node back."""
+    import httpx
+    from ray import serve
+
+    from serve_app.config import APP_NAME
+    from serve_app.deployments.app import build_app
+
+    data = Path(tempfile.mkdtemp(prefix="pe-node-death-"))
+    folder = data / "jobs" / "inputs" / "node-death"
+    folder.mkdir(parents=True)
+    for i in range(opts.items):
+        (folder / f"n{i:03d}.png").write_bytes(png_bytes(1000 + i))
+    cluster = cluster_class()(
+        head_resources={"CPU": HEAD_CPUS}, worker_node_types=worker_node_types(opts.max_workers),
+        max_workers=opts.max_workers, idle_timeout_minutes=opts.idle_timeout_min,
+    )
+    report: dict[str, Any] = {"items": opts.items, "clients": opts.clients}
+    with joined(cluster):
+        assert cluster.temp_dir is not None
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": opts.port})
+        args = app_args(1, data)
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{opts.port}"
+        wait_ready(url, opts.ready_timeout_s, every_s=2)
+        ingress = args["ingress"]
+        # An attempt's deadline: the door's wait plus the ingress's model deadline, and slack.
+        deadline_s = ingress["queue_timeout_s"] + ingress["request_timeout_s"] + 30
+        report["deadline_s"] = deadline_s
+        clients = Clients(url, opts.clients, deadline_s)
+        clients.start()
+        r = httpx.post(f"{url}/v1/jobs", timeout=60, json={
+            "input_prefix": str(folder), "max_inflight": 2,
+            "options": {"face": False, "upscale": 1}})
+        r.raise_for_status()
+        job_id = r.json()["job_id"]
+        report["job_id"] = job_id
+
+        def job() -> dict[str, Any]:
+            return httpx.get(f"{url}/v1/jobs/{job_id}", timeout=60).json()
+
+        t_end = time.time() + opts.ready_timeout_s
+        while job()["done"] < opts.kill_after_items:
+            if time.time() > t_end:
+                raise TimeoutError("the job did not get going")
+            time.sleep(0.2)
+        [victim] = [a for a in model_replicas() if a["state"] == "ALIVE"]
+        node = gcs_nodes()[victim["node_id"]]
+        report["job_done_at_kill"] = job()["done"]
+        report["placement"] = {
+            "model_replica_node": victim["node_id"],
+            "job_actor_node": _actor_node("JobManager"),
+            "ingress_node": _actor_node("Ingress"),
+        }
+        t_kill = time.time()
+        report["kill"] = kill_node(cluster.temp_dir, node)
+        events: dict[str, float] = {}
+        samples = []
+        while True:
+            # Each fact is timed when it was read: a call can block for seconds while the
+            # cluster notices the death.
+            nodes = gcs_nodes()
+            t_nodes = time.time() - t_kill
+            replicas = model_replicas()
+            now = time.time() - t_kill
+            snap = job()
+            if t_nodes < now - 2 or time.time() - t_kill > now + 2:
+                report.setdefault("slow_reads", []).append(
+                    {"nodes_at": round(t_nodes, 1), "replicas_at": round(now, 1),
+                     "job_at": round(time.time() - t_kill, 1)})
+            new_nodes = [i for i, n in nodes.items() if n["Alive"] and i != victim["node_id"]
+                         and n.get("Resources", {}).get(RESOURCE)]
+            running = [a for a in replicas if a["state"] == "ALIVE"
+                       and a["node_id"] != victim["node_id"]]
+            if not nodes[victim["node_id"]]["Alive"]:
+                events.setdefault("node_dead_in_gcs", t_nodes)
+            if not [a for a in replicas if a["actor_id"] == victim["actor_id"]
+                    and a["state"] == "ALIVE"]:
+                events.setdefault("replica_dead_in_gcs", now)
+            if new_nodes:
+                events.setdefault("new_node_alive", t_nodes)
+            if running:
+                events.setdefault("new_replica_alive", now)
+            ok_after = [a["t"] + a["seconds"] - t_kill for a in clients.attempts
+                        if a["status"] == 200 and a["t"] > t_kill]
+            if ok_after and running:
+                events.setdefault("first_200_after_kill", min(ok_after))
+            samples.append({"t": round(now, 1), "alive_fake_gpu_nodes": len(new_nodes),
+                            "replicas": [a["state"] for a in replicas], "job_done": snap["done"],
+                            "job_state": snap["state"]})
+            if snap["state"] in ("completed", "partial", "failed", "cancelled") and \
+                    "first_200_after_kill" in events:
+                break
+            if now > opts.recover_timeout_s:
+                report["timed_out"] = True
+                break
+            time.sleep(0.5)
+        report["job_end_s"] = time.time() - t_kill
+        clients.join()
+        report["events_s"] = {k: round(v, 1) for k, v in events.items()}
+        report["samples"] = samples
+        report["job"] = job()
+        manifest = data / "jobs" / "jobs" / job_id / "manifest.jsonl"
+        records = [json.loads(x) for x in manifest.read_text().splitlines()]
+        report["manifest"] = {
+            "records": len(records), "indices": sorted(x["index"] for x in records),
+            "retried": sorted(x["index"] for x in records if x.get("attempts", 1) > 1),
+            "failed": [x for x in records if x.get("error")],
+        }
+        report["attempts"] = [{**a, "t": round(a["t"] - t_kill, 2)} for a in clients.attempts]
+        report["requests"] = [{**q, "t": round(q["t"] - t_kill, 2)} for q in clients.requests]
+        report["load_after"] = os.getloadavg()
+        report["gcs_nodes_after"] = {i: {"alive": n["Alive"], "resources": n.get("Resources")}
+                                     for i, n in gcs_nodes().items()}
+    Path(opts.out).with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return report
+
+
+def node_death_summary(report: dict[str, Any]) -> dict[str, Any]:
+    from collections import Counter
+
+    attempts = report["attempts"]
+    statuses = Counter(str(a["status"]) + (f" {a['code']}" if a.get("code") else "")
+                       for a in attempts)
+    return {
+        "requests": len(report["requests"]),
+        "requests_final": dict(Counter(str(q["final"]) for q in report["requests"])),
+        "attempts_by_status": dict(statuses),
+        "requests_retried": sum(1 for q in report["requests"] if q["tries"] > 1),
+        "slowest_attempt_s": round(max((a["seconds"] for a in attempts), default=0), 1),
+        "events_s": report["events_s"],
+        "job": {k: report["job"].get(k) for k in ("state", "done", "total", "counts")},
+        "items_retried": report["manifest"]["retried"],
+        "manifest_records": report["manifest"]["records"],
+        "kill": report["kill"],
+        "placement": report["placement"],
+        "load_after": report["load_after"],
+    }
+
+
+def _actor_node(class_part: str) -> list[str]:
+    import ray
+
+    return sorted({info["Address"]["NodeID"] for info in ray._private.state.actors().values()
+                   if class_part in (info.get("ActorClassName") or "")
+                   and info["State"] == "ALIVE"})
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--yes", action="store_true", help="accepted for old command lines; no longer needed")
@@ -378,6 +671,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16, help="scale-out: connections")
     p.add_argument("--seconds", type=float, default=15, help="scale-out: window")
     p.add_argument("--repeats", type=int, default=3, help="scale-out: windows per count")
+    p.add_argument("--node-death", action="store_true",
+                   help="SIGKILL the model replica's node mid-job and mid-traffic")
+    p.add_argument("--items", type=int, default=80, help="node death: job items")
+    p.add_argument("--clients", type=int, default=2, help="node death: interactive clients")
+    p.add_argument("--kill-after-items", type=int, default=10, help="node death: job items done first")
+    p.add_argument("--recover-timeout-s", type=float, default=600, help="node death: give up after")
     return p.parse_args(argv)
 
 
@@ -387,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     if opts.scale_out:
         print(json.dumps(run_scale_out(opts)["runs"], indent=1))
+        return 0
+    if opts.node_death:
+        print(json.dumps(node_death_summary(run_node_death(opts)), indent=1))
         return 0
     report = run(opts)
     keys = ("requests", "throughput_rps", "errors_by_status", "replica_events", "resource_node_events")

@@ -1,4 +1,5 @@
-"""Cluster autoscaling on the local fake multi-node cluster (cluster/fake_cluster.py).
+"""Cluster autoscaling and node death on the local fake multi-node cluster
+(cluster/fake_cluster.py).
 
 The cluster starts its own head (own temp dir and ports) and stops only its own processes,
 but it takes the whole machine for minutes, so it is marked ``cluster`` and skipped unless
@@ -46,3 +47,43 @@ def test_nodes_follow_pending_replicas(tmp_path: Path) -> None:
     assert max(s.get("running", 0) for s in report["samples"]) >= 2
     assert set(report["errors_by_status"]) <= {"503"}
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_a_node_dies_mid_job_and_mid_traffic(tmp_path: Path) -> None:
+    """SIGKILL the fake node that holds the model replica (its raylet, workers and agents)
+    while a job of 80 items runs and two clients send requests (cluster/fake_cluster.py
+    --node-death): no request fails for good, hangs or answers 500, the job records every
+    item exactly once, and Serve and the autoscaler put a replica and a node back."""
+    from conftest import free_port
+
+    out = tmp_path / "node-death"
+    cmd = [sys.executable, str(ROOT / "cluster" / "fake_cluster.py"), "--node-death",
+           "--items", "80", "--clients", "2", "--idle-timeout-min", "5", "--out", str(out),
+           "--port", str(free_port())]
+    done = subprocess.run(cmd, cwd=ROOT, timeout=1200, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    print(done.stdout)  # the figures docs/SCALING.md quotes
+    report = json.loads(out.with_suffix(".json").read_text())
+
+    assert "timed_out" not in report, report["events_s"]
+    assert report["kill"]["names"].count("raylet") == 1
+    assert any("Enhancer" in name for name in report["kill"]["names"])
+    victim = report["placement"]["model_replica_node"]
+    assert victim not in report["placement"]["ingress_node"]
+    # Every attempt answered in time with 200, or 503 + Retry-After; every request ended 200.
+    attempts = report["attempts"]
+    assert {a["status"] for a in attempts} <= {200, 503}
+    assert all(a["retry_after"] for a in attempts if a["status"] == 503)
+    assert {q["final"] for q in report["requests"]} == {200}
+    assert [q for q in report["requests"] if q["t"] > 0], "no request was sent after the kill"
+    # The job: completed, each of the 80 items recorded once, none failed.
+    assert report["job"]["state"] == "completed"
+    assert report["job"]["counts"]["succeeded"] == 80
+    assert report["manifest"]["indices"] == list(range(80))
+    # The killed node is dead to the GCS, a new fake_gpu node is alive, and the model
+    # replica runs again elsewhere.
+    assert report["gcs_nodes_after"][victim]["alive"] is False
+    assert [n for i, n in report["gcs_nodes_after"].items()
+            if i != victim and n["alive"] and n["resources"].get("fake_gpu")]
+    assert {"node_dead_in_gcs", "new_node_alive", "new_replica_alive",
+            "first_200_after_kill"} <= set(report["events_s"])
