@@ -149,7 +149,30 @@ def serve_url(serve_args: dict[str, Any], object_stores: dict[str, str]) -> Iter
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def haproxy_env(ray_tmp: str) -> dict[str, str]:
+    """With ``PHOTOENHANCE_TEST_HAPROXY=1``: the environment that runs the session through
+    Serve's HAProxy ingress (issue 18; docs/SCALING.md, "Which proxy"). Its files and its
+    stats and metrics ports are fixed machine-wide by default (``/tmp/haproxy-serve``, 8404,
+    9101), so each session gets its own, or two Rays on one machine take each other's."""
+    if os.environ.get("PHOTOENHANCE_TEST_HAPROXY") != "1":
+        return {}
+    folder = Path(ray_tmp) / "h"  # HAProxy refuses socket paths over 97 bytes
+    folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
+
+
 def _start_ray(ray: Any, ray_tmp: str, object_stores: dict[str, str]) -> None:
+    proxy = haproxy_env(ray_tmp)
+    os.environ.update(proxy)  # the driver's Serve client reads the same flags
     ray.init(
         address="local",  # never join another engineer's or test run's cluster
         num_cpus=4,
@@ -157,7 +180,7 @@ def _start_ray(ray: Any, ray_tmp: str, object_stores: dict[str, str]) -> None:
         # Ray of its own with the dashboard, for Ray's job server).
         include_dashboard=False,
         _temp_dir=ray_tmp,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **object_stores}},
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **object_stores, **proxy}},
         log_to_driver=os.environ.get("PHOTOENHANCE_TEST_LOGS") == "1",
     )
 

@@ -191,3 +191,24 @@ def test_policy_gauge_names_are_in_the_contract() -> None:
     gauges = set(re.findall(r'Gauge\(\s*"(photoenhance_\w+)"', source))
     assert gauges == {"photoenhance_replicas_wanted", "photoenhance_queue_depth", "photoenhance_job_backlog"}
     assert gauges <= _contract_names()
+
+
+def test_every_pod_runs_the_haproxy_ingress_and_prometheus_scrapes_it(rayservice: dict[str, Any]) -> None:
+    """The flag is read by the controller, the proxies and the replicas alike: a pod without it
+    would mix the two ingresses. Its metrics port is named where the pod scrape finds it."""
+    spec = rayservice["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        # Ray 2.60's default (constants.RAY_SERVE_HAPROXY_METRICS_PORT)
+        from ray.serve._private.constants import RAY_SERVE_HAPROXY_METRICS_PORT
+
+        assert ports["haproxy-metrics"] == RAY_SERVE_HAPROXY_METRICS_PORT
+    pods = {job["job_name"]: job for job in load(CLUSTER / "prometheus.yml")["scrape_configs"]}
+    keep = [r for r in pods["kuberay-pods"]["relabel_configs"]
+            if r.get("source_labels") == ["__meta_kubernetes_pod_container_port_name"]]
+    assert re.fullmatch(keep[0]["regex"], "haproxy-metrics")
+    assert re.fullmatch(keep[0]["regex"], "metrics")
