@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import cv2
@@ -116,6 +117,58 @@ def test_formats_gray_alpha_and_16_bit(http, images):
     rgba = images.cv2_bytes(images.array(20, 20, 4), ".png")
     r = http.post("/v1/enhance", params={**FAST, "format": "jpeg"}, content=rgba)
     assert r.headers["content-type"] == "image/jpeg" and decode(r.content).shape == (40, 40, 3)
+
+
+def _heic_and_avif(images) -> dict[str, bytes]:
+    """The same 24 x 40 picture as HEIC (pillow-heif's x265 encoder) and AVIF (Pillow's)."""
+    import pillow_heif
+
+    pixels = images.array(24, 40)[:, :, ::-1]  # RGB for Pillow
+    heif = pillow_heif.from_bytes(mode="RGB", size=(40, 24), data=pixels.tobytes())
+    heic = io.BytesIO()
+    heif.save(heic, format="HEIF", quality=90)
+    avif = images.pil_bytes(Image.fromarray(np.ascontiguousarray(pixels)), "AVIF", quality=90)
+    assert heic.getvalue()[4:12] == b"ftypheic" and avif[4:12] == b"ftypavif"
+    return {"heic": heic.getvalue(), "avif": avif}
+
+
+# Without a requested format a HEIC becomes a JPEG (few viewers read HEIC), an AVIF stays one.
+HEIC_AVIF_OUT = {"heic": ("image/jpeg", "jpg"), "avif": ("image/avif", "avif")}
+
+
+def test_heic_and_avif_inputs_over_http(http, images):
+    for name, data in _heic_and_avif(images).items():
+        media_type, _ = HEIC_AVIF_OUT[name]
+        r = http.post("/v1/enhance", params={**FAST, "upscale": 2}, content=data,
+                      headers={"content-type": f"image/{name}"})
+        assert r.status_code == 200, (name, r.text)
+        assert r.headers["content-type"] == media_type, name
+        out = Image.open(io.BytesIO(r.content))
+        assert (out.format, out.size) == ({"heic": "JPEG", "avif": "AVIF"}[name], (80, 48)), name
+        assert (int(r.headers["x-image-width"]), int(r.headers["x-image-height"])) == (80, 48)
+
+
+def test_heic_and_avif_uploads_in_a_job(http, images):
+    from conftest import job_ended, wait_job
+
+    inputs = _heic_and_avif(images)
+    files = [("files", (f"{name}-photo.{name}", data, f"image/{name}"))
+             for name, data in inputs.items()]
+    r = http.post("/v1/jobs", files=files, data={**FAST, "upscale": "4"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    snap = wait_job(http, job_id, job_ended)
+    assert snap["state"] == "completed" and snap["counts"]["succeeded"] == 2, snap
+    rows = http.get(f"/v1/jobs/{job_id}/items").json()["items"]
+    for index, name in enumerate(inputs):
+        media_type, ext = HEIC_AVIF_OUT[name]
+        row = rows[index]
+        assert (row["name"], row["format"], row["width"], row["height"]) == (
+            f"{name}-photo.{ext}", {"heic": "jpeg", "avif": "avif"}[name], 160, 96), row
+        got = http.get(f"/v1/jobs/{job_id}/items/{index}/result")
+        assert got.status_code == 200 and got.headers["content-type"] == media_type
+        out = Image.open(io.BytesIO(got.content))
+        assert (out.format, out.size) == ({"heic": "JPEG", "avif": "AVIF"}[name], (160, 96))
 
 
 def test_exif_rotation_applied(http, images):

@@ -227,7 +227,9 @@ def test_a_user_cannot_read_another_users_inputs(keyed, images):
         before = {j["job_id"] for j in bob.get("/v1/jobs").json()["jobs"]}
         for body in tries:
             r = bob.post("/v1/jobs", json=body)
-            assert 400 <= r.status_code < 500, (body, r.status_code, r.text[:200])
+            # Every one a local path inside the jobs folder: refused before any read.
+            assert (r.status_code, r.json()["error"]["code"]) == (400, "forbidden_path"), (
+                body, r.text[:200])
             assert str(keyed.data_dir) not in r.text
         assert {j["job_id"] for j in bob.get("/v1/jobs").json()["jobs"]} == before
 

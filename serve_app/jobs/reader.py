@@ -31,7 +31,6 @@ from serve_app.jobs.storage import Storage
 EVENT_INTERVAL_S = 0.5
 MAX_PAGE = 1000
 CHUNK = 256 * 1024
-MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ class JobReader:
             code = record.error.code if record.error else "failed"
             raise NotFound(f"item {index} failed: {code}", code="item_failed")
         storage = await self._storage(job_id)
-        media = MEDIA.get(record.format or "", "application/octet-stream")
+        media = codec.MEDIA_TYPES.get(record.format or "", "application/octet-stream")
         return ItemResult(record, media, storage.iter_bytes(record.name))
 
     async def item_source(self, job_id: str, index: int, *,
