@@ -83,7 +83,9 @@ def take(args: argparse.Namespace, browser: Any = None) -> None:
     page = browser.new_page(viewport={"width": 1360, "height": 900})
     page.goto(args.url)
     expect(page.locator('#preset option[value="portrait"]')).to_have_count(1)
-    page.set_input_files("#folder-input", str(picked))
+    with page.expect_file_chooser() as chooser:  # as a person picks: the button, the folder
+        page.click("#pick-folder")
+    chooser.value.set_files(str(picked))
     expect(page.locator("#files li.bad")).to_have_count(2)
     pick(page, "upscale", 2)
     pick(page, "format", "jpeg")

@@ -30,6 +30,7 @@ CHROMIUM_ARGS = [
 SHOTS = os.environ.get("PHOTOENHANCE_SCREENSHOTS")
 WAIT_MS = 120_000  # jobs on a loaded 2-core CI machine: generous, the waits end on a condition
 DESKTOP = {"width": 1280, "height": 860}
+LAPTOP = {"width": 1440, "height": 900}
 PHONE = {"width": 390, "height": 844}
 ENDED = re.compile(r"^(completed|partial|failed|cancelled)$")
 
@@ -193,7 +194,14 @@ def test_folder_review_upload_follow_reload_view_download(open_page, photos, htt
     w = open_page()
     page = w.page
     expect(page.locator("#banner")).to_contain_text("SYNTHETIC")
-    page.set_input_files("#folder-input", str(photos))
+    expect(page.locator("#preset option").first).to_be_attached()  # the server's description read
+    # Choose folder, clicked: the folder picker (not the file picker) opens.
+    with page.expect_file_chooser() as chosen:
+        page.click("#pick-folder")
+    assert chosen.value.is_multiple()
+    assert chosen.value.element.get_attribute("webkitdirectory") is not None
+    chosen.value.set_files(str(photos))
+    top = photos.name  # the picked folder's name leads every relative path, as in a file manager
 
     # Reviewed before anything is sent: bad files flagged with the reason and left out.
     expect(page.locator("#files li")).to_have_count(8)
@@ -233,16 +241,31 @@ def test_folder_review_upload_follow_reload_view_download(open_page, photos, htt
     expect(page.locator('.card[data-state="succeeded"]')).to_have_count(3)
     failed = page.locator('.card[data-state="failed"]')
     expect(failed).to_have_count(1)
-    expect(failed.locator(".name")).to_have_text("truncated.jpg")
-    expect(failed.locator(".err")).to_contain_text("truncated")  # the message, not only the code
-    expect(failed.locator(".retry")).to_be_visible()
-    expect(page.locator("#job-stats")).to_contain_text("4 of 4 done · 1 failed")
+    expect(failed.locator(".name")).to_have_text(f"{top}/truncated.jpg")
+    # What to do about it, by the error's code; the server's own words beside.
+    expect(failed.locator(".err")).to_have_attribute("data-code", "invalid_image")
+    expect(failed.locator(".err")).to_contain_text("export it again as JPEG or PNG")
+    expect(failed.locator(".err-detail")).to_contain_text("truncated")
+    expect(page.locator("#job-stats")).to_contain_text("3 of 4 done · 1 failed")
+    # Names as sent, folders kept, sorted by name (the grid's default).
+    names = page.locator(".card .name").all_inner_texts()
+    assert f"{top}/trip/0014.jpg" in names and names == sorted(names, key=str.lower), names
     expect(page.locator("#job-msg")).to_be_empty()  # a normal end of the stream is no error
     rows = items(http, job_id)
     assert [r["status"] for r in rows].count("succeeded") == 3
+    assert {r["source"] for r in rows} == {f"{top}/{n}" for n in (
+        "Blake_Lively.jpg", "Adele_crop.png", "trip/0014.jpg", "truncated.jpg")}
+
+    # A failed photo opens on its original, with the reason.
+    failed.click()
+    expect(page.locator("#v-before")).to_be_visible()
+    expect(page.locator("#v-before")).to_have_js_property("naturalWidth", 700)
+    expect(page.locator("#v-pane-before .v-label")).to_have_text("Original")
+    expect(page.locator("#v-note")).to_contain_text("Failed: The file is damaged")
+    page.keyboard.press("Escape")
 
     # The viewer: the full-size result, zoom, both compare modes, the next item.
-    first = next(r for r in rows if r["status"] == "succeeded")
+    first = next(r for r in rows if r["status"] == "succeeded" and "Blake" in r["source"])
     page.locator(f'.card[data-index="{first["index"]}"]').click()
     viewer = page.locator("#viewer")
     expect(viewer).to_be_visible()
@@ -283,7 +306,7 @@ def test_folder_review_upload_follow_reload_view_download(open_page, photos, htt
         page.click("#v-download")
     one = Path(dl.value.path()).read_bytes()
     assert one == http.get(f"/v1/jobs/{job_id}/items/{first['index']}/result").content
-    assert dl.value.suggested_filename == first["name"]
+    assert dl.value.suggested_filename == first["name"].rsplit("/", 1)[-1]  # a leaf: no folders
     name_before = page.locator("#v-name").inner_text()
     page.keyboard.press("ArrowRight")
     expect(page.locator("#v-name")).not_to_have_text(name_before)
@@ -296,14 +319,23 @@ def test_folder_review_upload_follow_reload_view_download(open_page, photos, htt
     with zipfile.ZipFile(io.BytesIO(Path(dl.value.path()).read_bytes())) as z:
         assert sorted(z.namelist()) == sorted(r["name"] for r in rows if r["status"] == "succeeded")
         member = z.read(first["name"])
+        # The dropped structure and names, no index prefixes.
+        assert {n.rsplit(".", 1)[0] for n in z.namelist()} == {
+            f"{top}/Blake_Lively", f"{top}/Adele_crop", f"{top}/trip/0014"}
     assert member == one
 
-    # Retry of the failed photo: a new job with it, beside the first (which stays listed).
+    # Retry the failed photos from the job (the server kept the original), with settings
+    # changed on the left: a new job beside the first (which stays listed).
     images_loaded(page)
-    failed.locator(".retry").click()
+    choose(page, "upscale", "2×")
+    expect(page.locator("#retry-text")).to_have_text("1 photo failed.")
+    page.click("#retry-changed")
     page.wait_for_url(lambda url: "/jobs/" in url and job_id not in url, timeout=60_000)
-    wait_state(page, ENDED)
-    expect(page.locator('.card[data-state="failed"] .name')).to_have_text("truncated.jpg")
+    wait_state(page, "failed")
+    retried = job_id_of(page)
+    assert http.get(f"/v1/jobs/{retried}").json()["options"]["upscale"] == 2
+    expect(page.locator('.card[data-state="failed"] .name')).to_have_text(f"{top}/truncated.jpg")
+    expect(page.locator("#job-stats")).to_contain_text("0 of 1 done · 1 failed")
     expect(page.locator(f'#job-list a[data-job="{job_id}"]')).to_be_visible()
 
     # Reloading, or opening the ?job= and #id forms, shows the same job.
@@ -337,6 +369,11 @@ def test_pause_resume_cancel_follow_the_server(open_page, http, images):
     page.click("#job-pause")
     wait_state(page, "paused")
     assert http.get(f"/v1/jobs/{first}").json()["state"] == "paused"
+    # Waiting photos say so, without a spinner; the counts say how many wait.
+    expect(page.locator('.card[data-state="paused"]').first).to_contain_text("Paused")
+    expect(page.locator('.card[data-state="paused"] .spin')).to_have_count(0)
+    expect(page.locator('.card[data-state="pending"]')).to_have_count(0)
+    expect(page.locator("#job-stats")).to_contain_text(re.compile(r"\d+ waiting"))
     expect(page.locator("#job-pause")).to_be_disabled()
     expect(page.locator("#job-resume")).to_be_enabled()
     page.click("#job-resume")
@@ -346,6 +383,8 @@ def test_pause_resume_cancel_follow_the_server(open_page, http, images):
     page.click("#job-cancel")
     wait_state(page, "cancelled")
     assert http.get(f"/v1/jobs/{first}").json()["state"] == "cancelled"
+    expect(page.locator("#job-stats")).to_contain_text("not processed")
+    expect(page.locator("#job-stats")).not_to_contain_text("in progress")
     expect(page.locator('.card[data-state="pending"], .card[data-state="running"]')).to_have_count(0)
     expect(page.locator('.card[data-state="not processed"]').first).to_be_visible()
     for button in ("#job-pause", "#job-resume", "#job-cancel"):
@@ -477,6 +516,9 @@ def test_phone_viewport(open_page, http, images):
     wait_state(page, "completed")
     width = page.evaluate("() => document.documentElement.scrollWidth")
     assert width <= PHONE["width"]
+    # A job link shows the job first, the New-job form below it.
+    job_box, form_box = (page.locator(s).bounding_box() for s in ("#job-view", "#new-job"))
+    assert job_box and form_box and job_box["y"] < form_box["y"] and job_box["y"] < PHONE["height"] / 3
     for selector in ("#pick-files", "#pick-folder", "#job-zip", ".card"):
         box = page.locator(selector).first.bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
@@ -486,6 +528,79 @@ def test_phone_viewport(open_page, http, images):
     expect(page.locator("#v-after")).to_have_js_property("naturalWidth", 128)
     expect(page.locator("#v-before")).to_have_js_property("naturalWidth", 64)
     expect(page.locator("#v-note")).not_to_contain_text("original is not on this device")
+    w.assert_clean()
+
+
+def test_choose_folder_and_photos_open_their_pickers(open_page, photos):
+    """Choose folder, by mouse and by Enter, opens the folder picker; Choose photos and a click
+    on the drop zone the file picker (a click on a hidden input must not reach the zone)."""
+    from playwright.sync_api import expect
+
+    w = open_page()
+    page = w.page
+    expect(page.locator("#preset option").first).to_be_attached()
+    for act in (lambda: page.click("#pick-folder"),
+                lambda: (page.focus("#pick-folder"), page.keyboard.press("Enter"))):
+        with page.expect_file_chooser() as chosen:
+            act()
+        assert chosen.value.is_multiple()
+        assert chosen.value.element.get_attribute("id") == "folder-input"
+        assert chosen.value.element.get_attribute("webkitdirectory") is not None
+    chosen.value.set_files(str(photos))
+    expect(page.locator('#files li[data-name="0014.jpg"] .fname')).to_have_text(
+        f"{photos.name}/trip/0014.jpg")
+    for act in (lambda: page.click("#pick-files"), lambda: page.click("#drop strong")):
+        with page.expect_file_chooser() as chosen:
+            act()
+        assert chosen.value.is_multiple()
+        assert chosen.value.element.get_attribute("webkitdirectory") is None
+    # The drop zone is no button around buttons: its buttons are the only controls in it.
+    assert page.locator("#drop").get_attribute("role") is None
+    assert page.locator("#drop").get_attribute("tabindex") is None
+    w.assert_clean()
+
+
+def test_review_in_the_wide_pane_start_in_view_output_limit(open_page, images):
+    """At 1440x900 a 30-photo drop lists in the wide pane, Start stays in view; a photo whose
+    result would pass max_output_pixels at 4x is left out with the reason, and back at 2x.
+    Models are named by what they are for, and each control says what it does."""
+    from playwright.sync_api import expect
+
+    w = open_page(viewport=LAPTOP)
+    page = w.page
+    expect(page.locator("#opt-bg_model option", has_text="Upscale: photo (Real-ESRGAN x4plus)")
+           ).to_have_count(1)
+    expect(page.locator("#opt-face_model option", has_text="(GFPGAN v1.4)")).to_have_count(1)
+    for option in ("upscale", "face", "bg_model", "weight", "format"):
+        help_text = page.locator(f'#opts [data-option="{option}"] .help')
+        expect(help_text).to_be_visible()
+        expect(help_text).not_to_be_empty()
+    expect(page.locator('#opts [data-option="upscale"] .help')).to_have_text(
+        "How much larger the result is: 2× doubles width and height.")
+    expect(page.locator("#review")).to_be_hidden()
+    expect(page.locator("#job-empty")).to_be_visible()
+
+    png = images.cv2_bytes(images.array(24, 32), ".png")
+    drop_files(page, {f"IMG_{i:04d}.png": png for i in range(29)}
+               | {"big.png": images.png_header(1500, 1500)})
+    expect(page.locator("#files li")).to_have_count(30)
+    expect(page.locator("#files li.checking")).to_have_count(0)
+    expect(page.locator("#job-empty")).to_be_hidden()
+    review, side = page.locator("#review").bounding_box(), page.locator(".side").bounding_box()
+    assert review and side and review["x"] >= side["x"] + side["width"]  # the wide pane
+    choose(page, "upscale", "4×")
+    big = page.locator('#files li[data-name="big.png"]')
+    expect(big).to_have_class(re.compile(r"\bbad\b"))
+    expect(big.locator(".fmeta")).to_have_text(
+        "at 4× the result would be 6000×6000 (36 MP), over the server's 16 MP limit: "
+        "choose 2× or less")
+    expect(page.locator("#start")).to_have_text("Start: enhance 29 photos")
+    start = page.locator("#start").bounding_box()
+    assert start and start["y"] >= 0 and start["y"] + start["height"] <= LAPTOP["height"], start
+    page.locator("#start").click(trial=True)  # nothing on top of it: a person can press it
+    choose(page, "upscale", "2×")
+    expect(big).to_have_class(re.compile(r"\bok\b"))
+    expect(page.locator("#start")).to_have_text("Start: enhance 30 photos")
     w.assert_clean()
 
 

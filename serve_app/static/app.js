@@ -16,11 +16,70 @@ const FORM_STORE = "photoenhance.options";
 const ADVANCED = new Set(["only_center_face", "aligned", "tile"]);
 const HIDDEN_OPTIONS = new Set(["preset"]);
 const LABELS = {
-  upscale: "Upscale", face: "Restore faces", face_model: "Face model", bg_model: "Background",
-  weight: "Fidelity", only_center_face: "Centre face only", aligned: "Aligned face input",
-  format: "Format", quality: "Quality", tile: "Tile size", metadata: "Metadata", color: "Colour",
+  upscale: "Enlarge", face: "Restore faces", face_model: "Face model", bg_model: "Upscaler",
+  weight: "Face fidelity", only_center_face: "Main face only", aligned: "Face crops",
+  format: "Save as", quality: "Quality", tile: "Tile size", metadata: "Camera data", color: "Colour",
   denoise: "Denoise",
 };
+// What each control does, shown under it (the schema's description is the fallback).
+const HELP = {
+  upscale: "How much larger the result is: 2× doubles width and height.",
+  face: "Finds faces and rebuilds their detail: eyes, skin, hair.",
+  face_model: "Which model rebuilds the faces.",
+  bg_model: "How the rest of the photo is enlarged.",
+  weight: "The face model's fidelity weight (0 to 1), passed to GFPGAN as it is.",
+  denoise: "Grain and noise removed; only with the general upscaler.",
+  only_center_face: "Restore only the face nearest the centre.",
+  aligned: "Each photo is already a 512×512 face crop, eyes level.",
+  format: "File type of the results; Auto keeps the original's.",
+  quality: "JPEG and WebP quality: higher is larger and cleaner.",
+  tile: "Splits large photos to save memory; 0 lets the server choose.",
+  metadata: "EXIF, XMP and IPTC in the results; “no GPS” drops the location.",
+  color: "Keep the photo's colour profile, or convert to sRGB for the web.",
+};
+// Models by what they are for, the technical name beside; an added model by its name.
+const MODEL_NAMES = {
+  "GFPGANv1.4": "Faces: restore, sharper (GFPGAN v1.4)",
+  "GFPGANv1.3": "Faces: restore, gentler (GFPGAN v1.3)",
+  auto: "Automatic (Real-ESRGAN x2plus up to 2×, x4plus at 4×)",
+  none: "None: plain resize (Lanczos)",
+  RealESRGAN_x4plus: "Upscale: photo (Real-ESRGAN x4plus)",
+  RealESRGAN_x2plus: "Upscale: photo, 2× model (Real-ESRGAN x2plus)",
+  "realesr-general-x4v3": "Upscale: general, with denoise (realesr-general-x4v3)",
+};
+// What the person can do about a failed photo, by the server's error code.
+const ERROR_HELP = {
+  invalid_image: "The file is damaged or in a variant this server cannot read: open it in a photo editor, export it again as JPEG or PNG, then retry.",
+  unsupported_media_type: "Not a kind of photo this server reads: convert it to JPEG or PNG, then retry.",
+  too_many_pixels: "Too many pixels for this server: export it smaller, then retry.",
+  too_many_output_pixels: "The result would be too large: retry with a smaller Enlarge (2× or 1×).",
+  payload_too_large: "The file is larger than this server takes: export it smaller.",
+  file_too_large: "The file is larger than this server takes: export it smaller.",
+  image_too_complex: "The file is built unusually (too many parts): export it again from a photo editor.",
+  decode_too_costly: "The file took too long to read: export it again, or smaller.",
+  metadata_too_large: "Its embedded data (colour profile, EXIF) is too large: export it with metadata removed.",
+  too_large_for_device: "Too large for the server's memory at these settings: retry with a smaller Enlarge or a Tile size.",
+  engine_error: "The server failed on this photo: retry; if it fails again, tell the server's admin.",
+  timeout: "It took too long: retry when the server is less busy.",
+  fetch_timeout: "Reading the original took too long: retry.",
+  overloaded: "The server was too busy: retry.",
+  replica_unavailable: "The server was restarting: retry.",
+  not_ready: "The server was starting: retry.",
+  source_not_found: "The original is no longer where it was: check it, then retry.",
+  source_forbidden: "The server may not read the original's location.",
+  fetch_failed: "Reading the original failed: check its address, then retry.",
+  encode_failed: "Saving the result failed: retry with another Save as.",
+  unknown_model: "A chosen model is not on this server: choose another, then retry.",
+  wrong_model_kind: "A chosen model does not do that job: choose another, then retry.",
+  option_unavailable: "An option is not available on this server: change it, then retry.",
+  weights_unavailable: "The server's model files are missing: tell its admin.",
+  insufficient_storage: "The server is out of disk space: tell its admin.",
+};
+
+function errorHelp(error) {
+  if (!error) return "";
+  return ERROR_HELP[error.code] || error.message || error.code;
+}
 // When an option has an effect (otherwise its control is dimmed, still shown and sent).
 const RELEVANT = {
   face_model: (v) => v.face, weight: (v) => v.face, only_center_face: (v) => v.face,
@@ -245,15 +304,20 @@ const VALUE_LABELS = { keep: "Keep", strip: "Strip", "keep-no-gps": "Keep, no GP
 
 function choiceLabel(name, v) {
   if (v === null) return name === "format" ? "Auto" : "Server default";
+  if (name === "face_model" || name === "bg_model") return modelLabel(v);
   if (typeof v === "string" && VALUE_LABELS[v]) return VALUE_LABELS[v];
   if (name === "upscale") return `${v}×`;
   if (name === "format") return v === "webp" ? "WebP" : String(v).toUpperCase();
   return String(v);
 }
 
+function modelLabel(v) {
+  return MODEL_NAMES[v] || `Added model (${v})`;
+}
+
 function makeControl(d) {
   const id = `opt-${d.name}`;
-  const row = el("div", { class: "ctl", title: d.help || undefined, "data-option": d.name });
+  const row = el("div", { class: "ctl", "data-option": d.name });
   let get, set;
   if (d.type === "boolean") {
     const box = el("input", { type: "checkbox", id, name: d.name });
@@ -314,6 +378,12 @@ function makeControl(d) {
     get = () => (text.value.trim() === "" ? null : text.value.trim());
     set = (v) => { text.value = v ?? ""; };
   }
+  const help = HELP[d.name] || d.help;
+  if (help) {
+    const hid = `${id}-help`;
+    row.append(el("div", { class: "help", id: hid, text: help }));
+    for (const input of row.querySelectorAll("input, select")) input.setAttribute("aria-describedby", hid);
+  }
   set(d.default);
   return { d, row, get, set };
 }
@@ -352,6 +422,7 @@ function onControlsChanged(e) {
   if (p && !sameValues(presetValues(p), readControls())) sel.value = "";
   updatePresetButtons();
   saveForm();
+  if (chosen.length) renderReview(); // the output limit depends on Enlarge
 }
 
 function saveForm() {
@@ -398,6 +469,7 @@ function applyPreset(name) {
   $("preset").value = name;
   updatePresetButtons();
   saveForm();
+  if (chosen.length) renderReview();
 }
 
 function updatePresetButtons() {
@@ -531,6 +603,22 @@ async function inspect(item) {
   return item;
 }
 
+// Over the server's output limit at the Enlarge shown (changes with it): the reason, or "".
+function outputProblem(c) {
+  const max = server.limits.max_output_pixels;
+  const up = controls.get("upscale")?.get() ?? 1;
+  if (c.status !== "ok" || !c.width || !max || c.width * c.height * up * up <= max) return "";
+  const fits = [4, 2, 1].find((f) => f < up && c.width * c.height * f * f <= max);
+  const mp = (c.width * c.height * up * up / 1e6).toFixed(0);
+  return `at ${up}× the result would be ${c.width * up}×${c.height * up} (${mp} MP), over the server's `
+    + `${(max / 1e6).toFixed(0)} MP limit: ${fits ? `choose ${fits}× or less` : "export it smaller"}`;
+}
+
+// What Start sends: checked, and within the output limit at the Enlarge shown.
+function usable(c) {
+  return c.status === "ok" && !outputProblem(c);
+}
+
 function bad(item, reason) {
   item.status = "bad";
   item.reason = reason;
@@ -588,22 +676,25 @@ function renderReview() {
     if (c.status === "ok" && !c.thumb) c.thumb = URL.createObjectURL(c.file);
   }
   list.replaceChildren(...chosen.map((c) => {
+    const over = outputProblem(c);
+    const status = over ? "bad" : c.status;
     const meta = c.status === "bad" ? c.reason
       : c.status === "checking" ? "checking…"
-      : [fmtBytes(c.file.size), c.width ? `${c.width}×${c.height}` : "", c.format?.toUpperCase()].filter(Boolean).join(" · ");
+      : over || [fmtBytes(c.file.size), c.width ? `${c.width}×${c.height}` : "", c.format?.toUpperCase()].filter(Boolean).join(" · ");
     const pic = c.thumb ? el("img", { class: "thumb", src: c.thumb, alt: "", loading: "lazy" })
       : el("span", { class: "bad-icon", text: c.status === "bad" ? "!" : "…" });
-    return el("li", { class: c.status, "data-name": baseName(c.path), title: c.path },
+    return el("li", { class: status, "data-name": baseName(c.path), title: c.path },
       pic,
       el("div", { class: "finfo" }, el("div", { class: "fname", text: c.path }), el("div", { class: "fmeta", text: meta })),
       el("button", { type: "button", class: "remove", "aria-label": `Remove ${c.path}`, text: "×", onclick: () => removeChosen(c) }));
   }));
-  const good = chosen.filter((c) => c.status === "ok");
-  const badCount = chosen.filter((c) => c.status === "bad").length;
+  const good = chosen.filter(usable);
+  const badCount = chosen.filter((c) => c.status === "bad" || outputProblem(c)).length;
   const size = good.reduce((n, c) => n + c.file.size, 0);
   $("summary").textContent = `${good.length} photo${good.length === 1 ? "" : "s"} · ${fmtBytes(size)}`
     + (badCount ? ` · ${badCount} left out` : "");
-  $("review").hidden = chosen.length === 0;
+  $("review").hidden = chosen.length === 0 && uploading === null;
+  placeJob();
   $("start").disabled = good.length === 0 || uploading !== null || chosen.some((c) => c.status === "checking");
   $("start").textContent = good.length ? `Start: enhance ${good.length} photo${good.length === 1 ? "" : "s"}` : "Start";
 }
@@ -626,12 +717,13 @@ let uploading = null; // the XMLHttpRequest in flight
 const localFiles = new Map(); // job id -> [{name, url}] by item index (this browser's originals)
 
 function startUpload() {
-  const good = chosen.filter((c) => c.status === "ok");
+  const good = chosen.filter(usable);
   if (!good.length || uploading) return;
   const fields = optionFields();
   const form = new FormData();
   for (const [k, v] of Object.entries(fields)) form.append(k, v);
-  for (const c of good) form.append("files", c.file, c.file.name);
+  // The relative path (a folder's structure) as the filename: the server keeps it in names.
+  for (const c of good) form.append("files", c.file, c.path);
   const total = good.reduce((n, c) => n + c.file.size, 0);
   $("start-msg").textContent = "";
   sendUpload(form, total, good, true);
@@ -672,7 +764,7 @@ function sendUpload(form, total, good, fromReview) {
       $("start-msg").textContent = `The server refused the upload: ${why}`;
       return;
     }
-    localFiles.set(body.job_id, good.map((c) => ({ name: c.file.name, url: c.thumb, file: c.file })));
+    localFiles.set(body.job_id, good.map((c) => ({ name: c.path, url: c.thumb, file: c.file })));
     rememberJob(body.job_id);
     if (fromReview) clearChosen(true);
     openJob(body.job_id, true, body);
@@ -751,9 +843,10 @@ function openJob(id, push, first) {
   if (push) history.pushState({ job: id }, "", url);
   else if (location.pathname !== url) history.replaceState({ job: id }, "", url); // ?job= and #id become /jobs/id
   current = { id, abort: new AbortController(), snap: null, items: new Map(), shown: PAGE, cards: new Map(), refreshing: false, again: false };
-  $("job-empty").hidden = true;
   $("job-view").hidden = false;
+  placeJob();
   $("grid").replaceChildren();
+  $("retry-row").hidden = true;
   $("job-msg").textContent = "";
   $("job-title").textContent = "Loading job…";
   $("job-state").textContent = "";
@@ -776,9 +869,17 @@ function closeJob() {
 
 function showNoJob() {
   closeJob();
-  $("job-empty").hidden = false;
   $("job-view").hidden = true;
+  placeJob();
   renderJobList();
+}
+
+// The wide pane: the review list while photos are chosen or sent, the job, or the hint.
+// On a phone (one column) an open job comes first unless photos are being chosen.
+function placeJob() {
+  const reviewing = chosen.length > 0 || uploading !== null;
+  $("job-empty").hidden = reviewing || current !== null;
+  document.querySelector(".layout").classList.toggle("job-first", current !== null && !reviewing);
 }
 
 // Progress from the event stream, read with fetch() so it can carry the key. The stream's
@@ -864,7 +965,8 @@ function onSnapshot(s) {
   knownJobs.set(s.job_id, s);
   const c = s.counts || {};
   const total = s.total ?? 0;
-  const done = (c.succeeded || 0) + (c.failed || 0);
+  const succeeded = c.succeeded || 0;
+  const processed = succeeded + (c.failed || 0); // the bar: every photo the job is through with
   $("job-title").textContent = `${s.listing ? "Listing…" : `${total} photo${total === 1 ? "" : "s"}`} · ${fmtTime(s.created_at)}`;
   $("job-title").title = s.job_id;
   const badge = $("job-state");
@@ -872,14 +974,15 @@ function onSnapshot(s) {
   badge.className = `badge ${s.state}`;
   const bar = $("job-bar");
   bar.max = Math.max(total, 1);
-  bar.value = TERMINAL.has(s.state) && !total ? 1 : done;
-  const parts = [`<b>${done}</b> of ${total} done`];
+  bar.value = TERMINAL.has(s.state) && !total ? 1 : processed;
+  const parts = [`<b>${succeeded}</b> of ${total} done`];
   if (c.failed) parts.push(`<b class="bad">${c.failed}</b> failed`);
-  if (c.running) parts.push(`${c.running} in progress`);
+  if (c.running && ACTIVE.has(s.state)) parts.push(`${c.running} in progress`);
+  if (s.state === "paused" && total - processed > 0) parts.push(`${total - processed} waiting`);
   if (ACTIVE.has(s.state) && s.throughput) parts.push(`${s.throughput.toFixed(s.throughput < 1 ? 2 : 1)} photos/s`);
   if (ACTIVE.has(s.state) && s.eta_s != null) parts.push(`about ${fmtDuration(s.eta_s)} left`);
   if (TERMINAL.has(s.state) && s.started_at && s.finished_at) parts.push(`took ${fmtDuration(s.finished_at - s.started_at)}`);
-  if (s.state === "cancelled" && total - done > 0) parts.push(`${total - done} not processed`);
+  if (s.state === "cancelled" && total - processed > 0) parts.push(`${total - processed} not processed`);
   $("job-stats").innerHTML = parts.join(" · ");
   if (s.reason && s.state !== "completed") $("job-msg").textContent = s.reason;
   $("job-options").textContent = describeOptions(s.options || {});
@@ -893,6 +996,9 @@ function onSnapshot(s) {
   zip.href = u(`v1/jobs/${encodeURIComponent(s.job_id)}/results.zip`);
   zip.setAttribute("aria-disabled", c.succeeded ? "false" : "true");
   zip.textContent = c.succeeded && !TERMINAL.has(s.state) ? `Download ZIP (${c.succeeded} so far)` : "Download ZIP";
+  const failed = c.failed || 0;
+  $("retry-row").hidden = !(failed && TERMINAL.has(s.state));
+  $("retry-text").textContent = `${failed} photo${failed === 1 ? "" : "s"} failed.`;
   renderJobList();
   const changed = !before || before.state !== s.state || before.done !== s.done || before.total !== s.total
     || JSON.stringify(before.counts) !== JSON.stringify(s.counts);
@@ -901,9 +1007,9 @@ function onSnapshot(s) {
 
 function describeOptions(o) {
   const bits = [];
-  if (o.upscale) bits.push(`upscale ${o.upscale}×`);
-  if ("face" in o) bits.push(o.face ? `faces ${o.face_model || ""}${o.weight != null ? `, fidelity ${o.weight}` : ""}` : "no face restoration");
-  if (o.bg_model) bits.push(`background ${o.bg_model}`);
+  if (o.upscale) bits.push(`enlarge ${o.upscale}×`);
+  if ("face" in o) bits.push(o.face ? `${o.face_model ? modelLabel(o.face_model) : "faces"}${o.weight != null ? `, fidelity ${o.weight}` : ""}` : "no face restoration");
+  if (o.bg_model) bits.push(`upscaler: ${modelLabel(o.bg_model)}`);
   bits.push(`format ${o.format || "as input"}`);
   for (const [k, v] of Object.entries(o)) {
     if (["upscale", "face", "face_model", "weight", "bg_model", "format", "preset", "tile"].includes(k)) continue;
@@ -934,19 +1040,34 @@ async function refreshItems(job) {
   }
 }
 
+// An upload's name as sent (its folders too); another job's input by its last component.
 function itemName(job, row) {
   const local = localFiles.get(job.id)?.[row.index];
-  return local?.name || baseName(row.source) || row.name || `#${row.index + 1}`;
+  const source = job.snap?.kind === "upload" ? row.source : baseName(row.source);
+  return local?.name || source || row.name || `#${row.index + 1}`;
 }
 
 function itemState(job, row) {
   if ((row.status === "pending" || row.status === "running") && job.snap && TERMINAL.has(job.snap.state)) return "not processed";
+  if (row.status === "pending" && job.snap?.state === "paused") return "paused";
   return row.status;
+}
+
+const byName = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
+
+// The grid's order (and the viewer's): by name (numbers in names in numeric order), failed first, or as sent.
+function sortedRows(job) {
+  const rows = [...job.items.values()];
+  const how = $("sort").value;
+  if (how === "index") return rows.sort((a, b) => a.index - b.index);
+  const named = (a, b) => byName.compare(itemName(job, a), itemName(job, b)) || a.index - b.index;
+  if (how === "failed") return rows.sort((a, b) => (b.status === "failed") - (a.status === "failed") || named(a, b));
+  return rows.sort(named);
 }
 
 function renderItems(job) {
   const grid = $("grid");
-  const rows = [...job.items.values()].sort((a, b) => a.index - b.index);
+  const rows = sortedRows(job);
   for (const row of rows) {
     const state = itemState(job, row);
     const sig = `${state}|${row.name}|${row.error?.code}`;
@@ -957,6 +1078,8 @@ function renderItems(job) {
     if (card) card.replaceWith(fresh); else grid.append(fresh);
     job.cards.set(row.index, fresh);
   }
+  const order = rows.map((r) => job.cards.get(r.index));
+  if (order.some((card, i) => grid.children[i] !== card)) grid.append(...order); // moves, not copies
   $("more").hidden = !(job.snap && job.snap.total > job.shown);
 }
 
@@ -973,18 +1096,16 @@ function makeCard(job, row, state) {
   } else {
     if (local?.url) pic.append(el("img", { alt: "", src: local.url, class: "dim" }));
     if (state === "pending" || state === "running") pic.append(el("span", { class: "spin", "aria-hidden": "true" }));
-    else pic.append(el("span", { class: "ph", text: "Not processed" }));
+    else pic.append(el("span", { class: "ph", text: state === "paused" ? "Paused" : "Not processed" }));
   }
   const line = el("div", { class: "line" },
     el("span", { class: `badge ${state === "not processed" ? "cancelled" : state}`, text: state }),
     el("span", { text: row.width ? `${row.width}×${row.height}` : "" }));
   const meta = el("div", { class: "meta" }, el("div", { class: "name", text: itemName(job, row), title: itemName(job, row) }), line);
   if (row.error) {
-    meta.append(el("div", { class: "err", text: row.error.message || row.error.code, title: row.error.code }));
-    if (local?.file) {
-      meta.append(el("button", { type: "button", class: "ghost small retry", text: "Retry",
-        onclick: (e) => { e.stopPropagation(); retryItem(local.file); } }));
-    }
+    // What to do about it first; the server's own words beside, for the curious and for support.
+    meta.append(el("div", { class: "err", text: errorHelp(row.error), "data-code": row.error.code }),
+      el("div", { class: "err-detail", text: row.error.message || row.error.code }));
   }
   const card = el("div", { class: "card", tabindex: 0, role: "button", "data-index": row.index, "data-state": state,
     "aria-label": `${itemName(job, row)}: ${state}` }, pic, meta);
@@ -993,13 +1114,29 @@ function makeCard(job, row, state) {
   return card;
 }
 
-// A failed item is sent again as a new job with the options of the job it came from.
-async function retryItem(file) {
-  const opts = current?.snap?.options || {};
-  const form = new FormData();
-  for (const [k, v] of Object.entries(opts)) if (v !== null && k !== "preset") form.append(k, String(v));
-  form.append("files", file, file.name);
-  sendUpload(form, file.size, [{ file, thumb: URL.createObjectURL(file) }], false);
+// The job's failed photos as a new job, made by the server from what it kept (any device):
+// with the job's own settings, or with the controls as shown.
+async function retryFailed(changed) {
+  const job = current;
+  if (!job) return;
+  const body = {};
+  if (changed) {
+    body.options = {};
+    for (const [k, v] of Object.entries(readControls())) if (v !== null) body.options[k] = v;
+  }
+  const r = await api(u(`v1/jobs/${encodeURIComponent(job.id)}/retry`), {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  if (r.status !== 202) { $("job-msg").textContent = `Retry refused: ${await errorText(r)}`; return; }
+  const snap = await r.json();
+  // The new job's items are the failed ones in order: this browser's originals follow them.
+  const mine = localFiles.get(job.id);
+  if (mine) {
+    const failed = [...job.items.values()].filter((row) => row.status === "failed").sort((a, b) => a.index - b.index);
+    if (failed.length === snap.total) localFiles.set(snap.job_id, failed.map((row) => mine[row.index]));
+  }
+  rememberJob(snap.job_id);
+  openJob(snap.job_id, true, snap);
 }
 
 function sourceUrl(id, index) {
@@ -1058,7 +1195,7 @@ async function onDelete() {
 const view = { index: null, mode: "slider", scale: 1, cx: 0, cy: 0, iw: 0, ih: 0, split: 0.5, fitted: true, faces: true };
 
 function viewerRows() {
-  return current ? [...current.items.values()].sort((a, b) => a.index - b.index) : [];
+  return current ? sortedRows(current) : [];
 }
 
 function openViewer(index) {
@@ -1078,13 +1215,14 @@ function openViewer(index) {
   const remoteBefore = !local?.url && job.snap?.kind === "upload";
   const hasBefore = Boolean(local?.url) || remoteBefore;
   const note = [];
-  if (!hasAfter) note.push(row.error ? `Failed: ${row.error.message || row.error.code}` : `Not done yet (${itemState(job, row)})`);
+  if (!hasAfter) note.push(row.error ? `Failed: ${errorHelp(row.error)}` : `Not done yet (${itemState(job, row)})`);
   if (hasAfter && !hasBefore) note.push("The original is not on this device: showing the result only");
   $("v-note").textContent = note.join(". ");
   $("v-stage").classList.toggle("single", !(hasAfter && hasBefore));
+  $("v-pane-before").querySelector(".v-label").textContent = hasAfter ? "Before" : "Original";
   $("v-download").setAttribute("aria-disabled", hasAfter ? "false" : "true");
   $("v-download").href = hasAfter ? resultUrl(job.id, index) : "#";
-  $("v-download").download = row.name || name;
+  $("v-download").download = baseName(row.name || name);
   const boxes = hasAfter ? row.face_boxes || [] : [];
   const faces = hasAfter && row.faces ? ` · ${row.faces} face${row.faces === 1 ? "" : "s"}` : "";
   $("v-info").textContent = hasAfter ? `${row.width}×${row.height} ${String(row.format || "").toUpperCase()} · ${fmtBytes(row.bytes || 0)}${faces}` : "";
@@ -1289,12 +1427,11 @@ function setupViewer() {
 function setupChoosing() {
   const drop = $("drop");
   const pick = (input) => { input.value = ""; input.click(); };
-  $("pick-files").addEventListener("click", (e) => { e.stopPropagation(); pick($("file-input")); });
-  $("pick-folder").addEventListener("click", (e) => { e.stopPropagation(); pick($("folder-input")); });
-  drop.addEventListener("click", () => pick($("file-input")));
-  drop.addEventListener("keydown", (e) => {
-    if (e.target === drop && (e.key === "Enter" || e.key === " ")) { e.preventDefault(); pick($("file-input")); }
-  });
+  $("pick-files").addEventListener("click", () => pick($("file-input")));
+  $("pick-folder").addEventListener("click", () => pick($("folder-input")));
+  // A click on the zone's empty space picks photos; its buttons pick for themselves. (The
+  // inputs sit outside the zone: input.click() bubbles, and a second picker would win.)
+  drop.addEventListener("click", (e) => { if (!e.target.closest("button")) pick($("file-input")); });
   for (const id of ["file-input", "folder-input"]) {
     $(id).addEventListener("change", (e) => {
       addFiles([...e.target.files].map((f) => ({ file: f, path: f.webkitRelativePath || f.name })));
@@ -1332,6 +1469,9 @@ function setupJobView() {
     download($("job-zip").href, `${current.id}.zip`);
   });
   $("more").addEventListener("click", () => { if (current) { current.shown += PAGE; refreshItems(current); } });
+  $("sort").addEventListener("change", () => { if (current) renderItems(current); });
+  $("retry-same").addEventListener("click", () => retryFailed(false));
+  $("retry-changed").addEventListener("click", () => retryFailed(true));
   $("key-button").addEventListener("click", async () => {
     localStorage.removeItem(KEY_STORE);
     await askKey(false);
