@@ -18,10 +18,18 @@ from serve_app.config import AppConfig, JobsConfig, StorageConfig
 from serve_app.errors import InvalidImage, NotReady, Overloaded
 from serve_app.jobs import sources
 from serve_app.jobs.gate import Gate, PrivateAddress, check_address
-from serve_app.jobs.job import Job
-from serve_app.jobs.manifest import ManifestRecord, ManifestWriter, read_manifest
+from serve_app.jobs.item import backoff, classify
+from serve_app.jobs.job import ITEM_FIELDS, Job
+from serve_app.jobs.manifest import (
+    OUTCOME_FIELDS,
+    ItemError,
+    ItemOutcome,
+    ManifestRecord,
+    ManifestWriter,
+    read_manifest,
+)
 from serve_app.jobs.naming import new_job_id, plain_name, safe_stem, spool_name
-from serve_app.jobs.scheduler import Scheduler, backoff, classify
+from serve_app.jobs.scheduler import Scheduler
 from serve_app.jobs.spec import JobSpec
 from serve_app.jobs.storage import Storage
 
@@ -200,6 +208,23 @@ def test_classify_and_backoff() -> None:
     delays = [backoff(a, 0.5, 10.0) for a in range(1, 8)]
     assert 0.25 <= delays[0] <= 0.5 and all(d <= 10.0 for d in delays)
     assert delays[4] >= 4.0  # 0.5 * 2**4 = 8, half of it fixed
+
+
+def test_an_item_outcome_is_its_manifest_record_less_what_recording_adds() -> None:
+    """``ItemOutcome`` carries an item's result from ``item.py`` to its record; a record field
+    without an outcome field (or the reverse) would be lost or refused on the way."""
+    assert set(ManifestRecord.model_fields) == OUTCOME_FIELDS | {"index", "status", "finished_at"}
+    assert {"source", "name", "error", "attempts", "timings", "bytes", "sha256", "width",
+            "height", "format", "faces", "face_boxes"} == ITEM_FIELDS  # an item page's
+    error = ItemError(code="invalid_image", message="m", stage="enhance")
+    failed = ItemOutcome(source="in/a.png", attempts=2, timings={"total": 0.5}, error=error)
+    record = failed.record(7)
+    assert (record.index, record.status, record.source, record.attempts) == (
+        7, "failed", "in/a.png", 2)
+    assert record.error == error and record.name is None and record.finished_at > 0
+    done = ItemOutcome(source="a.png", attempts=1, timings={}, name="a.png", bytes=3,
+                       face_boxes=[(1, 2, 3, 4)])
+    assert done.record(0).succeeded and done.record(0).face_boxes == [(1, 2, 3, 4)]
 
 
 # ---------------------------------------------------------------------- the scheduler

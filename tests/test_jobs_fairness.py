@@ -34,10 +34,11 @@ from serve_app.config import AppConfig, JobsConfig, StorageConfig
 from serve_app.errors import InvalidImage, Overloaded, TooManyRequests
 from serve_app.jobs import sources
 from serve_app.jobs.gate import Gate
+from serve_app.jobs.item import classify
 from serve_app.jobs.job import Job
 from serve_app.jobs.manifest import read_manifest
 from serve_app.jobs.naming import new_job_id
-from serve_app.jobs.scheduler import Quota, Scheduler, classify
+from serve_app.jobs.scheduler import Quota, Scheduler
 from serve_app.jobs.spec import JobSpec
 
 # ---------------------------------------------------------------------- helpers (no Ray)

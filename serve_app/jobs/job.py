@@ -24,6 +24,7 @@ from typing import Any
 from serve_app.errors import Conflict
 from serve_app.jobs.manifest import (
     MANIFEST,
+    OUTCOME_FIELDS,
     ManifestRecord,
     ManifestWriter,
     read_manifest,
@@ -49,8 +50,9 @@ from serve_app.jobs.storage import Storage
 
 LOGGER = logging.getLogger(__name__)
 
-ITEM_FIELDS = frozenset({"source", "name", "error", "attempts", "timings", "bytes", "sha256",
-                         "width", "height", "format", "faces", "face_boxes"})
+# An item page's fields from its record (beside its index and status): the outcome's, less
+# crc32, which is there for results.zip (members stored without buffering them).
+ITEM_FIELDS = OUTCOME_FIELDS - {"crc32"}
 RATE_WINDOW = 256  # finish times kept for throughput
 _PENDING_BYTE = bytes([PENDING])
 

@@ -20,7 +20,9 @@ import errno
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -68,6 +70,42 @@ class ManifestRecord(BaseModel):
 
     def line(self) -> bytes:
         return self.model_dump_json().encode() + b"\n"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ItemOutcome:
+    """A finished item: the fields of its ``ManifestRecord`` but ``index``, ``status`` and
+    ``finished_at``, which ``record`` adds: what ``item.py`` hands on once an item is written.
+    ``job.ITEM_FIELDS`` (an item page's fields) is derived from these."""
+
+    source: str
+    attempts: int
+    timings: dict[str, float]
+    error: ItemError | None = None
+    name: str | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    crc32: int | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    faces: int | None = None
+    face_boxes: list[tuple[int, int, int, int]] | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error is None
+
+    def record(self, index: int) -> ManifestRecord:
+        return ManifestRecord(
+            index=index,
+            status="succeeded" if self.succeeded else "failed",
+            finished_at=round(time.time(), 3),
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+        )
+
+
+OUTCOME_FIELDS = frozenset(f.name for f in fields(ItemOutcome))
 
 
 class ManifestWriter:

@@ -5,12 +5,11 @@ One loop fills free slots: at most ``max_inflight`` items in flight across all j
 (least recently served among equals). Bounding job traffic is what keeps interactive
 requests ahead of it: a job never has more than its slots queued at the model.
 
-Each item runs as one task: read the input, call ``dispatch`` (the ingress's ``enhance``),
-retry transient failures with exponential backoff and jitter, fail permanent ones (4xx) at
-once, then *finalize* - write the output atomically and append the manifest record - in a
-step shielded from cancellation, so an item is recorded whole or not at all.
+Each item runs as one task, ``item.ItemRunner.run`` (fetch, enhance, retries, its output and
+record); this module holds the jobs' life around it: submission and quotas, the dispatch
+loop, pauses, cancels, expiry, recovery, listing and callbacks.
 
-The same class runs inside the job actor and in ``python -m serve_app.jobs.run``.
+The same class runs inside the job actor and in ``python -m serve_app.cli.run``.
 """
 
 from __future__ import annotations
@@ -20,70 +19,27 @@ import contextlib
 import functools
 import itertools
 import logging
-import random
 import shutil
 import time
-import zlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 from serve_app.config import JobsConfig
-from serve_app.errors import Conflict, TooManyRequests, as_photo_error
+from serve_app.errors import Conflict, TooManyRequests
 from serve_app.jobs import sources, webhooks
-from serve_app.jobs.gate import ForbiddenPath, Gate, Location, protocol_of
+from serve_app.jobs.gate import Gate, Location, protocol_of
+from serve_app.jobs.item import Dispatch, ItemRunner
 from serve_app.jobs.job import Job
-from serve_app.jobs.manifest import MANIFEST, ManifestRecord
+from serve_app.jobs.manifest import MANIFEST
 from serve_app.jobs.spec import ACTIVE, JOB_JSON, TERMINAL, JobSpec
-from serve_app.options import EnhanceOptions
 
 LOGGER = logging.getLogger(__name__)
 
-Dispatch = Callable[[bytes, EnhanceOptions], Awaitable[Any]]
 LIST_CHUNK = 512
 TICK_S = 0.5
 SPACE_CHECK_S = 1.0
 EXPIRE_EVERY_S = 60.0
-
-
-UNAVAILABLE = frozenset({"not_ready", "DeploymentUnavailableError"})
-# A replica died while it held the item: the ingress's answer when its model replica went
-# away, or Ray's own error when the ingress replica did (ActorUnavailableError, a replica
-# that may come back, is not a death).
-DIED_CODES = frozenset({"replica_unavailable"})
-DIED_ERRORS = frozenset({"ActorDiedError", "RayActorError"})
-REPLICA_DIED = "replica_died"
-REPLICA_DIED_MESSAGES = (
-    "a model replica died while it enhanced this file, with no attempts left; not retried",
-    "a model replica died while it enhanced this file, and again on its one retry alone; "
-    "the file was not retried further",
-)
-
-
-def classify(exc: BaseException) -> tuple[str, str, str]:
-    """``(kind, code, message)``. ``kind`` is ``permanent`` for 4xx errors (the item fails at
-    once), ``unavailable`` when the application is not running (wait, without spending an
-    attempt), ``died`` when the replica holding the item died (the poison-pill rule of
-    ``Scheduler._attempts``) and ``transient`` for everything else: overload, timeouts, other
-    Ray errors, a 5xx from a source."""
-    err = as_photo_error(exc)
-    if err is not None:
-        if err.code in UNAVAILABLE:
-            return "unavailable", err.code, err.message
-        if err.code in DIED_CODES:
-            return "died", err.code, err.message
-        return ("transient" if err.status >= 500 else "permanent"), err.code, err.message
-    if isinstance(exc, TimeoutError):
-        return "transient", "timeout", "the enhancement did not finish in time"
-    name = type(exc).__name__
-    if name in DIED_ERRORS:
-        return "died", "replica_unavailable", "a replica went away while it held this item"
-    message = f"{name}: {str(exc)[:300]}"
-    if name in UNAVAILABLE:
-        return "unavailable", "app_unavailable", message
-    return "transient", "ray_error" if "Ray" in name or "Actor" in name else "internal_error", message
 
 
 @dataclass(frozen=True)
@@ -92,12 +48,6 @@ class Quota:
 
     jobs: int
     items: int
-
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with jitter: half the capped delay fixed, half random."""
-    delay = min(cap, base * 2 ** (attempt - 1))
-    return delay / 2 + random.uniform(0, delay / 2)
 
 
 class Scheduler:
@@ -117,15 +67,12 @@ class Scheduler:
         self.gate = gate  # None: a trusted runner (a Ray job) that may read anything
         self.jobs: dict[str, Job] = {}
         self._claims: dict[str, tuple[Location, JobSpec]] = {}  # jobs being created
-        # Suspects (an item whose replica died under it) retry one at a time, so that a
-        # file that kills replicas never shares its retry with another suspect.
-        self._quarantine = asyncio.Lock()
+        self.items = ItemRunner(self)
         self.inflight = 0
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._listers: dict[str, asyncio.Task[None]] = {}
         self._space_checked: dict[str, float] = {}
-        self._fetch_slots: dict[str, asyncio.Semaphore] = {}
         self._expired_at = 0.0
         self._stopping = False
         self._expiry: asyncio.Task[Any] | None = None
@@ -233,7 +180,7 @@ class Scheduler:
         job.close()
         self.jobs.pop(job_id, None)
         self._space_checked.pop(job_id, None)
-        self._fetch_slots.pop(job_id, None)
+        self.items.forget(job_id)
         await asyncio.to_thread(shutil.rmtree, job.folder, True)
         LOGGER.info("job %s deleted", job_id)
 
@@ -411,18 +358,18 @@ class Scheduler:
             if job.state == "queued":
                 job.set_state("running")
             self.inflight += 1
-            task = asyncio.get_running_loop().create_task(self._item(job, index))
+            task = asyncio.get_running_loop().create_task(self.items.run(job, index))
             job.tasks.add(task)
             task.add_done_callback(functools.partial(self._item_done, job, index))
 
     def _item_done(self, job: Job, index: int, task: asyncio.Task[Any]) -> None:
-        """A cancelled item gives its slot back here, not in ``_item``: a task cancelled
-        before its first step never runs its body, so no handler inside it would."""
+        """A cancelled item gives its slot back here, not in ``ItemRunner.run``: a task
+        cancelled before its first step never runs its body, so no handler inside it would."""
         job.tasks.discard(task)
         if task.cancelled():
-            self._give_back(job, index)
+            self.give_back(job, index)
 
-    def _give_back(self, job: Job, index: int, pause_reason: str | None = None) -> None:
+    def give_back(self, job: Job, index: int, pause_reason: str | None = None) -> None:
         """The item goes back to pending and its slot is free; with ``pause_reason`` (a fault
         that is not the item's own) the job pauses rather than spin on it: resume retries."""
         job.release(index)
@@ -446,115 +393,13 @@ class Scheduler:
         LOGGER.warning("job %s paused: %d bytes free, under the floor of %d", job.id, free, floor)
         return False
 
-    # ------------------------------------------------------------------ one item
-
-    def _fetch_slot(self, job: Job) -> asyncio.Semaphore:
-        slot = self._fetch_slots.get(job.id)
-        if slot is None:
-            slot = self._fetch_slots[job.id] = asyncio.Semaphore(self.config.max_fetches_per_job)
-        return slot
-
-    def _gate_for(self, job: Job, source: str) -> Gate | None:
-        """An upload's items are the job's own spooled files, which no gate root holds (the
-        jobs folder is nobody's input): they are read only from inside that folder."""
-        if job.spec.kind != "upload" or self.gate is None:
-            return self.gate
-        if not Path(source).resolve().is_relative_to((job.folder / "inputs").resolve()):
-            raise ForbiddenPath("an upload's item is outside its job's folder")
-        return None
-
     def _settle(self, job: Job) -> None:
         """An ended job whose last item is done keeps no writer (its fd and lock) open."""
         if job.state in TERMINAL and job.inflight == 0:
             job.close()
 
-    async def _item(self, job: Job, index: int) -> None:
-        try:
-            outcome = await self._attempts(job, index)
-        except Exception:
-            # Not the item's fault (its input list or storage is unreadable, say).
-            LOGGER.exception("job %s item %d: unexpected failure", job.id, index)
-            self._give_back(job, index, pause_reason="internal_error")
-            return
-        # Shielded: cancels that land now (a job's cancel, then the scheduler's stop) still
-        # leave the output and its record whole; the item is then finished, not cancelled,
-        # so the task ends normally and _item_done gives nothing back twice.
-        finalize = asyncio.ensure_future(self._finalize(job, index, outcome))
-        while not finalize.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(finalize)
-
-    async def _attempts(self, job: Job, index: int) -> dict[str, Any]:
-        source, name = await asyncio.to_thread(job.inputs.get, index)
-        options = job.spec.options
-        t0 = time.perf_counter()
-        attempt = unavailable = deaths = 0
-        while True:
-            attempt += 1
-            stage = "fetch"
-            try:
-                t_fetch = time.perf_counter()
-                async with self._fetch_slot(job):
-                    data = await sources.fetch(
-                        source,
-                        max_bytes=self.max_bytes,
-                        timeout_s=self.config.fetch_timeout_s,
-                        gate=self._gate_for(job, source),
-                    )
-                stage = "enhance"
-                t_enh = time.perf_counter()
-                if deaths:
-                    async with self._quarantine:
-                        result = await asyncio.wait_for(self.dispatch(data, options),
-                                                        self.timeout_s)
-                else:
-                    result = await asyncio.wait_for(self.dispatch(data, options), self.timeout_s)
-                del data
-                timings = {"fetch": t_enh - t_fetch, "enhance": time.perf_counter() - t_enh}
-                return {"source": source, "name": name, "result": result, "attempts": attempt,
-                        "timings": timings, "t0": t0}
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                kind, code, message = classify(exc)
-                if kind == "unavailable":
-                    attempt -= 1  # the application is down: wait for it, spend nothing
-                    unavailable += 1
-                    delay = backoff(min(unavailable, 8), self.config.retry_base_s,
-                                    self.config.retry_max_s)
-                    LOGGER.info("job %s item %d: %s, waiting %.1fs", job.id, index, code, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                if kind == "died":
-                    # The poison-pill rule: a replica that died under the item may have died
-                    # of it, or of a neighbour in its batch. The item is a suspect: retried
-                    # once, alone among suspects; a second death fails it, so a file that
-                    # kills replicas kills at most two (docs/JOBS.md, "Retries").
-                    deaths += 1
-                    LOGGER.warning("job %s item %d: its replica died (%s), death %d", job.id,
-                                   index, message, deaths)
-                    if deaths >= 2 or attempt >= self.config.max_attempts:
-                        return {"source": source, "name": name, "attempts": attempt, "t0": t0,
-                                "error": {"code": REPLICA_DIED, "stage": stage,
-                                          "message": REPLICA_DIED_MESSAGES[deaths >= 2]},
-                                "timings": {}}
-                if kind == "permanent" or attempt >= self.config.max_attempts:
-                    return {"source": source, "name": name, "attempts": attempt, "t0": t0,
-                            "error": {"code": code, "message": message, "stage": stage},
-                            "timings": {}}
-                delay = backoff(attempt, self.config.retry_base_s, self.config.retry_max_s)
-                LOGGER.info("job %s item %d: %s (%s), retry in %.2fs", job.id, index, code,
-                            message, delay)
-                await asyncio.sleep(delay)
-
-    async def _finalize(self, job: Job, index: int, outcome: dict[str, Any]) -> None:
-        try:
-            offset, ok = await asyncio.to_thread(_write_and_record, job, index, outcome)
-        except Exception:
-            LOGGER.exception("job %s item %d: cannot write its output or record", job.id, index)
-            self._give_back(job, index, pause_reason="storage_error")
-            return
-        job.finish(index, ok, offset)
+    def finished(self, job: Job) -> None:
+        """An item is recorded (``Job.finish`` done): its slot is free."""
         self.inflight -= 1
         self._maybe_finish(job)
         self._settle(job)
@@ -599,42 +444,6 @@ class Scheduler:
         job.touch(state_changed=True)
         self._maybe_finish(job)
         self.wake()
-
-
-def _write_and_record(job: Job, index: int, outcome: dict[str, Any]) -> tuple[int, bool]:
-    """Write the output (atomically) and append its manifest record; runs in a thread."""
-    result = outcome.get("result")
-    timings = dict(outcome["timings"])
-    fields: dict[str, Any] = {}
-    if result is not None:
-        name = job.output_name(index, result.format)
-        t = time.perf_counter()
-        job.storage.write_atomic(name, result.data)
-        timings["write"] = time.perf_counter() - t
-        fields = {
-            "name": name,
-            "bytes": len(result.data),
-            "sha256": sha256(result.data).hexdigest(),
-            "crc32": zlib.crc32(result.data),
-            "width": result.width,
-            "height": result.height,
-            "format": result.format,
-            "faces": result.faces,
-            "face_boxes": [list(b) for b in result.face_boxes],
-        }
-    timings["total"] = time.perf_counter() - outcome["t0"]
-    record = ManifestRecord(
-        index=index,
-        source=outcome["name"] if job.spec.kind == "upload" else outcome["source"],
-        status="succeeded" if result is not None else "failed",
-        error=outcome.get("error"),
-        attempts=outcome["attempts"],
-        timings={k: round(v, 4) for k, v in timings.items()},
-        finished_at=round(time.time(), 3),
-        **fields,
-    )
-    offset = job.open_writer().append(record)
-    return offset, result is not None
 
 
 def _copy_records(job: Job) -> None:
