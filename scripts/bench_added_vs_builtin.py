@@ -18,7 +18,7 @@ import torch
 def main() -> None:
     from basicsr.archs.rrdbnet_arch import RRDBNet
 
-    import serve_app.compat  # noqa: F401  (before basicsr)
+    import serve_app.engine.compat  # noqa: F401  (before basicsr)
     from serve_app.engine import added, ncnn
 
     ap = argparse.ArgumentParser()

@@ -32,7 +32,7 @@ def test_with_the_shim_basicsr_imports_and_gets_torchvisions_function():
     legacy module is torchvision's current ``rgb_to_grayscale`` (same object, same values)."""
     r = _run(f"""
         import importlib, sys
-        import serve_app.compat
+        import serve_app.engine.compat
         import torch
         from torchvision.transforms import functional
         for name in ("basicsr.utils", "basicsr.data.degradations", "gfpgan", "realesrgan",
@@ -55,7 +55,7 @@ def test_install_is_idempotent_and_keeps_a_module_already_there():
     legacy name (a torchvision that still has it, or another shim) is never replaced."""
     r = _run(f"""
         import sys, types
-        from serve_app import compat
+        from serve_app.engine import compat
         first = sys.modules["{LEGACY}"]
         compat.install()
         compat.install()

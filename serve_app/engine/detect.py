@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import serve_app.compat  # noqa: F401
+import serve_app.engine.compat  # noqa: F401
 from serve_app.engine.chunks import chunk_size, detect_bytes, forward_chunks
 
 FACE_TEMPLATE = np.array(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import serve_app.compat  # noqa: F401
+import serve_app.engine.compat  # noqa: F401
 from serve_app.config import AppConfig, EngineConfig
 from serve_app.engine import batch, models
 from serve_app.engine.catalog import AddedModel, Catalog

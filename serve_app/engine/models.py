@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import serve_app.compat  # noqa: F401  (before basicsr, gfpgan, realesrgan, facexlib)
+import serve_app.engine.compat  # noqa: F401  (before basicsr, gfpgan, realesrgan, facexlib)
 from serve_app.engine import checkpoint
 from serve_app.engine.weights import LoadedWeightsInfo, WeightSpec, spec
 from serve_app.errors import WeightsError
