@@ -389,7 +389,7 @@ def manifest_lines(data_dir: Path, job_id: str) -> list[str]:
 def test_run_module_enhances_a_folder_and_resumes(
     http: httpx.Client, data_dir: Path, tmp_path: Path
 ) -> None:
-    from serve_app.jobs.run import run_job
+    from serve_app.jobs import run_job
     from serve_app.options import resolve_options
 
     folder = image_folder(tmp_path, "src", 12)

@@ -147,7 +147,7 @@ def test_ray_job_submit_runs_the_job_module_and_a_handle_driver(
     runtime_env = json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}})
 
     r = ray_cli(ray_cli_env, "job", "submit", "--runtime-env-json", runtime_env, "--",
-                "python", "-m", "serve_app.jobs.run", "--input", str(source), "--output",
+                "python", "-m", "serve_app.cli.run", "--input", str(source), "--output",
                 str(out), "--no-face", "--upscale", "1", "--concurrency", "4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout and "completed 6 succeeded, 0 failed of 6" in r.stdout, r.stdout

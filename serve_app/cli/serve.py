@@ -135,7 +135,7 @@ def ray_tools_help(dashboard: str) -> str:
         "  In another shell:",
         f"  export {env}",
         "  serve status",
-        "  ray job submit -- python -m serve_app.jobs.run --input IN_DIR --output OUT_DIR",
+        "  ray job submit -- python -m serve_app.cli.run --input IN_DIR --output OUT_DIR",
     ]
     return "\n".join(lines)
 

@@ -9,7 +9,8 @@ Each item runs as one task, ``item.ItemRunner.run`` (fetch, enhance, retries, it
 record); this module holds the jobs' life around it: submission and quotas, the dispatch
 loop, pauses, cancels, expiry, recovery, listing and callbacks.
 
-The same class runs inside the job actor and in ``python -m serve_app.cli.run``.
+The same class runs inside the job actor and in ``runner.run_job`` (``python -m
+serve_app.cli.run``).
 """
 
 from __future__ import annotations

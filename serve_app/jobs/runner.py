@@ -1,8 +1,5 @@
-"""Enhance a folder or bucket prefix from a Ray job, through the application's handle.
-
-    ray job submit --working-dir . -- python -m serve_app.jobs.run \\
-        --input s3://bucket/photos/ --output s3://bucket/enhanced/ --state-dir /mnt/state/run1 \\
-        --upscale 2 --concurrency 16
+"""Enhance a folder or bucket prefix from a Ray job, through the application's handle:
+``run_job``, which ``python -m serve_app.cli.run`` (the command a Ray job submits) calls.
 
 Items are listed lazily and sent to the running application (``serve.get_app_handle``) with
 at most ``--concurrency`` in flight; each output is written atomically and recorded in
@@ -15,21 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import click
-
 from serve_app.config import APP_NAME, JobsConfig, LimitsConfig
-from serve_app.errors import Conflict, InvalidRequest, PhotoEnhanceError
+from serve_app.errors import Conflict, InvalidRequest
 from serve_app.jobs.job import Job
 from serve_app.jobs.naming import new_job_id
 from serve_app.jobs.scheduler import Scheduler
 from serve_app.jobs.spec import JOB_JSON, TERMINAL, JobSpec, read_json
 from serve_app.jobs.storage import is_local, local_path
-from serve_app.options import OUTPUT_FORMATS, EnhanceOptions, resolve_options
+from serve_app.options import EnhanceOptions
 
 LOGGER = logging.getLogger(__name__)
 
@@ -126,55 +120,3 @@ def _bar(job: Job) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=job.total, initial=job.done, unit="img", desc=job.id, dynamic_ncols=True)
-
-
-@click.command()
-@click.option("--input", "input_uri", required=True, help="Folder or bucket prefix to enhance.")
-@click.option("--output", required=True, help="Output folder or bucket prefix.")
-@click.option("--state-dir", default=None, help="Local folder for the manifest (default: output).")
-@click.option("--app", "app_name", default=APP_NAME, show_default=True)
-@click.option("--address", default="auto", show_default=True, help="Ray address.")
-@click.option("--namespace", default="serve", show_default=True)
-@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 1024))
-@click.option("--max-attempts", default=3, show_default=True, type=click.IntRange(1, 20))
-@click.option("--preset", default=None)
-@click.option("--upscale", type=click.Choice(["1", "2", "4"]), default=None)
-@click.option("--face/--no-face", default=None)
-@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
-@click.option("--quality", type=int, default=None)
-@click.option("-o", "--option", "extra", multiple=True, help="Any option as NAME=VALUE.")
-def main(
-    input_uri: str, output: str, state_dir: str | None, app_name: str, address: str,
-    namespace: str, concurrency: int, max_attempts: int, preset: str | None,
-    upscale: str | None, face: bool | None, fmt: str | None, quality: int | None,
-    extra: tuple[str, ...],
-) -> None:
-    """Enhance every image under INPUT into OUTPUT through a running PhotoEnhance app."""
-    import ray
-
-    raw: dict[str, Any] = {"preset": preset, "upscale": upscale, "face": face, "format": fmt,
-                           "quality": quality}
-    for item in extra:
-        name, _, value = item.partition("=")
-        raw[name.strip()] = value
-    try:
-        options = resolve_options({k: v for k, v in raw.items() if v is not None})
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
-        snapshot = asyncio.run(
-            run_job(input_uri, output, options, app_name=app_name, concurrency=concurrency,
-                    state_dir=state_dir, max_attempts=max_attempts, progress=True)
-        )
-    except PhotoEnhanceError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        sys.exit(2)
-    counts = snapshot["counts"]
-    click.echo(
-        f"{snapshot['job_id']}: {snapshot['state']} {counts['succeeded']} succeeded, "
-        f"{counts['failed']} failed of {snapshot['total']}"
-        + (f" ({snapshot['reason']})" if snapshot.get("reason") else "")
-    )
-    sys.exit(0 if snapshot["state"] == "completed" else 1)
-
-
-if __name__ == "__main__":
-    main()
