@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -138,6 +139,9 @@ class JobStreams:
             return
         try:
             async for item in self._bounded(progress()):
+                if "state" in item:  # a snapshot (the end message stays as documented)
+                    # The server's send time: the stream's pace, whatever the client's.
+                    item = {**item, "sent_at": time.time()}
                 await websocket.send_json(item)
         except PhotoEnhanceError as exc:
             await _ws_error(websocket, exc)
