@@ -192,7 +192,7 @@ def test_same_site_and_originless_requests_pass(http, images, serve_url):
     r = http.post("/v1/enhance", params=FAST, content=png(images), headers=own)
     assert r.status_code == 200, r.text
     r = http.put("/v1/presets/same-site", json={"upscale": 1}, headers=own)
-    assert r.status_code in (200, 201), r.text
+    assert r.status_code == 201, r.text  # created (and deleted below: new on every run)
     assert http.delete("/v1/presets/same-site", headers=own).status_code == 204
 
 
@@ -381,8 +381,18 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, allow_nan=True)
 
 
+# What fuzzed input may earn (which one depends on the input drawn): success, the router's
+# trailing-slash redirect (307: a name ending in "/"), or one of the client-mistake answers
+# of DESIGN.md, each in the error shape. Never a 5xx, nor a 4xx no route documents.
+FUZZ_ANSWERS = {200, 201, 202, 204, 307, 400, 404, 405, 409, 413, 415, 422}
+
+
 def assert_sane(response: httpx.Response, what: Any) -> None:
-    assert response.status_code < 500, (what, response.status_code, response.text[:300])
+    status = response.status_code
+    assert status in FUZZ_ANSWERS, (what, status, response.text[:300])
+    if status >= 400:
+        error = response.json()["error"]
+        assert error["code"] and error["message"], (what, error)
     for leak in LEAKS:
         assert leak not in response.text, (what, leak, response.text[:300])
 
