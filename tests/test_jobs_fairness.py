@@ -38,7 +38,8 @@ from serve_app.jobs.item import classify
 from serve_app.jobs.job import Job
 from serve_app.jobs.manifest import read_manifest
 from serve_app.jobs.naming import new_job_id
-from serve_app.jobs.scheduler import Quota, Scheduler
+from serve_app.jobs.quota import Quota
+from serve_app.jobs.scheduler import Scheduler
 from serve_app.jobs.spec import JobSpec
 
 # ---------------------------------------------------------------------- helpers (no Ray)

@@ -177,6 +177,20 @@ class ItemRunner:
             raise ForbiddenPath("an upload's item is outside its job's folder")
         return None
 
+    async def _fetch(self, job: Job, source: str) -> bytes:
+        async with self._fetch_slot(job):
+            return await sources.fetch(source, max_bytes=self.host.max_bytes,
+                                       timeout_s=self.host.config.fetch_timeout_s,
+                                       gate=self._gate_for(job, source))
+
+    async def _enhance(self, data: bytes, options: EnhanceOptions, *, suspect: bool) -> Any:
+        """The model call; a suspect's waits for its turn in the quarantine."""
+        host = self.host
+        if not suspect:
+            return await asyncio.wait_for(host.dispatch(data, options), host.timeout_s)
+        async with self._quarantine:  # the call starts only once it is the suspect's turn
+            return await asyncio.wait_for(host.dispatch(data, options), host.timeout_s)
+
     async def _attempts(self, job: Job, index: int) -> Tried:
         source, name = await asyncio.to_thread(job.inputs.get, index)
         named = name if job.spec.kind == "upload" else source  # never the spooled path
@@ -189,21 +203,10 @@ class ItemRunner:
             stage = "fetch"
             try:
                 t_fetch = time.perf_counter()
-                async with self._fetch_slot(job):
-                    data = await sources.fetch(
-                        source,
-                        max_bytes=host.max_bytes,
-                        timeout_s=host.config.fetch_timeout_s,
-                        gate=self._gate_for(job, source),
-                    )
+                data = await self._fetch(job, source)
                 stage = "enhance"
                 t_enh = time.perf_counter()
-                if deaths:
-                    async with self._quarantine:
-                        result = await asyncio.wait_for(host.dispatch(data, options),
-                                                        host.timeout_s)
-                else:
-                    result = await asyncio.wait_for(host.dispatch(data, options), host.timeout_s)
+                result = await self._enhance(data, options, suspect=deaths > 0)
                 del data
                 timings = {"fetch": t_enh - t_fetch, "enhance": time.perf_counter() - t_enh}
                 return Tried(source=named, attempts=attempt, started=t0, result=result,

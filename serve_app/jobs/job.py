@@ -42,8 +42,11 @@ from serve_app.jobs.spec import (
     STATE_JSON,
     SUCCEEDED,
     TERMINAL,
+    TRANSITIONS,
     JobSpec,
     read_json,
+    reason_code,
+    reason_text,
     write_json_atomic,
 )
 from serve_app.jobs.storage import Storage
@@ -55,24 +58,6 @@ LOGGER = logging.getLogger(__name__)
 ITEM_FIELDS = OUTCOME_FIELDS - {"crc32"}
 RATE_WINDOW = 256  # finish times kept for throughput
 _PENDING_BYTE = bytes([PENDING])
-
-# Why the server paused or ended a job: a code and a generic text (details go to the log).
-REASONS: dict[str, str] = {
-    "low_disk": "the output storage is under its free-space floor; resume once space is freed",
-    "storage_error": "writing outputs failed; resume to retry",
-    "internal_error": "an internal error stopped the job; resume to retry",
-    "listing_failed": "listing the input prefix failed",
-    "no_inputs": "no inputs were found",
-    "paused_expired": "the job stayed paused longer than this server keeps paused jobs",
-}
-
-# Which control actions each state accepts.
-TRANSITIONS: dict[str, dict[str, str]] = {
-    "pause": {"queued": "paused", "running": "paused"},
-    "resume": {"paused": "running"},
-    "cancel": {"queued": "cancelled", "running": "cancelled", "paused": "cancelled"},
-}
-
 
 class Job:
     def __init__(self, spec: JobSpec, folder: Path) -> None:
@@ -89,7 +74,7 @@ class Job:
         self.names = OutputNames(self._relatives)  # rebuilt from inputs.jsonl after a restart
         self.manifest_path = self.folder / MANIFEST
         self.state: str = "queued"
-        self.reason: str | None = None  # a code of REASONS
+        self.reason: str | None = None  # a code of spec.REASONS
         self.listed = spec.kind != "prefix"
         self.loaded = False
         self.status = bytearray()
@@ -324,7 +309,7 @@ class Job:
     # ------------------------------------------------------------------ state
 
     def set_state(self, state: str, reason: str | None = None) -> None:
-        """``reason``: a code of ``REASONS``."""
+        """``reason``: a code of ``spec.REASONS``."""
         self.state = state
         self.reason = reason
         self.paused_at = time.time() if state == "paused" else None
@@ -379,8 +364,8 @@ class Job:
         return {
             "job_id": self.id,
             "state": self.state,
-            "reason": _reason_text(self.reason),
-            "reason_code": _reason_code(self.reason),
+            "reason": reason_text(self.reason),
+            "reason_code": reason_code(self.reason),
             "kind": self.spec.kind,
             "priority": self.spec.priority,
             "owner": self.spec.owner,
@@ -414,15 +399,3 @@ def _nth_matches(status: bytearray, code: bytes, offset: int, limit: int) -> lis
         seen += 1
         pos = status.find(code, pos + 1)
     return out
-
-
-def _reason_code(reason: str | None) -> str | None:
-    # state.json of older versions holds free text: its code is the part before ':'.
-    return None if reason is None else reason.split(":", 1)[0].strip()
-
-
-def _reason_text(reason: str | None) -> str | None:
-    code = _reason_code(reason)
-    if code is None:
-        return None
-    return f"{code}: {REASONS.get(code, 'see the server log')}"

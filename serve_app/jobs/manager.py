@@ -23,7 +23,8 @@ from serve_app.config import AppConfig
 from serve_app.errors import NotReady, as_photo_error
 from serve_app.jobs.gate import Gate
 from serve_app.jobs.manifest import ManifestRecord
-from serve_app.jobs.scheduler import Quota, Scheduler
+from serve_app.jobs.quota import Quota
+from serve_app.jobs.scheduler import Scheduler
 from serve_app.jobs.spec import ACTIVE, PENDING, JobSpec
 from serve_app.options import EnhanceOptions
 

@@ -18,37 +18,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from serve_app.config import JobsConfig
-from serve_app.errors import Conflict, TooManyRequests
-from serve_app.jobs import sources, webhooks
+from serve_app.jobs import webhooks
 from serve_app.jobs.gate import Gate, Location, protocol_of
 from serve_app.jobs.item import Dispatch, ItemRunner
 from serve_app.jobs.job import Job
+from serve_app.jobs.listing import list_prefix
 from serve_app.jobs.manifest import MANIFEST
+from serve_app.jobs.quota import Quota, check_output_free, check_quota
 from serve_app.jobs.spec import ACTIVE, JOB_JSON, TERMINAL, JobSpec
 
 LOGGER = logging.getLogger(__name__)
 
-LIST_CHUNK = 512
 TICK_S = 0.5
 SPACE_CHECK_S = 1.0
 EXPIRE_EVERY_S = 60.0
-
-
-@dataclass(frozen=True)
-class Quota:
-    """A key's limits on unfinished jobs and items (``auth.max_*_in_flight``)."""
-
-    jobs: int
-    items: int
 
 
 class Scheduler:
@@ -119,7 +109,7 @@ class Scheduler:
         if spec.job_id in self.jobs:  # a retried submission: the job exists already
             return self.jobs[spec.job_id]
         if quota is not None and spec.owner is not None:
-            self._check_quota(spec, quota)
+            check_quota(spec, quota, self._live_specs(), self.jobs)
         output = Location(protocol_of(spec.output), spec.output)  # type: ignore[arg-type]
         self._claim(spec, output)
 
@@ -140,34 +130,8 @@ class Scheduler:
         return [*(spec for _, spec in self._claims.values()),
                 *(j.spec for j in self.jobs.values() if j.state not in TERMINAL)]
 
-    def _check_quota(self, spec: JobSpec, quota: Quota) -> None:
-        """429 when the key's unfinished jobs, or their unfinished items with this job's,
-        would pass its limits. A prefix job counts the items listed so far."""
-        live = [j for j in self._live_specs() if j.owner == spec.owner]
-        if len(live) >= quota.jobs:
-            raise TooManyRequests(
-                f"this key has {len(live)} unfinished jobs (the limit is {quota.jobs}); wait "
-                "for one to end", code="too_many_jobs", retry_after_s=30)
-        items = 0
-        for other in live:
-            job = self.jobs.get(other.job_id)
-            items += (other.total or 0) if job is None else max(job.total - job.done, 0)
-        new = spec.total or 0
-        if items + new > quota.items:
-            raise TooManyRequests(
-                f"this job's {new} items and this key's {items} unfinished ones pass its "
-                f"limit of {quota.items} unfinished items", code="too_many_items",
-                retry_after_s=30)
-
     def _claim(self, spec: JobSpec, output: Location) -> None:
-        """Refuse (409) an output that a live job writes to, or inside or around one. The
-        answer names no job, owner or path: with per-key output folders, another key's job
-        can only be there because an admin or a handle put it there."""
-        taken = [Location(protocol_of(s.output), s.output)  # type: ignore[arg-type]
-                 for s in self._live_specs()]
-        if any(output.overlaps(other) for other in taken):
-            raise Conflict("that output folder is in use; choose another folder or retry "
-                           "later", code="output_in_use")
+        check_output_free(output, self._live_specs())
         self._claims[spec.job_id] = (output, spec)
 
     async def delete(self, job_id: str) -> None:
@@ -417,34 +381,13 @@ class Scheduler:
     # ------------------------------------------------------------------ listing
 
     async def _list(self, job: Job) -> None:
-        """List ``input_prefix`` lazily, appending to ``inputs.jsonl`` in chunks; a listing cut
-        short by a restart is re-done in the same sorted order, skipping what is known."""
-        prefix = job.spec.input_prefix or ""
-        entries = sources.iter_prefix(prefix)
-        skip = len(job.inputs)
-        await asyncio.to_thread(lambda: next(itertools.islice(entries, skip, skip), None))
         try:
-            while True:
-                chunk = await asyncio.to_thread(lambda: list(itertools.islice(entries, LIST_CHUNK)))
-                if not chunk:
-                    break
-                items = [(uri, uri) for uri in chunk]
-                await asyncio.to_thread(job.inputs.append, items)
-                job.add_items(len(items))
-                self.wake()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            LOGGER.exception("job %s: listing %s failed", job.id, prefix)
-            job.set_state("failed", "listing_failed")
-            return
+            listed = await list_prefix(job, self.wake)
         finally:
             self._listers.pop(job.id, None)
-        job.listed = True
-        job.save_state()
-        job.touch(state_changed=True)
-        self._maybe_finish(job)
-        self.wake()
+        if listed:
+            self._maybe_finish(job)
+            self.wake()
 
 
 def _copy_records(job: Job) -> None:

@@ -1,4 +1,5 @@
-"""What a job is (its spec, stored as ``job.json``) and the states jobs and items go through."""
+"""What a job is (its spec, stored as ``job.json``), the states jobs and items go through, and
+why a job was paused or ended."""
 
 from __future__ import annotations
 
@@ -17,6 +18,23 @@ TERMINAL: frozenset[str] = frozenset({"completed", "partial", "failed", "cancell
 # Item states, one byte per item in the job's status array.
 PENDING, RUNNING, SUCCEEDED, FAILED = 0, 1, 2, 3
 ITEM_STATES: tuple[str, ...] = ("pending", "running", "succeeded", "failed")
+
+# Why the server paused or ended a job: a code and a generic text (details go to the log).
+REASONS: dict[str, str] = {
+    "low_disk": "the output storage is under its free-space floor; resume once space is freed",
+    "storage_error": "writing outputs failed; resume to retry",
+    "internal_error": "an internal error stopped the job; resume to retry",
+    "listing_failed": "listing the input prefix failed",
+    "no_inputs": "no inputs were found",
+    "paused_expired": "the job stayed paused longer than this server keeps paused jobs",
+}
+
+# Which control actions each state accepts.
+TRANSITIONS: dict[str, dict[str, str]] = {
+    "pause": {"queued": "paused", "running": "paused"},
+    "resume": {"paused": "running"},
+    "cancel": {"queued": "cancelled", "running": "cancelled", "paused": "cancelled"},
+}
 
 JOB_JSON = "job.json"
 STATE_JSON = "state.json"
@@ -58,3 +76,15 @@ def write_json_atomic(path: Path, value: Any) -> None:
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def reason_code(reason: str | None) -> str | None:
+    # state.json of older versions holds free text: its code is the part before ':'.
+    return None if reason is None else reason.split(":", 1)[0].strip()
+
+
+def reason_text(reason: str | None) -> str | None:
+    code = reason_code(reason)
+    if code is None:
+        return None
+    return f"{code}: {REASONS.get(code, 'see the server log')}"
