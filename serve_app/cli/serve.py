@@ -56,13 +56,13 @@ def serve_cmd(
     import ray
     from ray import serve
 
-    from serve_app.config import APP_NAME, load_serve_file
+    from serve_app.cli.serve_file import load_serve_file
+    from serve_app.config import APP_NAME
     from serve_app.deployments.app import build_app, resolve_paths
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     serve_file = load_serve_file(config_path)
-    app_spec: dict[str, Any] = serve_file.raw["applications"][0]
-    name = app_spec.get("name", APP_NAME)
+    name = serve_file.raw["applications"][0].get("name", APP_NAME)
     http_options = dict(serve_file.raw.get("http_options") or {})
     http_options["host"] = host or serve_file.http_host
     http_options["port"] = port or serve_file.http_port
@@ -71,44 +71,20 @@ def serve_cmd(
     address = address or os.environ.get("RAY_ADDRESS") or None
     joined = address is not None
     if not joined:
-        # Ray's proxy listens with SO_REUSEPORT: a second server on a busy port would start
-        # and silently take half of the first one's requests.
-        busy = port_taken(http_options["host"], int(http_options["port"]))
-        if busy:
-            raise click.ClickException(
-                f"{http_options['host']}:{http_options['port']} is already in use ({busy}); "
-                "stop the server there or choose another --port"
-            )
-        # Ray's processes inherit PATH: a Ray job's `python` entrypoint is then this
-        # interpreter, with the project's packages, not the system's.
-        venv_bin = str(Path(sys.executable).parent)
-        os.environ["PATH"] = os.pathsep.join([venv_bin, os.environ.get("PATH", "")])
+        prepare_local_ray(str(http_options["host"]), int(http_options["port"]))
     context = ray.init(
         address=address or "local", include_dashboard=dashboard if not joined else None
     )
-
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        LOGGER.info("received %s; shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = stop_on_signals()
     try:
         start_kwargs: dict[str, Any] = {"http_options": http_options}
         if serve_file.raw.get("proxy_location"):
             start_kwargs["proxy_location"] = serve_file.raw["proxy_location"]
         serve.start(**start_kwargs)
         serve.run(build_app(config), name=name, route_prefix=serve_file.route_prefix)
-        url = f"http://{http_options['host']}:{http_options['port']}"
-        click.echo(f"PhotoEnhance is serving at {url} (config {config_path}); Ctrl-C stops it.")
-        auth = "-H 'Authorization: Bearer $PHOTOENHANCE_API_KEY' " if config.auth.enabled else ""
-        click.echo(f"  curl -sS --data-binary @photo.jpg -H 'Content-Type: image/jpeg' {auth}"
-                   f"'{url}/v1/enhance?upscale=2' -o out.jpg")
-        if not joined and context.dashboard_url:
-            click.echo(ray_tools_help(f"http://{context.dashboard_url}"))
-        announce_keys(config.auth.enabled, str(http_options["host"]))
+        dashboard_url = None if joined else context.dashboard_url
+        announce(str(http_options["host"]), int(http_options["port"]), config_path,
+                 config.auth.enabled, f"http://{dashboard_url}" if dashboard_url else None)
         while not stop.wait(1.0):
             pass
     finally:
@@ -120,6 +96,48 @@ def serve_cmd(
         finally:
             ray.shutdown()
         click.echo("stopped.")
+
+
+def prepare_local_ray(host: str, port: int) -> None:
+    """Before starting a local Ray: refuse a busy port, and put this interpreter first on
+    the PATH that Ray's processes inherit."""
+    # Ray's proxy listens with SO_REUSEPORT: a second server on a busy port would start
+    # and silently take half of the first one's requests.
+    busy = port_taken(host, port)
+    if busy:
+        raise click.ClickException(
+            f"{host}:{port} is already in use ({busy}); stop the server there or choose "
+            "another --port"
+        )
+    # A Ray job's `python` entrypoint is then this interpreter, with the project's
+    # packages, not the system's.
+    venv_bin = str(Path(sys.executable).parent)
+    os.environ["PATH"] = os.pathsep.join([venv_bin, os.environ.get("PATH", "")])
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGINT and SIGTERM set."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        LOGGER.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
+def announce(host: str, port: int, config_path: Path, auth: bool, dashboard: str | None) -> None:
+    """Where the server is, a first request, Ray's tools (a local Ray's dashboard), keys."""
+    url = f"http://{host}:{port}"
+    click.echo(f"PhotoEnhance is serving at {url} (config {config_path}); Ctrl-C stops it.")
+    header = "-H 'Authorization: Bearer $PHOTOENHANCE_API_KEY' " if auth else ""
+    click.echo(f"  curl -sS --data-binary @photo.jpg -H 'Content-Type: image/jpeg' {header}"
+               f"'{url}/v1/enhance?upscale=2' -o out.jpg")
+    if dashboard:
+        click.echo(ray_tools_help(dashboard))
+    announce_keys(auth, host)
 
 
 def ray_tools_help(dashboard: str) -> str:
