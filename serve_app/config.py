@@ -1,7 +1,7 @@
 """The one typed configuration, validated once at start and read by every layer.
 
 A config file in ``configs/`` is a Ray Serve config (``serve deploy`` accepts it); the
-application's ``args`` are an ``AppConfig``. ``load_serve_file`` reads such a file.
+application's ``args`` are an ``AppConfig`` (``cli/serve_file.py`` reads such a file).
 Numbers that size deployments live in those YAML files, never in code.
 """
 
@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 APP_NAME = "photoenhance"
@@ -393,31 +392,3 @@ class AppConfig(_Section):
         if self.http.max_streams > self.ingress.max_ongoing_requests // 2:
             raise ValueError("http.max_streams must be <= ingress.max_ongoing_requests / 2")
         return self
-
-
-class ServeFile(BaseModel):
-    """The parts of a Ray Serve config file that ``photoenhance serve`` reads."""
-
-    model_config = ConfigDict(extra="allow")
-
-    http_host: str = "127.0.0.1"
-    http_port: int = 8000
-    app: AppConfig
-    route_prefix: str = "/"
-    raw: dict[str, Any]
-
-
-def load_serve_file(path: str | Path) -> ServeFile:
-    """Read a ``configs/*.yaml`` Serve config and validate its application's args."""
-    raw = yaml.safe_load(Path(path).read_text())
-    apps = raw.get("applications") or []
-    if len(apps) != 1:
-        raise ValueError(f"{path}: expected exactly one application, found {len(apps)}")
-    http = raw.get("http_options") or {}
-    return ServeFile(
-        http_host=http.get("host", "127.0.0.1"),
-        http_port=int(http.get("port", 8000)),
-        app=AppConfig.model_validate(apps[0].get("args") or {}),
-        route_prefix=apps[0].get("route_prefix", "/"),
-        raw=raw,
-    )

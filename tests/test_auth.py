@@ -99,7 +99,7 @@ def test_keys_webhook_secret_prints_what_signs_that_keys_callbacks(tmp_path: Pat
     import yaml
 
     from serve_app.cli.keys import keys_group
-    from serve_app.config import load_serve_file
+    from serve_app.cli.serve_file import load_serve_file
     from serve_app.jobs.webhooks import secret_for, sign, verify
 
     raw = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import AppConfig, load_serve_file
+from serve_app.cli.serve_file import load_serve_file
+from serve_app.config import AppConfig
 from serve_app.deployments.app import deployment_options, resolve_paths
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

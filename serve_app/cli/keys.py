@@ -62,7 +62,7 @@ def webhook_secret_cmd(name: str, config_path: Path) -> None:
     receiver verifies with ``bytes.fromhex(secret)`` (docs/JOBS.md). Derived from the server's
     secret, so it needs no storing; a new server secret changes every key's."""
     from serve_app.auth import NAME_RE
-    from serve_app.config import load_serve_file
+    from serve_app.cli.serve_file import load_serve_file
     from serve_app.errors import PhotoEnhanceError
     from serve_app.jobs import webhook_secret_for
 
