@@ -5,6 +5,7 @@ load scenario that makes Serve ask for replicas and the Ray autoscaler add and r
     .venv/bin/python cluster/fake_cluster.py --out docs/loadtest-fake-cluster
     .venv/bin/python cluster/fake_cluster.py --scale-out 1,2,3   # plumbing scale-out benchmark
     .venv/bin/python cluster/fake_cluster.py --node-death --out /tmp/node-death   # a node dies
+    .venv/bin/python cluster/fake_cluster.py --head-restart --out /tmp/head   # the head restarts
 
 The cluster keeps to itself: its head starts in its own temp dir on free ports (GCS, client
 server, dashboard agent), the fake nodes join that GCS only, and ``shutdown`` ends only the
@@ -65,6 +66,7 @@ def cluster_class() -> type:
 
         address: str | None = None
         temp_dir: Path | None = None
+        later_heads: list[Path] = []  # temp dirs of heads started again (--head-restart)
 
         def _generate_config(
             self,
@@ -113,6 +115,8 @@ def cluster_class() -> type:
             subprocess.check_call(cmd, env=env)
 
         def shutdown(self) -> None:
+            for head in self.later_heads:
+                stop_own_processes(head)
             if self.temp_dir is not None:
                 stop_own_processes(self.temp_dir)
 
@@ -367,10 +371,14 @@ class Clients:
     ``give_up_s``). Every attempt is recorded; an attempt that has no answer within
     ``deadline_s`` is a hang."""
 
-    def __init__(self, url: str, n: int, deadline_s: float, give_up_s: float = 600.0) -> None:
+    def __init__(self, url: str, n: int, deadline_s: float, give_up_s: float = 600.0,
+                 retry_refused: bool = False) -> None:
         import threading
 
         self.url, self.deadline_s, self.give_up_s = url, deadline_s, give_up_s
+        # A refused connection is retried after 1 s where no proxy may be listening for a
+        # while (the head, the only proxy, restarting); else it ends the request.
+        self.retry_refused = retry_refused
         self.stop = threading.Event()
         self.attempts: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
@@ -420,6 +428,9 @@ class Clients:
             rec["seconds"] = time.time() - t0
             with self._lock:
                 self.attempts.append(rec)
+            if self.retry_refused and rec["status"] == "transport:ConnectError":
+                time.sleep(1)
+                continue
             if rec["status"] != 503 or rec.get("retry_after") is None:
                 final = rec["status"]
                 break
@@ -623,6 +634,195 @@ def run_node_death(opts: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+@contextlib.contextmanager
+def redis_server(folder: Path) -> Iterator[str]:
+    """Debian's redis-server on loopback, on a free port, without snapshots: the GCS's
+    external storage for fault tolerance (its tables live in Redis's memory)."""
+    import shutil
+
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def head_processes(temp_dir: Path) -> list[Any]:
+    """The head "pod": every process of the cluster except the fake worker nodes' raylets and
+    what runs under them."""
+    import psutil
+
+    procs = own_processes(temp_dir)
+    workers: set[int] = set()
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.name() == "raylet" and "--head" not in proc.cmdline():
+                workers |= {proc.pid, *(c.pid for c in proc.children(recursive=True))}
+    return [p for p in procs if p.pid not in workers]
+
+
+def restart_head(cluster: Any, gcs_env: dict[str, str]) -> Path:
+    """``ray start --head`` again, as KubeRay's new head pod would: the same GCS port and
+    Redis, an empty temp dir (a new pod's /tmp). Two things of a single machine are avoided:
+    ``ray start`` refuses a port that local processes name in ``--gcs-address`` (the live
+    worker nodes' do) when the temp dir's ``ray_current_cluster`` names it too; and with
+    ``RAY_FAKE_CLUSTER`` it pins the head's node id to the old head's, which the GCS holds as
+    dead. So: a new temp dir, and no fake provider (the restarted head has no autoscaler)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="pefc-head-", dir="/tmp"))
+    cluster.later_heads.append(temp_dir)
+    port = cluster.address.rsplit(":", 1)[1]
+    cmd = ["ray", "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
+           f"--num-cpus={HEAD_CPUS}", "--include-dashboard=false",
+           "--dashboard-agent-listen-port=0", f"--ray-client-server-port={free_port()}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_FAKE_CLUSTER"}
+    env.update({"RAY_agent_register_timeout_ms": "120000", "RAY_AUTH_MODE": "disabled", **gcs_env})
+    subprocess.check_call(cmd, env=env, stdout=subprocess.DEVNULL)
+    return temp_dir
+
+
+def run_head_restart(opts: argparse.Namespace) -> dict[str, Any]:
+    """GCS fault tolerance on Redis; the whole head (GCS, raylet, proxy, ingress, Serve
+    controller, job actor, autoscaler) SIGKILLed while a job runs and clients send
+    requests, then started again: what the clients saw, what the job recorded, and whether
+    the model replica on the worker node lived through it."""
+    import httpx
+    import psutil
+    import ray
+    from ray import serve
+
+    from serve_app.config import APP_NAME
+    from serve_app.deployments.app import build_app
+
+    data = Path(tempfile.mkdtemp(prefix="pe-head-restart-"))
+    folder = data / "jobs" / "inputs" / "head-restart"
+    folder.mkdir(parents=True)
+    for i in range(opts.items):
+        (folder / f"h{i:03d}.png").write_bytes(png_bytes(4000 + i))
+    cluster = cluster_class()(
+        head_resources={"CPU": HEAD_CPUS}, worker_node_types=worker_node_types(opts.max_workers),
+        max_workers=opts.max_workers, idle_timeout_minutes=opts.idle_timeout_min,
+    )
+    cluster.later_heads = []
+    report: dict[str, Any] = {"items": opts.items, "clients": opts.clients}
+    with redis_server(data) as redis, contextlib.ExitStack() as stack:
+        gcs_env = {"RAY_REDIS_ADDRESS": redis,
+                   "RAY_external_storage_namespace": f"pe-{os.getpid()}-{time.time_ns()}"}
+        stack.callback(cluster.shutdown)
+        cluster.start(override_env=gcs_env)
+        assert cluster.temp_dir is not None
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": opts.port})
+        args = app_args(1, data)
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{opts.port}"
+        wait_ready(url, opts.ready_timeout_s, every_s=2)
+        [replica] = [a for a in model_replicas() if a["state"] == "ALIVE"]
+        worker_node = replica["node_id"]
+        report["placement"] = {"model_replica_node": worker_node,
+                               "job_actor_node": _actor_node("JobManager"),
+                               "ingress_node": _actor_node("Ingress")}
+        ingress = args["ingress"]
+        clients = Clients(url, opts.clients, ingress["queue_timeout_s"] + ingress["request_timeout_s"] + 30,
+                          retry_refused=True)
+        clients.start()
+        r = httpx.post(f"{url}/v1/jobs", timeout=60, json={
+            "input_prefix": str(folder), "max_inflight": 2, "options": {"face": False, "upscale": 1}})
+        r.raise_for_status()
+        job_id = r.json()["job_id"]
+        t_end = time.time() + opts.ready_timeout_s
+        while httpx.get(f"{url}/v1/jobs/{job_id}", timeout=60).json()["done"] < opts.kill_after_items:
+            if time.time() > t_end:
+                raise TimeoutError("the job did not get going")
+            time.sleep(0.2)
+        ray.shutdown()  # this driver's connection would not outlive its GCS for long
+        head = head_processes(cluster.temp_dir)
+        report["killed"] = sorted({p.name() for p in head})
+        t_kill = time.time()
+        for proc in head:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_running(p) for p in head):
+            time.sleep(0.05)
+        restart_head(cluster, gcs_env)
+        report["ray_start_returned_s"] = round(time.time() - t_kill, 1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        while True:
+            snap = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=60).json() if _answers(url) else {}
+            if snap.get("state") in ("completed", "partial", "failed", "cancelled"):
+                break
+            if time.time() - t_kill > opts.recover_timeout_s:
+                report["timed_out"] = True
+                break
+            time.sleep(1)
+        report["job_end_s"] = round(time.time() - t_kill, 1)
+        time.sleep(2)
+        clients.join()
+        ok = [a["t"] + a["seconds"] - t_kill for a in clients.attempts
+              if a["status"] == 200 and a["t"] + a["seconds"] > t_kill + report["ray_start_returned_s"]]
+        report["first_200_after_kill_s"] = round(min(ok), 1) if ok else None
+        report["job"] = snap
+        manifest = data / "jobs" / "jobs" / job_id / "manifest.jsonl"
+        records = [json.loads(x) for x in manifest.read_text().splitlines()]
+        report["manifest"] = {
+            "records": len(records), "indices": sorted(x["index"] for x in records),
+            "retried": sorted(x["index"] for x in records if x.get("attempts", 1) > 1)}
+        report["model_replica_kept"] = any(a["actor_id"] == replica["actor_id"]
+                                           and a["state"] == "ALIVE" for a in model_replicas())
+        nodes = gcs_nodes()
+        report["worker_node_alive"] = nodes[worker_node]["Alive"]
+        report["nodes_after"] = {i: n["Alive"] for i, n in nodes.items()}
+        status = serve.status().applications[APP_NAME]
+        report["serve_after"] = {"status": str(status.status.value), "replicas": {
+            d: {str(k.value if hasattr(k, "value") else k): v for k, v in s.replica_states.items()}
+            for d, s in status.deployments.items()}}
+        report["attempts"] = [{**a, "t": round(a["t"] - t_kill, 2)} for a in clients.attempts]
+        report["requests"] = [{**q, "t": round(q["t"] - t_kill, 2)} for q in clients.requests]
+        report["load_after"] = os.getloadavg()
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+    Path(opts.out).with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return report
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def head_restart_summary(report: dict[str, Any]) -> dict[str, Any]:
+    from collections import Counter
+
+    keys = ("killed", "ray_start_returned_s", "first_200_after_kill_s", "job_end_s",
+            "model_replica_kept", "worker_node_alive", "serve_after", "placement", "load_after")
+    return {
+        "requests_final": dict(Counter(str(q["final"]) for q in report["requests"])),
+        "attempts_by_status": dict(Counter(str(a["status"]) for a in report["attempts"])),
+        "job": {k: report["job"].get(k) for k in ("state", "done", "total")},
+        "manifest": {"records": report["manifest"]["records"],
+                     "retried": report["manifest"]["retried"]},
+        **{k: report.get(k) for k in keys},
+    }
+
+
 def node_death_summary(report: dict[str, Any]) -> dict[str, Any]:
     from collections import Counter
 
@@ -673,6 +873,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="scale-out: windows per count")
     p.add_argument("--node-death", action="store_true",
                    help="SIGKILL the model replica's node mid-job and mid-traffic")
+    p.add_argument("--head-restart", action="store_true",
+                   help="GCS fault tolerance on Redis: SIGKILL the whole head mid-job, start it again")
     p.add_argument("--items", type=int, default=80, help="node death: job items")
     p.add_argument("--clients", type=int, default=2, help="node death: interactive clients")
     p.add_argument("--kill-after-items", type=int, default=10, help="node death: job items done first")
@@ -689,6 +891,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if opts.node_death:
         print(json.dumps(node_death_summary(run_node_death(opts)), indent=1))
+        return 0
+    if opts.head_restart:
+        print(json.dumps(head_restart_summary(run_head_restart(opts)), indent=1))
         return 0
     report = run(opts)
     keys = ("requests", "throughput_rps", "errors_by_status", "replica_events", "resource_node_events")

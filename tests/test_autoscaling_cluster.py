@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,40 @@ def test_a_node_dies_mid_job_and_mid_traffic(tmp_path: Path) -> None:
             if i != victim and n["alive"] and n["resources"].get("fake_gpu")]
     assert {"node_dead_in_gcs", "new_node_alive", "new_replica_alive",
             "first_200_after_kill"} <= set(report["events_s"])
+
+
+@pytest.mark.skipif(not (shutil.which("redis-server") or os.access("/usr/bin/redis-server", os.X_OK)),
+                    reason="redis-server is missing (`make redis`)")
+def test_the_whole_head_restarts_with_gcs_fault_tolerance(tmp_path: Path) -> None:
+    """GCS fault tolerance on a loopback Redis; the whole head (GCS, raylet, proxy, ingress,
+    Serve controller, job actor, autoscaler) SIGKILLed mid-job and mid-traffic and started
+    again as a new head pod would (cluster/fake_cluster.py --head-restart): the model
+    replica on the worker node lives through it, serving resumes, the job loses nothing."""
+    from conftest import free_port
+
+    out = tmp_path / "head-restart"
+    cmd = [sys.executable, str(ROOT / "cluster" / "fake_cluster.py"), "--head-restart",
+           "--items", "80", "--clients", "2", "--idle-timeout-min", "5", "--out", str(out),
+           "--port", str(free_port())]
+    done = subprocess.run(cmd, cwd=ROOT, timeout=1200, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    print(done.stdout)  # the figures docs/SCALING.md quotes
+    report = json.loads(out.with_suffix(".json").read_text())
+
+    assert "timed_out" not in report
+    assert {"gcs_server", "raylet", "ray::ServeController", "ray::ProxyActor"} <= set(report["killed"])
+    # While the head (the only proxy) was down, connections were refused and retried; every
+    # answer was a 200 or a 503 with Retry-After, and every request ended 200.
+    attempts = report["attempts"]
+    assert {a["status"] for a in attempts} <= {200, 503, "transport:ConnectError"}
+    assert all(a["retry_after"] for a in attempts if a["status"] == 503)
+    assert {q["final"] for q in report["requests"]} == {200}
+    assert report["first_200_after_kill_s"] is not None
+    # The GCS came back with its tables from Redis: the worker node and its model replica
+    # (the same actor) lived through it, and Serve runs again.
+    assert report["worker_node_alive"] is True
+    assert report["model_replica_kept"] is True
+    assert report["serve_after"]["status"] == "RUNNING"
+    # The job: completed, each of the 80 items recorded once.
+    assert report["job"]["state"] == "completed"
+    assert report["manifest"]["indices"] == list(range(80))

@@ -4,13 +4,13 @@ for a while, and started again against the same Redis, while the head's raylet a
 workers (proxy, ingress, model replica, job actor, Serve controller) live on.
 
 This is how Ray 2.60 restarts a GCS on one machine: ``ray._private.node.Node`` runs
-``gcs_server`` as one of its processes, and ``Node.start_gcs_server()`` starts it again on
-the port it persisted in the session folder (``gcs_server_port``), with the same session
-name (read back from Redis), so raylets and workers reconnect to it; they wait for it up to
+``gcs_server`` as one of its processes, and ``Node.start_gcs_server()`` starts it again in
+the same session on the port the first start persisted (``gcs_server_port``), so raylets
+and workers reconnect to the same address; they wait for it up to
 ``gcs_rpc_server_reconnect_timeout_s`` (60 s by default) before they exit. Ray's own GCS
 fault-tolerance tests restart it the same way (``kill_gcs_server`` / ``start_gcs_server``).
-The new GCS loads its tables (nodes, actors, jobs, KV) from Redis. docs/SCALING.md ("Node
-death and head restarts") says what a KubeRay head-pod restart adds and what proves it.
+The new GCS loads its tables (nodes, actors, jobs, KV) from Redis. docs/SCALING.md ("Failures:
+a node dies, the head's GCS restarts") says what a KubeRay head-pod restart adds and what proves it.
 
 A Ray of its own (Redis-backed, in its own temp folder), driven from a subprocess: this file
 run as a script (``--driver``) is that driver, so the session's Ray is never touched. Skips
