@@ -27,6 +27,7 @@ BgModel = Literal["auto", "none", "RealESRGAN_x2plus", "RealESRGAN_x4plus", "rea
 OutputFormat = Literal["png", "jpeg", "webp", "avif"]
 MetadataMode = Literal["keep", "strip", "keep-no-gps"]
 ColorMode = Literal["keep", "srgb"]
+ChromaMode = Literal["auto", "444", "420"]
 
 FACE_MODELS: tuple[str, ...] = FaceModel.__args__  # type: ignore[attr-defined]
 BG_MODELS: tuple[str, ...] = BgModel.__args__  # type: ignore[attr-defined]
@@ -76,10 +77,15 @@ class EnhanceOptions(BaseModel):
     )
     color: ColorMode = Field(
         "keep",
-        description="keep: the output in the input's ICC profile; srgb: converted to sRGB, "
-        "with an sRGB profile attached.",
+        description="keep: the input's pixel values and ICC profile, unconverted; srgb: "
+        "converted to sRGB, with an sRGB profile attached.",
     )
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality.")
+    chroma: ChromaMode = Field(
+        "auto",
+        description="JPEG chroma subsampling: 444 (full colour resolution), 420 (half), or "
+        "auto: 444 from quality 90 up, else 420.",
+    )
     tile: int = Field(0, ge=0, le=4096, description="Tile size for the upsampler; 0: engine default.")
     preset: str | None = None
 

@@ -3,8 +3,9 @@
 ``probe`` reads format and size from the header without decoding a pixel, so that oversized
 inputs (decompression bombs included) are refused before any memory is spent on them.
 ``decode`` returns the array in OpenCV's layout (``IMREAD_UNCHANGED``: HxW gray, HxWx3 BGR,
-HxWx4 BGRA; uint8 or uint16) with EXIF orientation applied, in sRGB (``color``), and the
-photo's metadata beside it (``metadata``). ``encode`` writes PNG, JPEG, WebP or AVIF, with
+HxWx4 BGRA; uint8 or uint16) with EXIF orientation applied, in the photo's own colour space
+(``color``: only CMYK is converted, to sRGB), and the photo's metadata beside it
+(``metadata``). ``encode`` writes PNG, JPEG, WebP or AVIF, with
 the metadata made true for the new size. No input bytes, however broken, raise anything but
 a ``PhotoEnhanceError``, and no message carries a library's own words (they go to the log).
 ``codec.workers`` runs decode and encode in stoppable workers; metadata blocks are capped
@@ -127,8 +128,9 @@ class ImageInfo:
 
 @dataclass
 class DecodedImage:
-    """Pixels in OpenCV layout, after EXIF orientation, in sRGB where the input had a profile
-    that could be converted (``metadata.pixels_in_srgb``); the photo's metadata beside them."""
+    """Pixels in OpenCV layout, after EXIF orientation, in the photo's own space (``metadata.
+    icc_profile``; sRGB when a CMYK input was converted: ``metadata.pixels_in_srgb``); the
+    photo's metadata beside them."""
 
     image: np.ndarray
     format: InputFormat
@@ -310,22 +312,37 @@ def _decode(data: bytes, fmt: InputFormat) -> tuple[np.ndarray, ImageMetadata]:
         meta, orientation = read_metadata(im, fmt, dropped)
         icc = meta.icc_profile
         converted = False
-        if _is_deep_color(im, data, fmt):
-            # Pillow cannot hold 16-bit colour; OpenCV keeps it.
-            image = _cv2_decode(data)
-            if colorm.usable(icc, "RGB;16"):
-                srgb = colorm.array_convert(image, icc, to_srgb=True)  # type: ignore[arg-type]
-                if srgb is not None:
-                    image, converted = srgb, True
+        if fmt == "heif" and int(im.info.get("bit_depth") or 8) > 8:
+            image = _heif_deep(data)  # Pillow's HEIF opener reads 10 and 12 bits as 8
+        elif _is_deep_color(im, data, fmt):
+            image = _cv2_decode(data)  # Pillow cannot hold 16-bit colour; OpenCV keeps it
         else:
             im.load()  # raises on truncated or corrupt data
             if icc and im.mode in ("P", "PA"):
                 im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
-            if colorm.usable(icc, im.mode):
+            # RGB stays in its own space (``codec.color``); CMYK must become RGB for the models.
+            if im.mode == "CMYK" and colorm.usable(icc, "CMYK"):
                 im = colorm.pil_to_srgb(im, icc)  # type: ignore[arg-type]
                 converted = True
             image = _pil_to_array(im)
+    if fmt == "tiff":
+        # libtiff's readers turn the pixels themselves: Pillow when it loads, OpenCV always.
+        orientation = 1
     return _apply_orientation(image, orientation), replace(meta, pixels_in_srgb=converted)
+
+
+def _heif_deep(data: bytes) -> np.ndarray:
+    """A 10- or 12-bit HEIF's primary image at 16 bits (libheif scales it to the full range),
+    turned by libheif as the opener does."""
+    import pillow_heif
+
+    heif = pillow_heif.open_heif(io.BytesIO(data), convert_hdr_to_8bit=False)
+    image = np.asarray(heif[heif.primary_index])
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)
+    if image.ndim == 3 and image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    return image
 
 
 def _is_deep_color(im: Image.Image, data: bytes, fmt: InputFormat) -> bool:
@@ -456,14 +473,15 @@ _PNG_FILTERS = {
 def encode(
     image: np.ndarray, fmt: str = "png", quality: int = 95,
     settings: EncodingConfig | None = None, *, metadata: ImageMetadata | None = None,
-    keep: str = "keep", color: str = "keep",
+    keep: str = "keep", color: str = "keep", chroma: str = "auto",
 ) -> bytes:
     """Encode an OpenCV-layout array. JPEG flattens alpha onto white; JPEG/WebP/AVIF are 8-bit.
 
     ``metadata`` (a ``DecodedImage``'s) is written back as ``keep`` says (``keep``, ``strip``,
-    ``keep-no-gps``), in the profile ``color`` says (``keep``: the input's, converted back;
-    ``srgb``: sRGB, with an sRGB profile attached). JPEG goes through OpenCV's libjpeg-turbo
-    (measured as fast as the alternatives); ``settings`` tune PNG.
+    ``keep-no-gps``), in the profile ``color`` says (``keep``: the input's, values untouched;
+    ``srgb``: converted to sRGB, with an sRGB profile attached). JPEG goes through OpenCV's
+    libjpeg-turbo (measured as fast as the alternatives) with the chroma subsampling
+    ``jpeg_subsampling`` picks; ``settings`` tune PNG.
     """
     if fmt not in OUTPUT_FORMATS:
         raise InvalidOption(f"format must be one of {list(OUTPUT_FORMATS)}", field="format")
@@ -474,7 +492,8 @@ def encode(
         params = png_params(settings)
         ext = ".png"
     elif fmt == "jpeg":
-        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality), cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                  _CV2_SAMPLING[jpeg_subsampling(chroma, quality)]]
         ext = ".jpg"
     else:
         params = [cv2.IMWRITE_WEBP_QUALITY, int(quality)]
@@ -487,10 +506,52 @@ def encode(
 
 def encode_positional(
     image: np.ndarray, fmt: str, quality: int, settings: EncodingConfig | None,
-    metadata: ImageMetadata | None, keep: str, color: str,
+    metadata: ImageMetadata | None, keep: str, color: str, chroma: str = "auto",
 ) -> bytes:
     """``encode`` with every argument by position: what a codec worker is sent."""
-    return encode(image, fmt, quality, settings, metadata=metadata, keep=keep, color=color)
+    return encode(
+        image, fmt, quality, settings, metadata=metadata, keep=keep, color=color, chroma=chroma
+    )
+
+
+# From this JPEG quality up, ``chroma=auto`` keeps full-resolution colour (4:4:4): at 4:2:0,
+# saturated edges (red on dark) bleed, which is what a photographer asking for 90+ sees.
+CHROMA_444_FROM_QUALITY = 90
+_CV2_SAMPLING = {
+    "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+    "420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+}
+
+
+def jpeg_subsampling(chroma: str, quality: int) -> str:
+    """The JPEG chroma subsampling (``"444"`` or ``"420"``) for the ``chroma`` option."""
+    if chroma in _CV2_SAMPLING:
+        return chroma
+    if chroma != "auto":
+        raise InvalidOption("chroma must be one of ['auto', '444', '420']", field="chroma")
+    return "444" if quality >= CHROMA_444_FROM_QUALITY else "420"
+
+
+def jpeg_sampling(data: bytes) -> str | None:
+    """The chroma subsampling a JPEG was written with ("444", "420", "422", ...), from its
+    frame header's sampling factors; None for gray or when there is no frame header."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2) and pos + 10 <= len(data):
+            count = data[pos + 9]
+            factors = [data[pos + 11 + 3 * i] for i in range(count) if pos + 12 + 3 * i <= len(data)]
+            if count != 3 or len(factors) != 3:
+                return None
+            h, v = factors[0] >> 4, factors[0] & 15
+            if any(f != 0x11 for f in factors[1:]):
+                return "other"
+            return {(1, 1): "444", (2, 1): "422", (2, 2): "420", (1, 2): "440"}.get((h, v), "other")
+        if marker == 0xDA:
+            return None
+        pos += 2 + length
+    return None
 
 
 def prepare_output(
@@ -505,7 +566,18 @@ def prepare_output(
         image = (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     if fmt == "jpeg" and has_alpha(image):
         image = _flatten_on_white(image)
-    return image, prepare(meta, keep, int(image.shape[1]), int(image.shape[0]), icc)
+    if fmt in _RGB_ONLY and image.ndim == 2 and icc:
+        # These encoders store gray as RGB: a GRAY profile would not match the pixels.
+        rgb = colorm.gray_to_srgb(image, icc)
+        image, icc = (rgb, colorm.srgb_profile()) if rgb is not None else (image, None)
+    srgb = None if icc is None else colorm.is_srgb(icc)
+    return image, prepare(
+        meta, keep, int(image.shape[1]), int(image.shape[0]), icc, fmt=fmt, srgb=srgb
+    )
+
+
+# Output formats whose encoders here write gray pixels as RGB (Pillow's WebP and AVIF).
+_RGB_ONLY = frozenset({"webp", "avif"})
 
 
 def header_metadata(data: bytes, info: ImageInfo) -> ImageMetadata:
@@ -522,25 +594,22 @@ def header_metadata(data: bytes, info: ImageInfo) -> ImageMetadata:
 def _output_color(
     image: np.ndarray, meta: ImageMetadata, color: str
 ) -> tuple[np.ndarray, bytes | None]:
-    """The pixels in the output's profile, and the profile to attach (None: none)."""
+    """The pixels in the output's profile, and the profile to attach (None: none). The
+    profile always describes the pixels: one of another colour space is never attached."""
     icc = meta.icc_profile
-    colour_image = image.ndim == 3 and image.shape[2] in (3, 4)
-    if not colour_image:  # gray: its own profile, if any, fits only gray
-        return image, icc if icc and _icc_space(icc) == "GRAY" else None
-    if color == "srgb":
-        if icc and not meta.pixels_in_srgb and not colorm.is_srgb(icc):
-            return image, icc  # a profile we could not convert from: still the truth
-        return image, colorm.srgb_profile()
-    if not icc or _icc_space(icc) != "RGB":
-        return image, colorm.srgb_profile() if meta.pixels_in_srgb else None
-    if not meta.pixels_in_srgb:
-        return image, icc
-    back = colorm.array_convert(image, icc, to_srgb=False)
-    return (back, icc) if back is not None else (image, colorm.srgb_profile())
-
-
-def _icc_space(icc: bytes) -> str:
-    return icc[16:20].decode("ascii", "replace").strip() if len(icc) >= 20 else ""
+    found = colorm.space(icc)
+    if not (image.ndim == 3 and image.shape[2] in (3, 4)):  # gray: only a gray profile fits
+        return image, icc if found == "GRAY" else None
+    if found != "RGB" or meta.pixels_in_srgb:
+        # No profile (sRGB by convention), a broken one, a CMYK one the pixels were converted
+        # from, or a gray one on pixels the engine made colour.
+        return image, colorm.srgb_profile() if color == "srgb" or meta.pixels_in_srgb else None
+    if color != "srgb" or colorm.is_srgb(icc):  # type: ignore[arg-type]
+        return image, icc  # keep: the photo's own values and profile, untouched
+    out = colorm.array_convert(image, icc, to_srgb=True)  # type: ignore[arg-type]
+    if out is None:
+        return image, icc  # a 16-bit image in a LUT profile: not converted, still the truth
+    return out, colorm.srgb_profile()
 
 
 def _pil_encode(image: np.ndarray, fmt: str, quality: int, meta: ImageMetadata) -> bytes:

@@ -2,8 +2,12 @@
 
 ``read_metadata`` takes them from an opened Pillow image (every input format); ``prepare``
 makes them true for the output (orientation 1 after it was applied to the pixels, the new
-pixel size, DPI scaled with the image so the print size stays, no thumbnail, and the
-``metadata`` option's choice: ``keep``, ``strip`` or ``keep-no-gps``); ``attach`` writes
+pixel size, DPI scaled with the image so the print size stays, in EXIF, JFIF, ``pHYs`` and
+XMP alike (EXIF's DPI wins over JFIF's), EXIF ``ColorSpace`` saying what the output's profile
+is, no thumbnail, the IPTC caption copied into XMP ``dc:description`` for formats that hold
+no IPTC, and the ``metadata`` option's choice: ``keep``, ``strip`` or ``keep-no-gps``);
+``read_metadata`` also gives a DCF camera's Adobe RGB JPEG (EXIF ``R03``, no profile) its
+Adobe RGB profile; ``attach`` writes
 them into encoded JPEG or PNG bytes, segment by segment, without touching the encoded image.
 WebP and AVIF carry them through Pillow's encoder instead (``pillow_args``).
 
@@ -33,13 +37,15 @@ expressions used before were quadratic on unclosed elements: 64 KiB took 1 s of 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
+from xml.sax.saxutils import escape as xml_escape
 
 from PIL import Image, PngImagePlugin
 
@@ -63,8 +69,11 @@ METADATA_MODES: tuple[str, ...] = ("keep", "strip", "keep-no-gps")
 EXIF_PREFIX = b"Exif\x00\x00"
 _ORIENTATION = 0x0112
 _X_RESOLUTION, _Y_RESOLUTION, _RESOLUTION_UNIT = 0x011A, 0x011B, 0x0128
-_EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
+_EXIF_IFD, _GPS_IFD, _INTEROP_IFD = 0x8769, 0x8825, 0xA005
 _PIXEL_X, _PIXEL_Y = 0xA002, 0xA003
+_COLOR_SPACE, _INTEROP_INDEX = 0xA001, 0x0001  # ColorSpace: 1 sRGB, 0xFFFF uncalibrated
+# Formats whose output here carries no IPTC-IIM block: its caption goes into XMP instead.
+_NO_IPTC_FORMATS = frozenset({"png", "webp", "avif"})
 # IFD0 tags that describe a TIFF file's own layout (or its thumbnail), not the photo: a TIFF
 # input's IFD0 is full of them, and none is true of the output.
 _LAYOUT_TAGS = frozenset({
@@ -146,11 +155,16 @@ def read_metadata(
     xmp = _capped("xmp", bytes(xmp) if isinstance(xmp, bytes | bytearray) else None,
                   MAX_XMP_BYTES, lost)
     iptc = _capped("iptc", _read_iptc(im, fmt), MAX_IPTC_BYTES, lost)
+    icc = info.get("icc_profile") or None
+    if icc is None and _dcf_adobe_rgb(exif):
+        from serve_app.codec.color import adobe_rgb_profile  # color imports this module
+
+        icc = adobe_rgb_profile()
     return ImageMetadata(
         exif=exif.tobytes()[len(EXIF_PREFIX):] if exif is not None and len(exif) else None,
         xmp=xmp or None,
         iptc=iptc,
-        icc_profile=info.get("icc_profile") or None,
+        icc_profile=icc,
         dpi=_dpi(info.get("dpi"), exif),
         dropped=tuple(sorted(set(lost))),
     ), orientation
@@ -181,6 +195,23 @@ def _capped(block: str, value: bytes | None, limit: int, lost: list[str]) -> byt
         lost.append(block)
         return None
     return value
+
+
+def _dcf_adobe_rgb(exif: Image.Exif | None) -> bool:
+    """Whether EXIF says Adobe RGB the way cameras do without an ICC profile (DCF 2.0: the
+    Interop IFD's ``InteropIndex`` "R03" with ``ColorSpace`` uncalibrated or absent; some
+    cameras write ``ColorSpace`` 2 instead)."""
+    if exif is None or _EXIF_IFD not in exif:
+        return False
+    try:
+        sub = exif.get_ifd(_EXIF_IFD)
+        space = sub.get(_COLOR_SPACE)
+        if space == 2:
+            return True
+        index = exif.get_ifd(_INTEROP_IFD).get(_INTEROP_INDEX) if _INTEROP_IFD in sub else None
+    except Exception:  # a broken sub-IFD says nothing
+        return False
+    return space in (None, 0xFFFF) and isinstance(index, str) and index.strip("\0 ") == "R03"
 
 
 def _tiff_exif(im: Image.Image) -> bytes | None:
@@ -290,9 +321,9 @@ def _read_iptc(im: Image.Image, fmt: str) -> bytes | None:
 
 
 def _dpi(value: Any, exif: Image.Exif | None) -> tuple[float, float] | None:
+    """Pixels per inch: EXIF's when it has them (where a JPEG's JFIF header disagrees, EXIF
+    wins, as in Lightroom and exiftool's composite tags), else the container's own field."""
     try:
-        if value and float(value[0]) > 0 and float(value[1]) > 0:
-            return float(value[0]), float(value[1])
         if exif is not None and _X_RESOLUTION in exif and _Y_RESOLUTION in exif:
             unit = exif.get(_RESOLUTION_UNIT, 2)
             scale = 2.54 if unit == 3 else 1.0
@@ -302,6 +333,11 @@ def _dpi(value: Any, exif: Image.Exif | None) -> tuple[float, float] | None:
                     return x, y
     except (TypeError, ValueError, ZeroDivisionError, IndexError):
         pass
+    try:
+        if value and float(value[0]) > 0 and float(value[1]) > 0:
+            return float(value[0]), float(value[1])
+    except (TypeError, ValueError, IndexError):
+        pass
     return None
 
 
@@ -309,9 +345,11 @@ def _dpi(value: Any, exif: Image.Exif | None) -> tuple[float, float] | None:
 
 
 def prepare(
-    meta: ImageMetadata, mode: str, width: int, height: int, icc_profile: bytes | None
+    meta: ImageMetadata, mode: str, width: int, height: int, icc_profile: bytes | None,
+    *, fmt: str | None = None, srgb: bool | None = None,
 ) -> ImageMetadata:
-    """What to write for an output of ``width`` x ``height`` with ``icc_profile`` attached."""
+    """What to write for an output of ``width`` x ``height`` with ``icc_profile`` attached
+    (``srgb``: whether it is an sRGB one; None: no profile), in format ``fmt``."""
     dpi = None
     if meta.dpi and meta.size and meta.size[0] > 0 and meta.size[1] > 0:
         dpi = (meta.dpi[0] * width / meta.size[0], meta.dpi[1] * height / meta.size[1])
@@ -320,10 +358,12 @@ def prepare(
     if mode not in METADATA_MODES:
         raise ValueError(f"metadata mode {mode!r}")
     no_gps = mode == "keep-no-gps"
-    xmp = _prepare_xmp(meta.xmp, no_gps, width, height)
+    ratio = (width / meta.size[0], height / meta.size[1]) if meta.size and all(meta.size) else None
+    caption = _iptc_caption(meta.iptc) if fmt in _NO_IPTC_FORMATS and meta.iptc else None
+    xmp = _prepare_xmp(meta.xmp, no_gps, width, height, dpi, ratio, caption)
     return replace(
         meta,
-        exif=_prepare_exif(meta.exif, no_gps, width, height, dpi),
+        exif=_prepare_exif(meta.exif, no_gps, width, height, dpi, srgb),
         xmp=xmp,
         iptc=_drop_iptc_places(meta.iptc) if no_gps and meta.iptc else meta.iptc,
         icc_profile=icc_profile,
@@ -334,7 +374,8 @@ def prepare(
 
 
 def _prepare_exif(
-    raw: bytes | None, no_gps: bool, width: int, height: int, dpi: tuple[float, float] | None
+    raw: bytes | None, no_gps: bool, width: int, height: int, dpi: tuple[float, float] | None,
+    srgb: bool | None = None,
 ) -> bytes | None:
     exif = load_exif(raw)
     if exif is None:
@@ -351,27 +392,129 @@ def _prepare_exif(
     sub = exif.get_ifd(_EXIF_IFD)
     if sub or _EXIF_IFD in exif:
         sub[_PIXEL_X], sub[_PIXEL_Y] = width, height
+        _say_color_space(exif, sub, srgb)
     if not len(exif):
         return None
     data = exif.tobytes()  # IFD0 and its sub-IFDs only: IFD1 (the thumbnail) is not written
     return data[len(EXIF_PREFIX):] if data.startswith(EXIF_PREFIX) else data
 
 
-def _prepare_xmp(raw: bytes | None, no_gps: bool, width: int, height: int) -> bytes | None:
-    if not raw:
+def _say_color_space(exif: Image.Exif, sub: dict[int, Any], srgb: bool | None) -> None:
+    """EXIF ``ColorSpace`` (and DCF's ``InteropIndex``) made true of the output's profile:
+    sRGB (1, "R98") when it is sRGB; uncalibrated (0xFFFF) where it said sRGB of another."""
+    if srgb is None:
+        return  # no profile: the pixels are sRGB by convention, as the EXIF says
+    if srgb:
+        sub[_COLOR_SPACE] = 1
+        try:
+            interop = exif.get_ifd(_INTEROP_IFD) if _INTEROP_IFD in sub else None
+        except Exception:
+            interop = None
+        if interop and _INTEROP_INDEX in interop:
+            interop[_INTEROP_INDEX] = "R98"
+    elif sub.get(_COLOR_SPACE) == 1:
+        sub[_COLOR_SPACE] = 0xFFFF
+
+
+def _prepare_xmp(
+    raw: bytes | None, no_gps: bool, width: int, height: int,
+    dpi: tuple[float, float] | None = None, ratio: tuple[float, float] | None = None,
+    caption: str | None = None,
+) -> bytes | None:
+    if not raw and not caption:
         return None
-    values = {
+    values: dict[str, str | Callable[[str], str]] = {
         "tiff:Orientation": "1",
         "exif:PixelXDimension": str(width),
         "exif:PixelYDimension": str(height),
         "tiff:ImageWidth": str(width),
         "tiff:ImageLength": str(height),
     }
-    text = edit_xmp(raw.decode("utf-8", "replace"), values, no_gps)
+    if dpi is not None:  # the same as EXIF's, in inches
+        values["tiff:XResolution"], values["tiff:YResolution"] = _rational(dpi[0]), _rational(dpi[1])
+        values["tiff:ResolutionUnit"] = "2"
+    elif ratio is not None:  # XMP's own resolution, in its own unit, scaled with the image
+        values["tiff:XResolution"] = functools.partial(_scaled_rational, factor=ratio[0])
+        values["tiff:YResolution"] = functools.partial(_scaled_rational, factor=ratio[1])
+    if not raw:
+        return _caption_packet(caption or "").encode("utf-8")
+    seen: set[str] = set()
+    text = edit_xmp(raw.decode("utf-8", "replace"), values, no_gps, seen)
     if text is None:
         LOGGER.warning("XMP packet with an unclosed element to remove; dropped")
         return None
+    if caption and "dc:description" not in seen:
+        text = _add_description(text, caption)
     return text.encode("utf-8")
+
+
+def _rational(value: float) -> str:
+    return str(round(value)) + "/1" if abs(value - round(value)) < 1e-6 else f"{round(value * 10000)}/10000"
+
+
+def _scaled_rational(old: str, factor: float) -> str:
+    """An XMP rational ("300/1") or number times ``factor``; unchanged when it is neither."""
+    num, _, den = old.strip().partition("/")
+    try:
+        value = float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        return old
+    return _rational(value * factor) if value > 0 else old
+
+
+_RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+_DC_NS = "http://purl.org/dc/elements/1.1/"
+
+
+def _description_xml(caption: str) -> str:
+    return (
+        f'<rdf:Description rdf:about="" xmlns:dc="{_DC_NS}"><dc:description><rdf:Alt>'
+        f'<rdf:li xml:lang="x-default">{xml_escape(caption)}</rdf:li></rdf:Alt>'
+        "</dc:description></rdf:Description>"
+    )
+
+
+def _caption_packet(caption: str) -> str:
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="{_RDF_NS}">'
+        f"{_description_xml(caption)}</rdf:RDF></x:xmpmeta>"
+        '<?xpacket end="w"?>'
+    )
+
+
+def _add_description(text: str, caption: str) -> str:
+    """The packet with one more ``rdf:Description`` holding ``dc:description``, before its
+    ``</rdf:RDF>`` (several descriptions of the same resource are valid RDF); unchanged when
+    it has no ``rdf:RDF`` under that prefix."""
+    end = text.rfind("</rdf:RDF>")
+    return text if end < 0 else text[:end] + _description_xml(caption) + text[end:]
+
+
+def _iptc_caption(iim: bytes) -> str | None:
+    """The IPTC-IIM caption (2:120), as text: UTF-8 where the block says so (1:90) or where
+    it decodes as such, else Latin-1, as exiftool reads it."""
+    caption, utf8 = None, False
+    pos = 0
+    while pos + 5 <= len(iim) and iim[pos] == 0x1C:
+        record, dataset = iim[pos + 1], iim[pos + 2]
+        size = int.from_bytes(iim[pos + 3:pos + 5], "big")
+        start = pos + 5
+        if size & 0x8000:
+            n = size & 0x7FFF
+            size, start = int.from_bytes(iim[start:start + n], "big"), start + n
+        value = iim[start:start + size]
+        if record == 1 and dataset == 90:
+            utf8 = value == b"\x1b%G"
+        elif record == 2 and dataset == 120 and caption is None:
+            caption = value
+        pos = start + size
+    if not caption:
+        return None
+    try:
+        return caption.decode("utf-8")
+    except UnicodeDecodeError:
+        return None if utf8 else caption.decode("latin-1")
 
 
 # A tag: ``<`` to ``>``, where a quoted value may hold ``>`` but nothing holds ``<`` (XML
@@ -397,11 +540,17 @@ def _xmp_removed(name: str, no_gps: bool) -> bool:
     )
 
 
-def edit_xmp(text: str, values: Mapping[str, str], no_gps: bool) -> str | None:
+def edit_xmp(
+    text: str, values: Mapping[str, str | Callable[[str], str]], no_gps: bool,
+    seen: set[str] | None = None,
+) -> str | None:
     """``text`` with the properties named in ``values`` set (attributes, or elements holding
-    only text) and the thumbnail (and, ``no_gps``, location) properties removed, nested
-    content included. None when an element to remove is never closed: where it ends cannot be
-    known, so the packet is not kept. One pass over the tags: linear in ``len(text)``."""
+    only text; a callable value maps the old text to the new) and the thumbnail (and,
+    ``no_gps``, location) properties removed, nested content included; ``seen`` collects the
+    names of the elements and attributes met. None when an element to remove is never
+    closed: where it ends cannot be known, so the packet is not kept. One pass over the tags:
+    linear in ``len(text)``."""
+    seen = seen if seen is not None else set()
     out: list[str] = []
     last = 0  # text[last:] is not written yet
     skipping, depth = "", 0  # an element being removed, and how deep in it (same name)
@@ -409,12 +558,17 @@ def edit_xmp(text: str, values: Mapping[str, str], no_gps: bool) -> str | None:
 
     def attribute(m: re.Match[str]) -> str:
         name = m.group(2)
+        seen.add(name)
         if _xmp_removed(name, no_gps):
             return ""
         if name in values:
             quote = m.group(4)[0]
-            return f"{m.group(1)}{name}{m.group(3)}{quote}{values[name]}{quote}"
+            return f"{m.group(1)}{name}{m.group(3)}{quote}{new_value(name, m.group(4)[1:-1])}{quote}"
         return m.group()
+
+    def new_value(name: str, old: str) -> str:
+        value = values[name]
+        return xml_escape(value(old)) if callable(value) else value
 
     for m in _XMP_TAG.finditer(text):
         tag = m.group()
@@ -433,8 +587,9 @@ def edit_xmp(text: str, values: Mapping[str, str], no_gps: bool) -> str | None:
             if not empty:
                 skipping, depth = name, 1
             continue
+        seen.add(name)
         if setting and closing and name == setting:
-            out.append(values[name])
+            out.append(new_value(name, text[last:m.start()]))
         else:
             out.append(text[last:m.start()])
         out.append(_XMP_ATTR.sub(attribute, tag) if "=" in tag and not closing else tag)

@@ -199,7 +199,7 @@ class Enhancer:
             out, fmt = await self._codec.encode(
                 result.image, options.format, decoded.format, options.quality,
                 metadata=decoded.metadata, keep=options.metadata, color=options.color,
-                deadline=deadline,
+                chroma=options.chroma, deadline=deadline,
             )
             t3 = time.perf_counter()
         finally:

@@ -51,6 +51,7 @@ class Transcoder:
         self.encoding = config.encoding
         self.threads = config.model.codec_pool_size()
         self.accelerator = accelerator
+        self._gpu_sampling: str | None = None  # the chroma subsampling the device encoder wrote
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="codec")
         self.workers = CodecWorkers(self.threads, self.limits.codec_memory_mb)
 
@@ -77,22 +78,24 @@ class Transcoder:
     async def encode(
         self, image: np.ndarray, requested: str | None, input_format: str, quality: int, *,
         metadata: ImageMetadata | None = None, keep: str | None = None, color: str = "keep",
-        deadline: float | None = None,
+        chroma: str = "auto", deadline: float | None = None,
     ) -> tuple[bytes, str]:
         fmt = codec.output_format(requested, input_format, image)
         keep = keep or self.encoding.metadata
         if self.accelerator is not None and fmt == "jpeg":
-            data = await self._run(self._accelerated_jpeg, image, quality, metadata, keep, color)
+            data = await self._run(
+                self._accelerated_jpeg, image, quality, metadata, keep, color, chroma
+            )
             if data is not None:
                 return data, fmt
         pixels = int(image.shape[0]) * int(image.shape[1])
         if fmt in _INLINE_FORMATS and pixels <= self.limits.codec_inline_pixels:
             data = await self._run(
-                _encode, image, fmt, quality, self.encoding, metadata, keep, color
+                _encode, image, fmt, quality, self.encoding, metadata, keep, color, chroma
             )
             return data, fmt
         out: bytes = await self.workers.run(
-            _encode, image, fmt, quality, self.encoding, metadata, keep, color,
+            _encode, image, fmt, quality, self.encoding, metadata, keep, color, chroma,
             cpu_s=self.limits.encode_cpu_s, deadline=deadline, what="encode",
         )
         return out, fmt
@@ -111,23 +114,30 @@ class Transcoder:
     def encode_now(
         self, image: np.ndarray, requested: str | None, input_format: str, quality: int, *,
         metadata: ImageMetadata | None = None, keep: str | None = None, color: str = "keep",
+        chroma: str = "auto",
     ) -> tuple[bytes, str]:
         fmt = codec.output_format(requested, input_format, image)
         keep = keep or self.encoding.metadata
         if self.accelerator is not None and fmt == "jpeg":
-            data = self._accelerated_jpeg(image, quality, metadata, keep, color)
+            data = self._accelerated_jpeg(image, quality, metadata, keep, color, chroma)
             if data is not None:
                 return data, fmt
-        return _encode(image, fmt, quality, self.encoding, metadata, keep, color), fmt
+        return _encode(image, fmt, quality, self.encoding, metadata, keep, color, chroma), fmt
 
     def _accelerated_jpeg(
         self, image: np.ndarray, quality: int, metadata: ImageMetadata | None, keep: str,
-        color: str,
+        color: str, chroma: str = "auto",
     ) -> bytes | None:
         assert self.accelerator is not None
+        wanted = codec.jpeg_subsampling(chroma, quality)
+        if self._gpu_sampling not in (None, wanted):
+            return None  # the device encoder writes one subsampling only: the CPU writes this
         pixels, out = codec.prepare_output(image, "jpeg", metadata, keep, color)
         data = self.accelerator.encode(pixels, quality)
-        return None if data is None else codec.attach(data, "jpeg", out)
+        if data is None:
+            return None
+        self._gpu_sampling = codec.jpeg_sampling(data)
+        return codec.attach(data, "jpeg", out) if self._gpu_sampling == wanted else None
 
     def info(self) -> dict[str, Any]:
         return {
