@@ -212,3 +212,10 @@ def test_every_pod_runs_the_haproxy_ingress_and_prometheus_scrapes_it(rayservice
             if r.get("source_labels") == ["__meta_kubernetes_pod_container_port_name"]]
     assert re.fullmatch(keep[0]["regex"], "haproxy-metrics")
     assert re.fullmatch(keep[0]["regex"], "metrics")
+
+
+def test_the_head_keeps_its_tables_in_redis(rayservice: dict[str, Any]) -> None:
+    """A head pod's restart is survivable only with GCS fault tolerance
+    (tests/test_head_restart.py proves it on one machine)."""
+    ft = rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"].startswith("redis://")

@@ -169,6 +169,7 @@ def manager_name(config: AppConfig) -> str:
 
 
 _HANDLES: dict[str, Any] = {}
+HEAD_RESOURCE = "node:__internal_head__"  # ray._common.constants.HEAD_NODE_RESOURCE_NAME
 
 
 def get_manager(config: AppConfig) -> Any:
@@ -184,6 +185,9 @@ def get_manager(config: AppConfig) -> Any:
             max_restarts=-1,
             max_concurrency=1000,
             num_cpus=0,
+            # On the head: a 0-CPU actor fits any node, and one on a GPU node would keep that
+            # node from scaling down and die with it (docs/SCALING.md, "Failures").
+            resources={HEAD_RESOURCE: 0.001},
         )
         handle = actor.remote(config.model_dump(mode="json"))
         _HANDLES[name] = handle
