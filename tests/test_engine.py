@@ -112,20 +112,47 @@ def test_background_model_choices_and_face_off(engine):
 
 
 def test_device_stages_and_paste_split_and_overlap(engine):
-    """``forward_batch`` then ``finish_batch`` is ``enhance_batch``; a batch's paste may run
-    in another thread while the next batch is in its device stages (as the replica runs them),
-    with the same results as one after the other."""
+    """``forward_batch`` then ``finish_batch`` is ``enhance_batch``; a batch's paste runs in
+    another thread while the next batch is in its device stages (as the replica runs them),
+    with the same results as one after the other. The overlap is forced: the next batch's
+    detector forward (a real forward hook, the first device stage) waits until the paste
+    has finished, and the paste starts only once that forward has begun."""
     a = [read("Blake_Lively.jpg", 128), read("0014.jpg", 96)]
     b = [read("children-alpha.png", 128), np.zeros((4,), np.uint8)]
     opt = [EnhanceOptions(upscale=2)] * 2
     want_a, want_b = engine.enhance_batch(a, opt), engine.enhance_batch(b, opt)
 
     staged_a = engine.forward_batch(a, opt)
+    b_on_device, a_pasted = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def hold_b(_module, _inputs):
+        if not b_on_device.is_set():
+            order.append("b forward started")
+            b_on_device.set()
+            # Holds B in its device stages until A's paste is done (the deadline only
+            # turns a broken test into a failure instead of a hang).
+            assert a_pasted.wait(120), "the paste never ran while B was on the device"
+
     pasted: list = []
-    paste_a = threading.Thread(target=lambda: pasted.extend(engine.finish_batch(staged_a)))
-    paste_a.start()
-    got_b = engine.finish_batch(engine.forward_batch(b, opt))
-    paste_a.join()
+
+    def paste_a():
+        assert b_on_device.wait(120)
+        pasted.extend(engine.finish_batch(staged_a))
+        order.append("a pasted")
+        a_pasted.set()
+
+    hook = engine.net("detection_Resnet50_Final").register_forward_pre_hook(hold_b)
+    try:
+        paster = threading.Thread(target=paste_a)
+        paster.start()
+        staged_b = engine.forward_batch(b, opt)
+        order.append("b forward done")
+        paster.join(120)
+    finally:
+        hook.remove()
+    assert order == ["b forward started", "a pasted", "b forward done"]
+    got_b = engine.finish_batch(staged_b)
     for want, got in zip([*want_a, *want_b], [*pasted, *got_b], strict=True):
         if isinstance(want, PhotoEnhanceError):
             assert isinstance(got, InvalidImage) and type(got) is type(want)
