@@ -78,6 +78,11 @@ class EngineConfig(_Section):
         "next batch's device stages overlap it. None: on for a GPU, off on the CPU (where "
         "the CPU is the device and overlapping only adds contention).",
     )
+    paste_on_device: bool | None = Field(
+        None, description="Warp and blend pasted faces with torch on the model's device "
+        "(equal to the CPU blend within 1 grey level) instead of OpenCV on the replica's CPU. "
+        "None: on for a GPU, off on the CPU.",
+    )
     det_threshold: float = Field(0.97, gt=0, lt=1)
     use_parse: bool = Field(True, description="Blend pasted faces with parsing masks.")
     torch_threads: int = Field(0, ge=0, description="0: torch's default.")
