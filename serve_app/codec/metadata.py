@@ -49,6 +49,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 from PIL import Image, PngImagePlugin
 
+from serve_app.codec.profiles import adobe_rgb_profile
 from serve_app.errors import PayloadTooLarge
 
 LOGGER = logging.getLogger(__name__)
@@ -157,8 +158,6 @@ def read_metadata(
     iptc = _capped("iptc", _read_iptc(im, fmt), MAX_IPTC_BYTES, lost)
     icc = info.get("icc_profile") or None
     if icc is None and _dcf_adobe_rgb(exif):
-        from serve_app.codec.color import adobe_rgb_profile  # color imports this module
-
         icc = adobe_rgb_profile()
     return ImageMetadata(
         exif=exif.tobytes()[len(EXIF_PREFIX):] if exif is not None and len(exif) else None,
