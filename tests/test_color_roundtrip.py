@@ -123,21 +123,13 @@ def test_colour_space_2_is_adobe_rgb_and_srgb_exif_is_not_reinterpreted():
 def gray_profile() -> bytes:
     """A gray ICC profile (gamma 2.2): an sRGB one's header with a gray colour space and a
     kTRC, as cameras' and scanners' gray profiles are."""
-    curve = b"curv\x00\x00\x00\x00" + struct.pack(">IH", 1, 0x0233) + b"\x00\x00"
-    wtpt = b"XYZ \x00\x00\x00\x00" + struct.pack(">3i", 63190, 65536, 54061)
-    desc_text = b"Gray 2.2 (test)\x00"
-    desc = b"desc\x00\x00\x00\x00" + struct.pack(">I", len(desc_text)) + desc_text + bytes(78)
-    tags = [(b"desc", desc), (b"wtpt", wtpt), (b"kTRC", curve)]
-    offset, table, body = 132 + 12 * len(tags), b"", b""
-    for sig, data in tags:
-        data += bytes(-len(data) % 4)
-        table += struct.pack(">4sII", sig, offset + len(body), len(data))
-        body += data
-    header = struct.pack(">I4sI4s4s4s", offset + len(body), b"none", 0x02100000, b"mntr",
-                         b"GRAY", b"XYZ ")
-    header += struct.pack(">6H", 2024, 1, 1, 0, 0, 0) + b"acsp" + bytes(28)
-    header += struct.pack(">3i", 63190, 65536, 54061) + bytes(48)
-    return header + struct.pack(">I", len(tags)) + table + body
+    from serve_app.codec import profiles
+
+    return profiles.build(b"GRAY", [
+        (b"desc", profiles.description("Gray 2.2 (test)")),
+        (b"wtpt", profiles.xyz(0.9642, 1.0, 0.8249)),
+        (b"kTRC", profiles.gamma_curve(0x0233)),
+    ], year=2024)
 
 
 def test_a_gray_jpeg_with_a_gray_profile_as_webp_carries_an_rgb_profile(http):
