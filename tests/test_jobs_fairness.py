@@ -525,6 +525,14 @@ def _enhancer(app: str) -> tuple[str, int]:
     return (running[0]["replica_id"], running[0]["pid"]) if len(running) == 1 else ("", 0)
 
 
+def _model_in_flight(app: str) -> float:
+    """Requests the model replica itself holds (its autoscaling stats, asked directly)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Enhancer", app_name=app)
+    return float(handle.record_autoscaling_stats.remote().result(timeout_s=60)["in_flight"])
+
+
 def test_an_item_whose_replica_dies_twice_fails_replica_died_and_the_job_goes_on(
         fair: Fair) -> None:
     """A slow item (640 px at x4 in 32 px tiles: seconds in the model) and two quick ones,
@@ -553,7 +561,10 @@ def test_an_item_whose_replica_dies_twice_fails_replica_died_and_the_job_goes_on
                 break
             assert time.monotonic() < deadline, "the slow item never reached a replica"
             time.sleep(0.1)
-        time.sleep(1.5)  # past the fetch and the retry's backoff, into the model
+        # Into the model itself: the replica counts the item among its own requests.
+        while _model_in_flight(FAIR_APP) < 1.0:
+            assert time.monotonic() < deadline, "the slow item never reached the model"
+            time.sleep(0.1)
         os.kill(pid, signal.SIGKILL)
         return replica_id
 
