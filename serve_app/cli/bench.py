@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -101,6 +103,19 @@ def _peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _cpu_s() -> float:
+    """CPU seconds of the whole process (every thread), user + system."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+_FORWARD = ("detect", "restore", "parse", "upsample")
+
+
 @click.command("bench")
 @click.option("--profile", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -109,12 +124,21 @@ def _peak_mb(device) -> float:
               default=Path("../shared/data/images"), show_default=True)
 @click.option("--max-side", type=int, default=0, help="Downscale inputs to fit (0: as they are).")
 @click.option("--upscale", type=click.Choice(["1", "2", "4"]), default="2", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs of each batch (engine, then upstream, alternating): medians and spread.")
 @click.option("--no-upstream", is_flag=True, help="Time the batched engine only.")
 @click.option("--json", "as_json", is_flag=True)
 @_WEIGHTS
-def bench(profile, device, batches, images_dir, max_side, upscale, no_upstream, as_json,
+def bench(profile, device, batches, images_dir, max_side, upscale, repeats, no_upstream, as_json,
           weights_dir) -> None:
-    """Images/s and faces/s of the batched engine and of upstream one-by-one."""
+    """Images/s and faces/s of the batched engine and of upstream one-by-one.
+
+    Each batch runs ``--repeats`` times, the engine and upstream alternating so that other
+    load on the machine falls on both; the row gives medians (images/s from the median
+    seconds), the spread of the per-repeat ratio, the process's CPU ms per image (all
+    threads: what a loaded machine changes least) and the engine's forward/paste split.
+    """
+    import cv2
     import torch
 
     from serve_app.engine.upstream import Reference
@@ -127,47 +151,81 @@ def bench(profile, device, batches, images_dir, max_side, upscale, no_upstream, 
     if not pool:
         raise click.ClickException(f"no images in {images_dir}")
     opt = EnhanceOptions(upscale=int(upscale))
-    eng.warmup([opt])
-    with _quiet():
-        ref.enhance(pool[0], opt)
+    # Warm both on the real inputs, untimed: torch's CPU kernels (oneDNN) build their code
+    # per input shape on first use, seconds on this profile. Warmed on a 64 px image only, the
+    # engine (timed first) paid for every new shape and upstream, sharing the networks, ran
+    # on them warm: that alone moved one run's ratio from 1.0 to 0.5 (docs/BENCHMARKS.md).
+    eng.enhance_batch(pool, [opt] * len(pool))
+    if not no_upstream:
+        with _quiet():
+            for img in pool:
+                ref.enhance(img, opt)
     info = eng.info()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     for n in [int(b) for b in batches.split(",") if b.strip()]:
         imgs = [pool[i % len(pool)] for i in range(n)]
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        res = eng.enhance_batch(imgs, [opt] * n)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        tb = time.perf_counter() - t0
-        faces = sum(getattr(r, "faces", 0) for r in res)
-        row = {"batch": n, "images_per_s": n / tb, "faces_per_s": faces / tb, "seconds": tb,
-               "faces": faces, "peak_mb": _peak_mb(eng.device)}
-        if not no_upstream:
-            t0 = time.perf_counter()
-            with _quiet():
-                for img in imgs:
-                    ref.enhance(img, opt)
+        runs: list[dict[str, float]] = []
+        load = []
+        for _ in range(repeats):
+            load.append(os.getloadavg()[0])
             if device == "cuda":
-                torch.cuda.synchronize()
-            tu = time.perf_counter() - t0
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            c0, t0 = _cpu_s(), time.perf_counter()
+            res = eng.enhance_batch(imgs, [opt] * n)
+            sync()
+            run = {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0,
+                   "faces": sum(getattr(r, "faces", 0) for r in res)}
+            timings = next((r.timings for r in res if hasattr(r, "timings")), {})
+            run["forward_s"] = sum(timings.get(k, 0.0) for k in _FORWARD)
+            run["paste_s"] = timings.get("paste", 0.0)
+            if not no_upstream:
+                c0, t0 = _cpu_s(), time.perf_counter()
+                with _quiet():
+                    for img in imgs:
+                        ref.enhance(img, opt)
+                sync()
+                run["upstream_seconds"] = time.perf_counter() - t0
+                run["upstream_cpu_s"] = _cpu_s() - c0
+                run["ratio"] = run["upstream_seconds"] / run["seconds"]
+            runs.append(run)
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        faces = int(med["faces"])
+        tb = med["seconds"]
+        row = {"batch": n, "repeats": repeats, "images_per_s": n / tb, "faces_per_s": faces / tb,
+               "seconds": tb, "faces": faces, "peak_mb": _peak_mb(eng.device),
+               "cpu_ms_per_image": 1000 * med["cpu_s"] / n,
+               "forward_s": med["forward_s"], "paste_s": med["paste_s"],
+               "load_avg": _spread(load)}
+        if not no_upstream:
+            tu = med["upstream_seconds"]
             row.update(upstream_images_per_s=n / tu, upstream_faces_per_s=faces / tu,
-                       upstream_seconds=tu, speedup=tu / tb)
+                       upstream_seconds=tu, speedup=tu / tb,
+                       ratio=_spread([r["ratio"] for r in runs]),
+                       upstream_cpu_ms_per_image=1000 * med["upstream_cpu_s"] / n)
         rows.append(row)
         if as_json:
             click.echo(json.dumps({**row, "device": info["device_name"], "profile": profile,
-                                   "upscale": int(upscale), "threads": torch.get_num_threads()}))
+                                   "upscale": int(upscale), "threads": torch.get_num_threads(),
+                                   "cv2_threads": cv2.getNumThreads()}))
     if not as_json:
         click.echo(f"device: {info['device_name']} ({platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} torch threads), profile: {profile}, x{upscale}, "
-                   f"images: {images_dir} ({len(pool)} files, max side {max_side or 'as is'})")
-        click.echo(f"{'batch':>5} {'img/s':>8} {'faces/s':>8} {'up img/s':>9} {'ratio':>6} {'peak MB':>8}")
+                   f"{torch.get_num_threads()} torch threads, {cv2.getNumThreads()} OpenCV "
+                   f"threads), profile: {profile}, x{upscale}, images: {images_dir} "
+                   f"({len(pool)} files, max side {max_side or 'as is'}), repeats: {repeats}")
+        click.echo(f"{'batch':>5} {'img/s':>7} {'faces/s':>7} {'up img/s':>8} "
+                   f"{'ratio (min..max)':>17} {'CPU ms/img':>10} {'up CPU ms':>9} "
+                   f"{'fwd s':>6} {'paste s':>7} {'peak MB':>7} {'load':>5}")
+        nan = float("nan")
         for r in rows:
-            click.echo(f"{r['batch']:>5} {r['images_per_s']:>8.2f} {r['faces_per_s']:>8.2f} "
-                       f"{r.get('upstream_images_per_s', float('nan')):>9.2f} "
-                       f"{r.get('speedup', float('nan')):>6.2f} {r['peak_mb']:>8.0f}")
+            spread = r.get("ratio", {"median": nan, "min": nan, "max": nan})
+            click.echo(f"{r['batch']:>5} {r['images_per_s']:>7.2f} {r['faces_per_s']:>7.2f} "
+                       f"{r.get('upstream_images_per_s', nan):>8.2f} "
+                       f"{spread['median']:>5.2f} ({spread['min']:.2f}..{spread['max']:.2f}) "
+                       f"{r['cpu_ms_per_image']:>10.0f} {r.get('upstream_cpu_ms_per_image', nan):>9.0f} "
+                       f"{r['forward_s']:>6.2f} {r['paste_s']:>7.3f} {r['peak_mb']:>7.0f} "
+                       f"{r['load_avg']['median']:>5.1f}")
 
 
 COMMANDS = [verify_upstream, bench]
