@@ -73,9 +73,12 @@ def measure(url: str, case: pb.Case, concurrency: int, seconds: float, repeats: 
         asyncio.run(pb.http_window(target, case, concurrency, 2.0))
     idle = pb.idle_rates()
     ours, floor = [], []
-    for _ in range(repeats):
-        ours.append(asyncio.run(pb.http_window(url, case, concurrency, seconds, idle)))
-        floor.append(asyncio.run(pb.http_window(floor_url, case, concurrency, seconds, idle)))
+    # ABBA order: the controller's periodic work (seconds apart) would otherwise fall in the
+    # same one of two alternating windows every time.
+    for r in range(repeats):
+        pair = [(url, ours), (floor_url, floor)]
+        for target, runs in pair if r % 2 == 0 else pair[::-1]:
+            runs.append(asyncio.run(pb.http_window(target, case, concurrency, seconds, idle)))
     ratios = [o["cpu_ms"] / f["cpu_ms"] for o, f in zip(ours, floor, strict=True)]
     return {
         "ours_rps": statistics.median(r["rps"] for r in ours),
