@@ -3,8 +3,10 @@ and with configs/gpu.yaml. No Ray is started."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -219,3 +221,50 @@ def test_the_head_keeps_its_tables_in_redis(rayservice: dict[str, Any]) -> None:
     (tests/test_head_restart.py proves it on one machine)."""
     ft = rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
     assert ft["redisAddress"].startswith("redis://")
+
+
+# KubeRay's RayService CRD, as a KubeRay release publishes it
+# (ray-operator/config/crd/bases/ray.io_rayservices.yaml). Developers may not commit it (a
+# copy of another project's file), so the steering repo's shared/ holds it, or
+# PHOTOENHANCE_KUBERAY_CRD names a copy.
+KUBERAY_CRD = Path(os.environ.get("PHOTOENHANCE_KUBERAY_CRD")
+                   or ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml")
+
+
+def _as_the_api_server_prunes(schema: Any) -> Any:
+    """The CRD's schema with unknown fields refused: the API server silently prunes a field its
+    structural schema does not name (a misspelt key would just vanish), so here it fails."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "properties":
+            out[key] = {name: _as_the_api_server_prunes(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties", "not"):
+            out[key] = _as_the_api_server_prunes(value)
+        elif key in ("allOf", "anyOf", "oneOf"):
+            out[key] = [_as_the_api_server_prunes(sub) for sub in value]
+        else:
+            out[key] = value
+    if ("properties" in schema and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.mark.skipif(not KUBERAY_CRD.is_file(),
+                    reason=f"KubeRay's RayService CRD is not at {KUBERAY_CRD} (see the comment)")
+def test_rayservice_is_valid_for_kuberays_crd(rayservice: dict[str, Any]) -> None:
+    import jsonschema
+
+    crd = load(KUBERAY_CRD)
+    assert crd["spec"]["names"]["kind"] == "RayService"
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == rayservice["apiVersion"].split("/")[1]]
+    schema = _as_the_api_server_prunes(served["schema"]["openAPIV3Schema"])
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(rayservice), key=str)
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:20])
+    # And the check can fail: a misspelt field is refused, not pruned.
+    broken = copy.deepcopy(rayservice)
+    broken["spec"]["rayClusterConfig"]["enableInTreeAutoscalling"] = True
+    assert any("enableInTreeAutoscalling" in e.message
+               for e in jsonschema.Draft7Validator(schema).iter_errors(broken))
