@@ -41,6 +41,7 @@ from serve_app import codec  # noqa: E402
 from serve_app.codec.metadata import EXIF_PREFIX  # noqa: E402
 from serve_app.codec.workers import CodecWorkers  # noqa: E402
 from serve_app.config import LimitsConfig  # noqa: E402
+from serve_app.errors import PhotoEnhanceError  # noqa: E402
 
 
 def cpu(fn: Callable[[], Any], runs: int) -> float:
@@ -261,7 +262,7 @@ def progressive_bomb_10mib() -> bytes:
 def _refused(data: bytes, limits: LimitsConfig) -> None:
     try:
         codec.probe(data, limits)
-    except codec.PhotoEnhanceError:
+    except PhotoEnhanceError:
         return
     raise AssertionError("not refused")
 

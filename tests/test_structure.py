@@ -1,6 +1,7 @@
-"""The tree's structure (docs/ARCHITECTURE.md): layers import one way, other layers use jobs
-through its public entry, the api uses the engine only for its catalog, no import cycles, and
-no torch where only the CPU side runs (nor in a command that runs nothing of the engine).
+"""The tree's structure (docs/ARCHITECTURE.md): layers import one way, other layers use jobs,
+the engine and the codec through their front doors (the engine's loads torch only when used),
+the api uses the engine only for its catalog, no import cycles, and no torch where only the
+CPU side runs (nor in a command that runs nothing of the engine).
 
 The layer and torch rules are import-linter contracts in ``pyproject.toml``; cycles are found
 with grimp (import-linter's graph) counting imports inside functions too, so a cycle cannot
@@ -44,6 +45,18 @@ print("torch" in sys.modules)
 """
 # What an ingress replica and the job actor import.
 CPU_SIDE = ("serve_app.deployments.app", "serve_app.deployments.ingress", "serve_app.jobs")
+# The engine's front door: whether torch came with it, then with each of its names (each the
+# one its module holds), and whether it makes up a name it does not have.
+ENGINE_DOOR = """
+import importlib, json, sys
+import serve_app.engine as door
+before = "torch" in sys.modules
+homes = {"Engine": "engine", "EnhanceResult": "types", "GpuJpeg": "nvjpeg", "Staged": "batch"}
+same = all(getattr(door, name) is getattr(importlib.import_module("serve_app.engine." + home), name)
+           for name, home in homes.items())
+print(json.dumps([before, "torch" in sys.modules, sorted(door.__all__) == sorted(homes), same,
+                  hasattr(door, "nope")]))
+"""
 
 
 def run(code: str, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -91,9 +104,16 @@ def test_layers_import_one_way_and_torch_stays_in_the_engine():
         ("serve_app.api.routes", "from serve_app.engine import weights  # noqa",
          "The api uses the engine only for its model catalog (else a Serve handle) BROKEN",
          "serve_app.api.routes -> serve_app.engine.weights"),
+        # The deployments know the engine by its front door, every layer the codec by its own.
+        ("serve_app.deployments.ingress", "from serve_app.engine import weights  # noqa",
+         "Other layers reach the engine through its front door (serve_app.engine) BROKEN",
+         "serve_app.deployments.ingress -> serve_app.engine.weights"),
+        ("serve_app.jobs.reader", "from serve_app.codec import probing  # noqa",
+         "Other layers reach the codec through its front door (serve_app.codec) BROKEN",
+         "serve_app.jobs.reader -> serve_app.codec.probing"),
     ],
     ids=["wrong-way", "into-jobs", "torch-inside-a-function", "torch-in-a-light-command",
-         "api-past-the-catalog"],
+         "api-past-the-catalog", "past-the-engine-door", "past-the-codec-door"],
 )
 def test_a_bad_import_breaks_its_contract(tmp_path, module, line, broken, chain):
     root = copy_with(tmp_path, module, line)
@@ -128,3 +148,11 @@ def test_torch_in_a_module_of_the_ingress_is_seen(tmp_path):
     res = run(LOADS_TORCH, root, "serve_app.api.metrics")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "True"
+
+
+def test_the_engine_front_door_loads_torch_on_first_use():
+    # Every import of an engine module runs the front door: the api's catalog and the
+    # ingress's EnhanceResult come through it without torch.
+    res = run(ENGINE_DOOR, ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[false, true, true, true, false]"

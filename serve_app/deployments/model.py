@@ -36,12 +36,12 @@ from serve_app.api.schemas import EnhancedImage
 from serve_app.config import AppConfig
 from serve_app.deployments.backlog import BacklogProbe
 from serve_app.deployments.transcode import Transcoder, accelerator_for
-from serve_app.engine.types import EnhanceResult
+from serve_app.engine import EnhanceResult
 from serve_app.errors import EngineFailure, PhotoEnhanceError, engine_error
 from serve_app.options import EnhanceOptions
 
 if TYPE_CHECKING:  # the engine (torch) loads inside the replica only
-    from serve_app.engine.batch import Staged
+    from serve_app.engine import Staged
 
 LOGGER = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Enhancer:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
-        from serve_app.engine.engine import Engine  # torch loads inside the replica only
+        from serve_app.engine import Engine  # torch loads inside the replica only
 
         started = time.perf_counter()
         self.engine = Engine.from_config(self.config)

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from serve_app import codec
-from serve_app.codec.metadata import ImageMetadata
+from serve_app.codec import ImageMetadata
 from serve_app.codec.workers import CodecWorkers
 from serve_app.config import AppConfig
 
@@ -162,7 +162,7 @@ def accelerator_for(config: AppConfig, device: Any) -> JpegAccelerator | None:
     """nvJPEG on a CUDA replica when ``encoding.gpu_jpeg`` is on and it works, else None."""
     if not config.encoding.gpu_jpeg or getattr(device, "type", None) != "cuda":
         return None
-    from serve_app.engine.nvjpeg import GpuJpeg
+    from serve_app.engine import GpuJpeg
 
     try:
         return GpuJpeg.probe(device)
