@@ -166,7 +166,7 @@ def test_a_cuda_fault_fails_the_image_and_marks_the_engine(engine):
     """The words torch raises on a broken device (here from a stage, as a kernel would):
     the images get a generic 500, and ``Engine.fault`` is set, which fails a model replica's
     health check so that Serve replaces it. Another failure leaves the engine healthy."""
-    from serve_app.engine import batch
+    from serve_app.engine import stages
     from serve_app.errors import EngineFailure
 
     def faulty(message):
@@ -174,13 +174,13 @@ def test_a_cuda_fault_fails_the_image_and_marks_the_engine(engine):
             raise RuntimeError(message)
         return stage
 
-    items = [batch.BatchItem(src=read("0014.jpg", 64), opt=EnhanceOptions()) for _ in range(2)]
+    items = [stages.BatchItem(src=read("0014.jpg", 64), opt=EnhanceOptions()) for _ in range(2)]
     try:
-        batch._run_stage(engine, "upsample", faulty("some other bug"), items)
+        stages._run_stage(engine, "upsample", faulty("some other bug"), items)
         assert engine.fault is None and all(isinstance(j.error, EngineFailure) for j in items)
         for j in items:
             j.error = None
-        batch._run_stage(engine, "upsample",
+        stages._run_stage(engine, "upsample",
                          faulty("CUDA error: an illegal memory access was encountered"), items)
         assert all(isinstance(j.error, EngineFailure) for j in items)
         assert engine.fault is not None and engine.fault.startswith("CUDA error")
@@ -199,16 +199,16 @@ def test_one_bad_image_does_not_fail_the_others(engine):
 
 
 def test_a_failing_stage_stays_with_its_image(engine, monkeypatch):
-    from serve_app.engine import batch
+    from serve_app.engine import stages
 
-    real = batch._finish_one
+    real = stages._finish_one
 
     def flaky(job):
         if job.src.shape[0] == 97:
             raise RuntimeError("boom")
         real(job)
 
-    monkeypatch.setattr(batch, "_finish_one", flaky)
+    monkeypatch.setattr(stages, "_finish_one", flaky)
     good, odd = read("0014.jpg", 96), read("0014.jpg", 97)
     res = engine.enhance_batch([good, odd, good], [EnhanceOptions(upscale=1)] * 3)
     assert isinstance(res[1], PhotoEnhanceError) and res[1].code == "engine_error"

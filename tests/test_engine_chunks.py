@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app.engine import batch
+from serve_app.engine import stages
 from serve_app.engine.chunks import ItemTooLarge, chunk_size, forward_chunks, is_oom
 from serve_app.errors import ImageTooLargeForDevice, engine_error
 from serve_app.options import EnhanceOptions
@@ -101,9 +101,9 @@ def test_item_too_large_fails_its_image_only():
             for k, v in enumerate(y.tolist()):
                 jobs[start + k].result = np.full((1,), v)
 
-    jobs = [batch.BatchItem(src=np.zeros((s, 4, 3), np.uint8), opt=EnhanceOptions())
+    jobs = [stages.BatchItem(src=np.zeros((s, 4, 3), np.uint8), opt=EnhanceOptions())
             for s in (10, 20, 5000, 30)]
-    batch._run_stage(None, "restore", stage, jobs)
+    stages._run_stage(None, "restore", stage, jobs)
     assert [j.error is None for j in jobs] == [True, True, False, True]
     assert isinstance(jobs[2].error, ImageTooLargeForDevice) and jobs[2].error.status == 413
     assert [float(j.result[0]) for j in jobs if j.error is None] == [20.0, 40.0, 60.0]

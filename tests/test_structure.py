@@ -51,7 +51,7 @@ ENGINE_DOOR = """
 import importlib, json, sys
 import serve_app.engine as door
 before = "torch" in sys.modules
-homes = {"Engine": "engine", "EnhanceResult": "types", "GpuJpeg": "nvjpeg", "Staged": "batch"}
+homes = {"Engine": "engine", "EnhanceResult": "types", "GpuJpeg": "nvjpeg", "Staged": "stages"}
 same = all(getattr(door, name) is getattr(importlib.import_module("serve_app.engine." + home), name)
            for name, home in homes.items())
 print(json.dumps([before, "torch" in sys.modules, sorted(door.__all__) == sorted(homes), same,

@@ -7,7 +7,7 @@ is imported with the package; the names that load torch are imported on first us
 ``__getattr__``), i.e. only where a model replica uses them:
 
 - ``Engine``: the loaded networks (``engine.py``), built in ``Enhancer.__init__``;
-- ``Staged``: a batch between its device stages and its paste (``batch.py``);
+- ``Staged``: a batch between its device stages and its paste (``stages.py``);
 - ``GpuJpeg``: nvJPEG on a CUDA replica (``nvjpeg.py``).
 
 The api reaches ``catalog`` directly (no torch; see docs/ARCHITECTURE.md), and the commands
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 from serve_app.engine.types import EnhanceResult
 
 if TYPE_CHECKING:  # for type checkers; at run time ``__getattr__`` imports them
-    from serve_app.engine.batch import Staged
     from serve_app.engine.engine import Engine
     from serve_app.engine.nvjpeg import GpuJpeg
+    from serve_app.engine.stages import Staged
 
 __all__ = ["Engine", "EnhanceResult", "GpuJpeg", "Staged"]
 
@@ -33,7 +33,7 @@ def __getattr__(name: str) -> Any:
     if name == "Engine":
         from serve_app.engine import engine as home
     elif name == "Staged":
-        from serve_app.engine import batch as home
+        from serve_app.engine import stages as home
     elif name == "GpuJpeg":
         from serve_app.engine import nvjpeg as home
     else:

@@ -1,7 +1,7 @@
 """The engine: weights in, enhanced images out. No Ray, no HTTP.
 
 ``Engine`` holds the loaded networks; ``Engine.enhance_batch`` hands the images of one
-micro-batch to the per-batch pipeline (``serve_app.engine.batch``) and returns one result or
+micro-batch to the staged pipeline (``serve_app.engine.stages``) and returns one result or
 one error per image; a bad image never fails the others.
 """
 
@@ -19,7 +19,7 @@ from torch import nn
 
 import serve_app.engine.compat  # noqa: F401
 from serve_app.config import AppConfig, EngineConfig
-from serve_app.engine import batch, models
+from serve_app.engine import models, stages
 from serve_app.engine.catalog import AddedModel, Catalog
 from serve_app.engine.types import EnhanceResult
 from serve_app.engine.weights import REGISTRY, LoadedWeightsInfo, spec
@@ -91,7 +91,7 @@ class Engine:
     def uses_synthetic(self, opt: EnhanceOptions) -> bool:
         """Whether a request with ``opt`` runs any synthetic network: a built-in one while the
         weights folder is synthetic. Added models are the operator's own files, and
-        ``face=false&bg_model=none`` runs no network at all (see batch.py for what runs)."""
+        ``face=false&bg_model=none`` runs no network at all (see stages.py for what runs)."""
         if not self.synthetic:
             return False
         if opt.face and (not opt.aligned or self.added_model(opt.face_model) is None):
@@ -216,20 +216,20 @@ class Engine:
 
     def forward_batch(
         self, images: Sequence[np.ndarray], options: Sequence[EnhanceOptions]
-    ) -> batch.Staged:
+    ) -> stages.Staged:
         """The device's part of ``enhance_batch``; ``finish_batch`` (CPU only) completes it, so
         a caller may run the next batch's ``forward_batch`` meanwhile."""
         if len(images) != len(options):
             raise ValueError(f"{len(images)} images but {len(options)} options")
-        return batch.forward(self, list(images), list(options))
+        return stages.forward(self, list(images), list(options))
 
-    def finish_batch(self, staged: batch.Staged) -> list[EnhanceResult | PhotoEnhanceError]:
+    def finish_batch(self, staged: stages.Staged) -> list[EnhanceResult | PhotoEnhanceError]:
         """Paste and results of a ``forward_batch``: CPU work only."""
-        return batch.finish(self, staged)
+        return stages.finish(self, staged)
 
     @staticmethod
     def staged_failure(images: Sequence[np.ndarray], options: Sequence[EnhanceOptions],
-                       error: PhotoEnhanceError) -> batch.Staged:
+                       error: PhotoEnhanceError) -> stages.Staged:
         """In place of a ``forward_batch`` that raised: ``finish_batch`` then returns
         ``error`` for each image."""
-        return batch.Staged.failed(images, options, error)
+        return stages.Staged.failed(images, options, error)

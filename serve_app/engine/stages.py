@@ -1,10 +1,12 @@
-"""One micro-batch through the pipeline: detect, align, restore, parse, upsample, paste.
+"""The staged pipeline: one micro-batch through detect, align, restore, parse, upsample, paste.
 
 In two calls: ``forward`` runs the stages that use the device, ``finish`` the paste, which is
 CPU work only, so a caller can hand the device to the next batch while this one pastes
 (``run`` is both). Every stage works on all images of the batch at once. A stage that fails
-on the batch is re-run image by image, so an error stays with the image that caused it. The semantics of
-each option are those of ``upstream.Reference`` (which the equivalence tests hold us to).
+on the batch is re-run image by image, so an error stays with the image that caused it. The
+semantics of each option are those of ``upstream.Reference`` (which the equivalence tests hold
+us to). The stages know the engine that runs them only as a ``Host`` (``engine.Engine`` is
+one), so this module does not import ``engine.py``.
 """
 
 from __future__ import annotations
@@ -16,24 +18,53 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import cv2
 import numpy as np
 import torch
+from torch import nn
 
+from serve_app.config import EngineConfig
 from serve_app.engine import detect, paste, paste_device, restore, upsample
+from serve_app.engine.catalog import AddedModel
 from serve_app.engine.pixels import check_image, to_8bit
 from serve_app.engine.types import EnhanceResult
 from serve_app.errors import PhotoEnhanceError, engine_error
 from serve_app.options import EnhanceOptions
 
-if TYPE_CHECKING:
-    from serve_app.engine.engine import Engine
-
 LOGGER = logging.getLogger(__name__)
 DETECTOR = "detection_Resnet50_Final"
 PARSER = "parsing_parsenet"
+
+
+class Host(Protocol):
+    """What the stages use of the engine that runs them: its settings, device and networks,
+    the model keys an option names, and ``fault``, which a stage sets on a CUDA fault."""
+
+    fault: str | None
+
+    @property
+    def cfg(self) -> EngineConfig: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def budget_mb(self) -> int: ...
+
+    @property
+    def paste_on_device(self) -> bool: ...
+
+    def check(self, opt: EnhanceOptions) -> None: ...
+
+    def net(self, name: str) -> nn.Module: ...
+
+    def bg_key(self, opt: EnhanceOptions) -> str: ...
+
+    def added_model(self, name: str) -> AddedModel | None: ...
+
+    def scale(self, key: str) -> int: ...
 
 
 @lru_cache(maxsize=1)
@@ -67,7 +98,7 @@ class BatchItem:
         return self.opt.face and not self.opt.aligned
 
 
-def _prepare(engine: Engine, item: BatchItem) -> None:
+def _prepare(engine: Host, item: BatchItem) -> None:
     item.src = check_image(item.src)
     engine.check(item.opt)
     if not item.opt.face:
@@ -83,7 +114,7 @@ def _prepare(engine: Engine, item: BatchItem) -> None:
         item.crops = [cv2.resize(np.ascontiguousarray(img[:, :, :3]), (512, 512))]
 
 
-def _detect(engine: Engine, items: list[BatchItem]) -> None:
+def _detect(engine: Host, items: list[BatchItem]) -> None:
     todo = [j for j in items if j.pastes]
     if not todo:
         return
@@ -100,7 +131,7 @@ def _detect(engine: Engine, items: list[BatchItem]) -> None:
         j.boxes.append(box)
 
 
-def _restore(engine: Engine, items: list[BatchItem]) -> None:
+def _restore(engine: Host, items: list[BatchItem]) -> None:
     by_model: dict[str, list[BatchItem]] = defaultdict(list)
     for j in items:
         if j.crops:
@@ -113,7 +144,7 @@ def _restore(engine: Engine, items: list[BatchItem]) -> None:
             j.restored, k = faces[k : k + len(j.crops)], k + len(j.crops)
 
 
-def _parse(engine: Engine, items: list[BatchItem]) -> None:
+def _parse(engine: Host, items: list[BatchItem]) -> None:
     group = [j for j in items if j.pastes and j.restored]
     if not group or not engine.cfg.use_parse:
         return
@@ -124,7 +155,7 @@ def _parse(engine: Engine, items: list[BatchItem]) -> None:
         j.masks, k = masks[k : k + len(j.restored)], k + len(j.restored)
 
 
-def _bg_request(engine: Engine, j: BatchItem) -> upsample.Request | None:
+def _bg_request(engine: Host, j: BatchItem) -> upsample.Request | None:
     name = engine.bg_key(j.opt)
     if name == "none" or (j.opt.face and j.opt.aligned):
         return None
@@ -136,7 +167,7 @@ def _bg_request(engine: Engine, j: BatchItem) -> upsample.Request | None:
     return upsample.Request(img, name, j.opt.upscale, tile)
 
 
-def _upsample(engine: Engine, items: list[BatchItem]) -> None:
+def _upsample(engine: Host, items: list[BatchItem]) -> None:
     reqs, owners = [], []
     for j in items:
         r = _bg_request(engine, j)
@@ -203,14 +234,14 @@ def _square_mask() -> np.ndarray:
     return m
 
 
-def _finish(engine: Engine, items: list[BatchItem]) -> None:
+def _finish(engine: Host, items: list[BatchItem]) -> None:
     for j in items:
         j.paste_device = engine.device if engine.paste_on_device else None
     list(_pool().map(_finish_one, items))
 
 
 # The stages that use the device; paste (``finish``) comes after, on the CPU alone.
-_DEVICE_STAGES: list[tuple[str, Callable[[Engine, list[BatchItem]], None]]] = [
+_DEVICE_STAGES: list[tuple[str, Callable[[Host, list[BatchItem]], None]]] = [
     ("detect", _detect),
     ("restore", _restore),
     ("parse", _parse),
@@ -218,15 +249,15 @@ _DEVICE_STAGES: list[tuple[str, Callable[[Engine, list[BatchItem]], None]]] = [
 ]
 
 
-def _failure(engine: Engine, exc: Exception) -> PhotoEnhanceError:
-    """The image's error; a CUDA fault also marks the engine (``Engine.fault``): the device is
+def _failure(engine: Host, exc: Exception) -> PhotoEnhanceError:
+    """The image's error; a CUDA fault also marks the engine (its ``fault``): the device is
     unusable for every later image, not only this one."""
     if "cuda error" in str(exc).lower():
         engine.fault = str(exc)[:200]
     return engine_error(exc, "engine stage failed")
 
 
-def _run_stage(engine: Engine, name: str, fn, items: list[BatchItem]) -> None:
+def _run_stage(engine: Host, name: str, fn, items: list[BatchItem]) -> None:
     t0 = time.perf_counter()
     try:
         fn(engine, items)
@@ -260,11 +291,11 @@ class Staged:
                     for img, opt in zip(images, options, strict=True)], 0.0)
 
 
-def run(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptions]):
+def run(engine: Host, images: list[np.ndarray], options: list[EnhanceOptions]):
     return finish(engine, forward(engine, images, options))
 
 
-def forward(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptions]) -> Staged:
+def forward(engine: Host, images: list[np.ndarray], options: list[EnhanceOptions]) -> Staged:
     """Check, detect, restore, parse, upsample: every stage that uses the device."""
     items = [BatchItem(src=img, opt=opt) for img, opt in zip(images, options, strict=True)]
     t0 = time.perf_counter()
@@ -281,7 +312,7 @@ def forward(engine: Engine, images: list[np.ndarray], options: list[EnhanceOptio
     return Staged(items, time.perf_counter() - t0)
 
 
-def finish(engine: Engine, staged: Staged) -> list[EnhanceResult | PhotoEnhanceError]:
+def finish(engine: Host, staged: Staged) -> list[EnhanceResult | PhotoEnhanceError]:
     """Paste the faces and make the results: CPU work, no device."""
     items = staged.items
     t0 = time.perf_counter()
