@@ -8,15 +8,20 @@ checks at the end that the page logged no console error and no request failed.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import shutil
+import socket
+import struct
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -379,7 +384,7 @@ def test_pause_resume_cancel_follow_the_server(open_page, http, images):
     page.click("#job-resume")
     wait_state(page, re.compile("queued|running"))
     page.click("#job-cancel")
-    expect(page.locator("#job-cancel")).to_have_text("Cancel the job?")
+    expect(page.locator("#job-cancel")).to_have_text("Press again to cancel the job")
     page.click("#job-cancel")
     wait_state(page, "cancelled")
     assert http.get(f"/v1/jobs/{first}").json()["state"] == "cancelled"
@@ -405,7 +410,7 @@ def test_pause_resume_cancel_follow_the_server(open_page, http, images):
 
     # Deleting an ended job: asked once more, then gone here and on the server.
     page.click("#job-delete")
-    expect(page.locator("#job-delete")).to_have_text("Delete the job and its results?")
+    expect(page.locator("#job-delete")).to_have_text("Press again to delete the job")
     page.click("#job-delete")
     expect(page.locator("#job-empty")).to_be_visible()
     expect(page).to_have_url(re.compile(r"/$"))
@@ -496,9 +501,15 @@ def test_presets_named_saved_reused_and_sent_as_shown(open_page, http, images):
     expect(page.locator(f'#job-list a[data-job="{first_job}"]')).to_be_visible()
     wait_state(page, "completed")
 
+    # Deleting a preset follows the rule of every destructive action: a second press.
     preset.select_option("web-x4")
     page.click("#preset-delete")
+    expect(page.locator("#preset-delete")).to_have_text("Press again to delete the preset")
+    expect(preset.locator('option[value="web-x4"]')).to_have_count(1)
+    assert http.get("/v1/presets/web-x4").status_code == 200
+    page.click("#preset-delete")
     expect(page.locator("#preset-msg")).to_contain_text("Deleted")
+    expect(page.locator("#preset-delete")).to_have_text("Delete")
     expect(preset.locator('option[value="web-x4"]')).to_have_count(0)
     assert http.get("/v1/presets/web-x4").status_code == 404
     w.assert_clean()
@@ -522,13 +533,190 @@ def test_phone_viewport(open_page, http, images):
     for selector in ("#pick-files", "#pick-folder", "#job-zip", ".card"):
         box = page.locator(selector).first.bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], selector
+    assert_touch_targets(page)
     page.locator(".card").first.click()
     expect(page.locator("#viewer")).to_be_visible()
     # Uploaded elsewhere (by the test's client): the original comes from the server.
     expect(page.locator("#v-after")).to_have_js_property("naturalWidth", 128)
     expect(page.locator("#v-before")).to_have_js_property("naturalWidth", 64)
     expect(page.locator("#v-note")).not_to_contain_text("original is not on this device")
+    assert_touch_targets(page)
     w.assert_clean()
+
+
+def assert_touch_targets(page: Any) -> None:
+    """Every visible button (and link styled as one) is a 44 px tall target."""
+    boxes = page.evaluate("""() => [...document.querySelectorAll('button, .button, [role=button]')]
+        .filter((b) => b.getClientRects().length > 0)
+        .map((b) => [b.id || b.textContent.trim(), b.getBoundingClientRect().height])""")
+    assert boxes, "no visible buttons"
+    small = [(name, h) for name, h in boxes if h < 44]
+    assert small == [], small
+
+
+def in_viewer(page: Any) -> bool:
+    return page.evaluate("() => document.getElementById('viewer').contains(document.activeElement)")
+
+
+def test_viewer_keeps_focus_and_returns_it(open_page, http, images):
+    """Tab and Shift+Tab cycle inside the open viewer; Esc closes it and focus goes back to
+    the card that opened it."""
+    from playwright.sync_api import expect
+
+    data = images.cv2_bytes(images.array(48, 64), ".png")
+    files = [("files", (f"f{i}.png", data, "image/png")) for i in range(2)]
+    r = http.post("/v1/jobs", files=files, data={"upscale": "2", "face": "false"})
+    assert r.status_code == 202, r.text
+    w = open_page(f"/jobs/{r.json()['job_id']}")
+    page = w.page
+    wait_state(page, "completed")
+    images_loaded(page)
+    card = page.locator(".card").first
+    index = card.get_attribute("data-index")
+    card.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#viewer")).to_be_visible()
+    expect(page.locator("#v-after")).to_have_js_property("complete", True)
+    seen = set()
+    for key in ["Tab"] * 20 + ["Shift+Tab"] * 20:
+        page.keyboard.press(key)
+        assert in_viewer(page), (key, page.evaluate("() => document.activeElement.outerHTML.slice(0, 80)"))
+        seen.add(page.evaluate("() => document.activeElement.id || document.activeElement.textContent"))
+    assert {"v-close", "v-next", "v-full"} <= seen  # it cycles through the controls, not one
+    # A click behind the dialog does not take focus out of it.
+    page.mouse.click(2, 2)
+    assert in_viewer(page)
+    page.keyboard.press("ArrowRight")  # another photo: Esc still returns to the card that opened
+    page.keyboard.press("Escape")
+    expect(page.locator("#viewer")).to_be_hidden()
+    expect(page.locator(f'.card[data-index="{index}"]')).to_be_focused()
+    w.assert_clean()
+
+
+class CuttableProxy:
+    """A TCP proxy on loopback in front of the server: ``cut()`` drops every live connection
+    and resets new ones (as a network that went away does), ``mend()`` lets them through."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.lock = threading.RLock()  # _reset takes it, also from under it
+        self.live: set[socket.socket] = set()
+        self.cutting = False
+        self.refused = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with self.lock:
+                if self.cutting:
+                    self.refused += 1
+                    self._reset(client)
+                    continue
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                self._reset(client)
+                continue
+            with self.lock:
+                self.live |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            self._reset(s)
+
+    def _reset(self, s: socket.socket) -> None:
+        # A linger of 0 makes close() send RST: the peer sees the connection reset, not a clean end.
+        with self.lock:
+            self.live.discard(s)
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # close() alone leaves a socket that another thread's recv() holds open: shut it first.
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+    def cut(self) -> None:
+        with self.lock:
+            self.cutting = True
+            live = list(self.live)
+        for s in live:
+            self._reset(s)
+
+    def mend(self) -> None:
+        with self.lock:
+            self.cutting = False
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def wait_for(condition: Any, what: str, timeout_s: float = WAIT_MS / 1000) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, f"gave up waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_stream_cut_by_the_network_reconnects(browser, serve_url, http, images):
+    """The network, not the page, drops the job's event stream: the page says it is
+    reconnecting, retries with backoff while new connections are refused, and once they get
+    through again it follows the job as before (a change made meanwhile shows)."""
+    from playwright.sync_api import expect
+
+    data = images.cv2_bytes(images.array(96, 128), ".png")
+    files = [("files", (f"n{i:02d}.png", data, "image/png")) for i in range(16)]
+    r = http.post("/v1/jobs", files=files, data={"max_inflight": "1", "upscale": "4"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert http.post(f"/v1/jobs/{job_id}/pause").status_code == 200  # still while connected
+    proxy = CuttableProxy(serve_url)
+    context = browser.new_context(base_url=proxy.url, viewport=DESKTOP)
+    try:
+        w = Watched(context.new_page())
+        page = w.page
+        page.goto(f"/jobs/{job_id}")
+        wait_state(page, "paused")
+        images_loaded(page)
+        # What the cut itself breaks (the stream, the reconnects it refuses, a job-list refresh
+        # that falls in it), and nothing else: a connection reset or closed, on /v1/jobs.
+        dropped = r"net::ERR_(CONNECTION_RESET|CONNECTION_CLOSED|EMPTY_RESPONSE|INCOMPLETE_CHUNKED_ENCODING)"
+        w.allow(rf"^GET {re.escape(proxy.url)}/v1/jobs[^ ]*: {dropped}$")
+        w.allow(rf"^Failed to load resource: {dropped}$")
+        proxy.cut()
+        expect(page.locator("#job-msg")).to_contain_text("reconnecting", timeout=WAIT_MS)
+        # Refused again and again, the page keeps trying, waiting longer each time.
+        wait_for(lambda: proxy.refused >= 2, "two refused reconnects")
+        expect(page.locator("#job-msg")).to_have_text(re.compile(r"^Connection lost; reconnecting in ([2-9]|[1-3]\d) s"))
+        # Meanwhile the job goes on (resumed by another client).
+        assert http.post(f"/v1/jobs/{job_id}/resume").status_code == 200
+        wait_for(lambda: http.get(f"/v1/jobs/{job_id}").json()["counts"].get("succeeded", 0) >= 1, "a photo done on the server")
+        expect(page.locator("#job-state")).to_have_text("paused")  # the page cannot know yet
+        proxy.mend()
+        # The stream is back: the page shows what happened while it was cut, and follows on.
+        wait_state(page, re.compile("queued|running|completed"))
+        expect(page.locator("#job-msg")).to_be_empty()
+        expect(page.locator('.card[data-state="succeeded"]').first).to_be_visible(timeout=WAIT_MS)
+        assert http.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 409)
+        wait_state(page, re.compile("cancelled|completed"))
+        w.assert_clean()
+    finally:
+        context.close()
+        proxy.close()
 
 
 def test_choose_folder_and_photos_open_their_pickers(open_page, photos):

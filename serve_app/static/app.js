@@ -475,6 +475,7 @@ function applyPreset(name) {
 function updatePresetButtons() {
   const p = server.presets.find((x) => x.name === $("preset").value);
   $("preset-delete").disabled = !p || p.builtin;
+  resetPresetDelete(); // a press armed for another preset does not carry over
 }
 
 function presetMessage(text, ok) {
@@ -503,6 +504,7 @@ async function savePreset() {
 
 async function deletePreset() {
   const name = $("preset").value;
+  if (!armed("preset-delete", "Press again to delete the preset", "Delete")) return;
   const r = await api(u(`v1/presets/${encodeURIComponent(name)}`), { method: "DELETE" });
   if (!r.ok) { presetMessage(await errorText(r), false); return; }
   await loadPresets("");
@@ -796,9 +798,11 @@ async function loadJobList() {
   // Jobs this browser made but the listing did not include (another server page, older).
   const missing = readJSON(JOBS_STORE, []).filter((id) => !knownJobs.has(id)).slice(0, 10);
   await Promise.all(missing.map(async (id) => {
-    const r = await api(u(`v1/jobs/${encodeURIComponent(id)}`));
-    if (r.ok) knownJobs.set(id, await r.json());
-    else if (r.status === 404) forgetJob(id);
+    try {
+      const r = await api(u(`v1/jobs/${encodeURIComponent(id)}`));
+      if (r.ok) knownJobs.set(id, await r.json());
+      else if (r.status === 404) forgetJob(id);
+    } catch { /* offline: asked again on the next refresh */ }
   }));
   renderJobList();
 }
@@ -1157,7 +1161,8 @@ async function control(action) {
   if (action === "resume" && job === current && job.abort.signal.aborted === false) { /* the stream follows */ }
 }
 
-// Cancel and Delete throw work away: the first press asks, the second does it.
+// Every destructive action (cancel a job, delete a job or a preset) follows one rule: the
+// first press asks ("Press again to …"), a second within a few seconds does it.
 const confirmTimers = {};
 function disarm(id, label) {
   clearTimeout(confirmTimers[id]);
@@ -1165,6 +1170,7 @@ function disarm(id, label) {
   delete $(id).dataset.armed;
 }
 function resetCancel() { disarm("job-cancel", "Cancel"); disarm("job-delete", "Delete"); }
+function resetPresetDelete() { disarm("preset-delete", "Delete"); }
 function armed(id, question, label) {
   const b = $(id);
   if (b.dataset.armed) { disarm(id, label); return true; }
@@ -1175,12 +1181,12 @@ function armed(id, question, label) {
 }
 
 function onCancel() {
-  if (armed("job-cancel", "Cancel the job?", "Cancel")) control("cancel");
+  if (armed("job-cancel", "Press again to cancel the job", "Cancel")) control("cancel");
 }
 
 async function onDelete() {
   const job = current;
-  if (!job || !armed("job-delete", "Delete the job and its results?", "Delete")) return;
+  if (!job || !armed("job-delete", "Press again to delete the job", "Delete")) return;
   const r = await api(u(`v1/jobs/${encodeURIComponent(job.id)}`), { method: "DELETE" });
   if (!r.ok && r.status !== 404) { $("job-msg").textContent = await errorText(r); return; }
   forgetJob(job.id);
@@ -1192,7 +1198,7 @@ async function onDelete() {
 
 // ------------------------------------------------------------------ the viewer
 
-const view = { index: null, mode: "slider", scale: 1, cx: 0, cy: 0, iw: 0, ih: 0, split: 0.5, fitted: true, faces: true };
+const view = { index: null, mode: "slider", scale: 1, cx: 0, cy: 0, iw: 0, ih: 0, split: 0.5, fitted: true, faces: true, opener: null };
 
 function viewerRows() {
   return current ? sortedRows(current) : [];
@@ -1242,6 +1248,7 @@ function openViewer(index) {
   if (!hasAfter && !hasBefore) { view.iw = 0; }
   const v = $("viewer");
   if (v.hidden) {
+    view.opener = job.cards.get(index) || document.activeElement; // where Esc returns focus
     v.hidden = false;
     document.body.style.overflow = "hidden";
     $("v-stage").focus();
@@ -1273,8 +1280,24 @@ function showFaces(on) {
 function closeViewer() {
   $("viewer").hidden = true;
   document.body.style.overflow = "";
-  current?.cards.get(view.index)?.focus();
+  const back = view.opener?.isConnected ? view.opener : current?.cards.get(view.index);
+  back?.focus();
   view.index = null;
+  view.opener = null;
+}
+
+// The viewer is a modal dialog: Tab and Shift+Tab cycle through its visible controls only.
+function viewerFocusables() {
+  return [...$("viewer").querySelectorAll('button, a[href], input, select, [tabindex]:not([tabindex="-1"])')]
+    .filter((el) => !el.disabled && el.getClientRects().length > 0);
+}
+function trapTab(e) {
+  const all = viewerFocusables();
+  if (!all.length) return;
+  e.preventDefault();
+  const at = all.indexOf(document.activeElement);
+  const next = at < 0 ? (e.shiftKey ? all.length - 1 : 0) : (at + (e.shiftKey ? -1 : 1) + all.length) % all.length;
+  all[next].focus();
 }
 
 function stepViewer(delta) {
@@ -1410,6 +1433,7 @@ function setupViewer() {
   });
   document.addEventListener("keydown", (e) => {
     if ($("viewer").hidden || e.altKey || e.ctrlKey || e.metaKey) return;
+    if (e.key === "Tab") { trapTab(e); return; }
     const keys = {
       Escape: closeViewer, ArrowLeft: () => stepViewer(-1), ArrowRight: () => stepViewer(1),
       "+": () => zoomTo(view.scale * 1.5), "=": () => zoomTo(view.scale * 1.5), "-": () => zoomTo(view.scale / 1.5),
@@ -1418,6 +1442,10 @@ function setupViewer() {
     };
     const f = keys[e.key];
     if (f) { e.preventDefault(); f(); }
+  });
+  // Focus that lands outside the open viewer anyway (a click on the page behind) comes back.
+  document.addEventListener("focusin", (e) => {
+    if (!$("viewer").hidden && !$("viewer").contains(e.target)) $("v-stage").focus();
   });
   window.addEventListener("resize", () => { if (!$("viewer").hidden) { if (view.fitted) fit(); else layout(); } });
 }
