@@ -62,13 +62,12 @@ class Transcoder:
     async def decode(
         self, data: bytes, upscale: int, *, deadline: float | None = None
     ) -> codec.DecodedImage:
-        info = await self._run(codec.probe, data, self.limits, upscale)
-        if self.accelerator is not None and info.format == "jpeg":
-            image = await self._run(self.accelerator.decode, data, info)
-            if image is not None:
-                return codec.DecodedImage(image, info.format, codec.header_metadata(data, info))
-        if info.format in _INLINE_FORMATS and info.pixels <= self.limits.codec_inline_pixels:
-            return await self._run(codec.decode, data, info)
+        # One hop to a thread for the probe and, where it may run here, the decode: each hop
+        # costs the event loop a wake-up, a sizeable share of a small image's whole cost.
+        done = await self._run(self._probe_and_decode_here, data, upscale)
+        if isinstance(done, codec.DecodedImage):
+            return done
+        info = done
         decoded: codec.DecodedImage = await self.workers.run(
             codec.decode, data, info, cpu_s=self.limits.decode_cpu_s, deadline=deadline,
             what="decode",
@@ -100,16 +99,24 @@ class Transcoder:
         )
         return out, fmt
 
-    # In the caller's thread: for callers without an event loop (and the tests).
-
-    def decode_now(self, data: bytes, upscale: int) -> codec.DecodedImage:
-        """Probe again (a handle may call the model replica directly), then decode."""
+    def _probe_and_decode_here(self, data: bytes, upscale: int) -> codec.DecodedImage | codec.ImageInfo:
+        """The decoded image where this thread may decode it (the device's JPEG decoder, or an
+        inline format within ``codec_inline_pixels``), else the probe's facts for a worker."""
         info = codec.probe(data, self.limits, upscale)
         if self.accelerator is not None and info.format == "jpeg":
             image = self.accelerator.decode(data, info)
             if image is not None:
                 return codec.DecodedImage(image, info.format, codec.header_metadata(data, info))
-        return codec.decode(data, info)
+        if info.format in _INLINE_FORMATS and info.pixels <= self.limits.codec_inline_pixels:
+            return codec.decode(data, info)
+        return info
+
+    # In the caller's thread: for callers without an event loop (and the tests).
+
+    def decode_now(self, data: bytes, upscale: int) -> codec.DecodedImage:
+        """Probe again (a handle may call the model replica directly), then decode."""
+        done = self._probe_and_decode_here(data, upscale)
+        return done if isinstance(done, codec.DecodedImage) else codec.decode(data, done)
 
     def encode_now(
         self, image: np.ndarray, requested: str | None, input_format: str, quality: int, *,
