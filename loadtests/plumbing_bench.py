@@ -278,6 +278,16 @@ def start_server(args: dict[str, Any], base: Path, num_cpus: int) -> tuple[str, 
     return url, ray
 
 
+def stop_server(ray_mod: Any, base: Path) -> None:
+    """End what ``start_server`` started (if it did) and remove the run's folder."""
+    if ray_mod is not None:
+        from ray import serve
+
+        serve.shutdown()
+        ray_mod.shutdown()
+    shutil.rmtree(base, ignore_errors=True)
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -362,12 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"  cpu-ms by process: {row['http_cpu_ms_by_process']}", flush=True)
     finally:
         report["load_after"] = os.getloadavg()
-        if ray_mod is not None:
-            from ray import serve
-
-            serve.shutdown()
-            ray_mod.shutdown()
-        shutil.rmtree(base, ignore_errors=True)
+        stop_server(ray_mod, base)
     if opts.out:
         opts.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["cases"], indent=1))

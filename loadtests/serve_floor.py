@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -142,12 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     finally:
         report["load_after"] = os.getloadavg()
-        if ray_mod is not None:
-            from ray import serve
-
-            serve.shutdown()
-            ray_mod.shutdown()
-        shutil.rmtree(base, ignore_errors=True)
+        pb.stop_server(ray_mod, base)
     if opts.out:
         opts.out.write_text(json.dumps(report, indent=1) + "\n")
     return 0

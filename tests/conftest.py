@@ -13,6 +13,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,16 @@ def wait_job(http: httpx.Client, job_id: str, until: Any, timeout: float = 180.0
                 return snap
         assert time.monotonic() < deadline, f"timed out: {r.text}"
         time.sleep(0.1)
+
+
+def wait_for(predicate: Any, timeout_s: float, every_s: float = 0.5) -> float | None:
+    """Seconds until ``predicate()`` held, or None after ``timeout_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(every_s)
+    return None
 
 
 def job_ended(snap: dict[str, Any]) -> bool:

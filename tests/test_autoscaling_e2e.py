@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -72,16 +72,6 @@ def running_replicas() -> int:
 
     status = serve.status().applications[APP].deployments["Enhancer"]
     return int(status.replica_states.get("RUNNING", 0))
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, every_s: float = 0.5) -> float | None:
-    """Seconds until ``predicate()`` held, or None after ``timeout_s``."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(every_s)
-    return None
 
 
 class Load:

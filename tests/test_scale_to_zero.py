@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
+from conftest import wait_for
 
 APP = "photoenhance-zero"
 PREFIX = "/zero"
@@ -70,16 +71,6 @@ def replicas() -> dict[str, int]:
 
     status = serve.status().applications[APP].deployments["Enhancer"]
     return {str(getattr(k, "value", k)): int(v) for k, v in status.replica_states.items()}
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, every_s: float = 0.5) -> float | None:
-    """Seconds until ``predicate()`` held, or None after ``timeout_s``."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(every_s)
-    return None
 
 
 class Probe:
