@@ -504,7 +504,7 @@ async function savePreset() {
 
 async function deletePreset() {
   const name = $("preset").value;
-  if (!armed("preset-delete", "Press again to delete the preset", "Delete")) return;
+  if (!armed("preset-delete", "Press again to delete", "Delete")) return;
   const r = await api(u(`v1/presets/${encodeURIComponent(name)}`), { method: "DELETE" });
   if (!r.ok) { presetMessage(await errorText(r), false); return; }
   await loadPresets("");
