@@ -27,9 +27,9 @@ from serve_app.codec.metadata import (
     MAX_EXIF_BYTES,
     MAX_ICC_BYTES,
     MAX_XMP_BYTES,
-    edit_xmp,
-    png_for_pillow,
 )
+from serve_app.codec.pngtext import png_for_pillow
+from serve_app.codec.xmp import edit_xmp
 from serve_app.config import LimitsConfig
 from serve_app.errors import InvalidImage, PayloadTooLarge
 

@@ -20,7 +20,7 @@ from PIL import Image, ImageCms, JpegImagePlugin
 
 from serve_app import codec
 from serve_app.codec import color as colorm
-from serve_app.codec.metadata import edit_xmp
+from serve_app.codec.xmp import edit_xmp
 
 P3 = _icc.make_profile("p3")
 NULL = "face=false&bg_model=none"

@@ -29,6 +29,7 @@ Format rules (also in the README):
 """
 
 from serve_app.codec.decoding import decode, header_metadata
+from serve_app.codec.embedding import attach
 from serve_app.codec.encoding import (
     AVIF_SPEED,
     CHROMA_444_FROM_QUALITY,
@@ -40,7 +41,7 @@ from serve_app.codec.encoding import (
     png_params,
     prepare_output,
 )
-from serve_app.codec.metadata import ImageMetadata, attach
+from serve_app.codec.metadata import ImageMetadata
 from serve_app.codec.probing import check_pixels, probe, sniff
 from serve_app.codec.types import (
     INPUT_FORMATS,

@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 from serve_app.codec import color as colorm
-from serve_app.codec.metadata import ImageMetadata, attach, pillow_args, prepare
+from serve_app.codec.embedding import attach, pillow_args
+from serve_app.codec.metadata import ImageMetadata, prepare
 from serve_app.codec.opener import short
 from serve_app.codec.types import has_alpha
 from serve_app.config import EncodingConfig

@@ -7,9 +7,8 @@ XMP alike (EXIF's DPI wins over JFIF's), EXIF ``ColorSpace`` saying what the out
 is, no thumbnail, the IPTC caption copied into XMP ``dc:description`` for formats that hold
 no IPTC, and the ``metadata`` option's choice: ``keep``, ``strip`` or ``keep-no-gps``);
 ``read_metadata`` also gives a DCF camera's Adobe RGB JPEG (EXIF ``R03``, no profile) its
-Adobe RGB profile; ``attach`` writes
-them into encoded JPEG or PNG bytes, segment by segment, without touching the encoded image.
-WebP and AVIF carry them through Pillow's encoder instead (``pillow_args``).
+Adobe RGB profile. XMP is edited in ``codec/xmp.py``; ``codec/embedding.py`` writes the
+blocks into encoded JPEG or PNG bytes (WebP and AVIF: through Pillow's encoder).
 
 Pillow does the byte work (its ``Image.Exif`` parses and serialises EXIF, sub-IFDs included,
 and drops IFD1, the thumbnail, on the way): docs/BENCHMARKS.md ("Metadata library") has the
@@ -37,19 +36,15 @@ expressions used before were quadratic on unclosed elements: 64 KiB took 1 s of 
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
-import struct
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
-from xml.sax.saxutils import escape as xml_escape
 
 from PIL import Image, PngImagePlugin
 
 from serve_app.codec.profiles import adobe_rgb_profile
+from serve_app.codec.xmp import prepare_xmp
 from serve_app.errors import PayloadTooLarge
 
 LOGGER = logging.getLogger(__name__)
@@ -144,7 +139,7 @@ def read_metadata(
     if fmt == "tiff":
         exif_raw = _tiff_exif(im)
         if exif_raw is not None and len(exif_raw) > MAX_EXIF_BYTES:
-            raise _too_large("exif", len(exif_raw), MAX_EXIF_BYTES)
+            raise too_large("exif", len(exif_raw), MAX_EXIF_BYTES)
     exif = load_exif(exif_raw if isinstance(exif_raw, bytes) else None)
     orientation = 1 if fmt == "heif" else orientation_of(exif)
     xmp = info.get("xmp")
@@ -172,7 +167,7 @@ def read_metadata(
 _BLOCKS = {"icc": "ICC profile", "exif": "EXIF block", "xmp": "XMP packet", "iptc": "IPTC block"}
 
 
-def _too_large(block: str, size: int, limit: int) -> PayloadTooLarge:
+def too_large(block: str, size: int, limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(
         f"the image's {_BLOCKS[block]} is {size} bytes; the largest accepted is {limit}",
         code="metadata_too_large", block=block, size=size, limit=limit,
@@ -185,7 +180,7 @@ def check_blocks(info: Mapping[str, Any]) -> None:
     for block, key, limit in (("icc", "icc_profile", MAX_ICC_BYTES), ("exif", "exif", MAX_EXIF_BYTES)):
         value = info.get(key)
         if isinstance(value, bytes | bytearray) and len(value) > limit:
-            raise _too_large(block, len(value), limit)
+            raise too_large(block, len(value), limit)
 
 
 def _capped(block: str, value: bytes | None, limit: int, lost: list[str]) -> bytes | None:
@@ -223,81 +218,6 @@ def _tiff_exif(im: Image.Image) -> bytes | None:
         return exif.tobytes()
     except Exception:
         return None
-
-
-# --------------------------------------------------------------------------- PNG text
-
-
-_PNG_TEXT = frozenset({b"tEXt", b"zTXt", b"iTXt"})
-_PNG_XMP_KEYWORD = b"XML:com.adobe.xmp"
-
-
-def png_for_pillow(data: bytes) -> tuple[bytes, tuple[str, ...]]:
-    """The PNG as Pillow may open it, and the blocks dropped on the way.
-
-    One walk over the chunk headers: text chunks are removed (none but the first XMP
-    ``iTXt`` is carried to the output; this way no ``zTXt`` is ever inflated), and so is an
-    XMP over ``MAX_XMP_BYTES``. An ICC profile (``iCCP``, measured by inflating at most one
-    byte past the cap) or an ``eXIf`` over its cap is refused. The bytes are copied only when
-    a chunk is removed.
-    """
-    parts: list[bytes] = []
-    dropped: set[str] = set()
-    kept_from, pos, xmp_seen = 0, 8, False
-    while pos + 12 <= len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
-        body, end = pos + 8, pos + 12 + length
-        if kind == b"IEND" or end > len(data):
-            break  # the rest is the decoder's to judge
-        if kind == b"iCCP":
-            name_end = data.find(b"\0", body, min(body + 80, end - 4))  # name, NUL, method
-            size = _inflated_size(data, name_end + 2, end - 4, MAX_ICC_BYTES) if name_end >= 0 else 0
-            if size > MAX_ICC_BYTES:
-                raise _too_large("icc", size, MAX_ICC_BYTES)
-        elif kind == b"eXIf" and length > MAX_EXIF_BYTES:
-            raise _too_large("exif", length, MAX_EXIF_BYTES)
-        elif kind in _PNG_TEXT:
-            keep = False
-            if kind == b"iTXt" and not xmp_seen and data.startswith(_PNG_XMP_KEYWORD + b"\0", body):
-                xmp_seen = True
-                keep = _itxt_size(data, body + len(_PNG_XMP_KEYWORD) + 1, end - 4) <= MAX_XMP_BYTES
-                if not keep:
-                    dropped.add("xmp")  # logged where it is decoded (``read_metadata``)
-            if not keep:
-                parts.append(data[kept_from:pos])
-                kept_from = end
-        pos = end
-    if not parts:
-        return data, ()
-    parts.append(data[kept_from:])
-    return b"".join(parts), tuple(sorted(dropped))
-
-
-def _itxt_size(data: bytes, pos: int, end: int) -> int:
-    """The text size of an iTXt body from after its keyword: flag, method, language\0,
-    translated keyword\0, text (inflated when the flag says so)."""
-    if pos + 2 > end:
-        return 0
-    compressed = data[pos]
-    lang_end = data.find(b"\0", pos + 2, end)
-    text = data.find(b"\0", lang_end + 1, end) + 1 if lang_end >= 0 else 0
-    if text <= 0:
-        return 0
-    if not compressed:
-        return end - text
-    return _inflated_size(data, text, end, MAX_XMP_BYTES)
-
-
-def _inflated_size(data: bytes, start: int, end: int, limit: int) -> int:
-    """How many bytes ``data[start:end]`` inflates to, counting no further than ``limit + 1``
-    (so the work is bounded by the cap, whatever the ratio); 0 when it is not zlib data."""
-    if start < 0 or start >= end:
-        return 0
-    try:
-        return len(zlib.decompressobj().decompress(data[start:end], limit + 1))
-    except zlib.error:
-        return 0
 
 
 def _tag_bytes(value: Any) -> bytes | None:
@@ -359,7 +279,7 @@ def prepare(
     no_gps = mode == "keep-no-gps"
     ratio = (width / meta.size[0], height / meta.size[1]) if meta.size and all(meta.size) else None
     caption = _iptc_caption(meta.iptc) if fmt in _NO_IPTC_FORMATS and meta.iptc else None
-    xmp = _prepare_xmp(meta.xmp, no_gps, width, height, dpi, ratio, caption)
+    xmp = prepare_xmp(meta.xmp, no_gps, width, height, dpi, ratio, caption)
     return replace(
         meta,
         exif=_prepare_exif(meta.exif, no_gps, width, height, dpi, srgb),
@@ -415,81 +335,6 @@ def _say_color_space(exif: Image.Exif, sub: dict[int, Any], srgb: bool | None) -
         sub[_COLOR_SPACE] = 0xFFFF
 
 
-def _prepare_xmp(
-    raw: bytes | None, no_gps: bool, width: int, height: int,
-    dpi: tuple[float, float] | None = None, ratio: tuple[float, float] | None = None,
-    caption: str | None = None,
-) -> bytes | None:
-    if not raw and not caption:
-        return None
-    values: dict[str, str | Callable[[str], str]] = {
-        "tiff:Orientation": "1",
-        "exif:PixelXDimension": str(width),
-        "exif:PixelYDimension": str(height),
-        "tiff:ImageWidth": str(width),
-        "tiff:ImageLength": str(height),
-    }
-    if dpi is not None:  # the same as EXIF's, in inches
-        values["tiff:XResolution"], values["tiff:YResolution"] = _rational(dpi[0]), _rational(dpi[1])
-        values["tiff:ResolutionUnit"] = "2"
-    elif ratio is not None:  # XMP's own resolution, in its own unit, scaled with the image
-        values["tiff:XResolution"] = functools.partial(_scaled_rational, factor=ratio[0])
-        values["tiff:YResolution"] = functools.partial(_scaled_rational, factor=ratio[1])
-    if not raw:
-        return _caption_packet(caption or "").encode("utf-8")
-    seen: set[str] = set()
-    text = edit_xmp(raw.decode("utf-8", "replace"), values, no_gps, seen)
-    if text is None:
-        LOGGER.warning("XMP packet with an unclosed element to remove; dropped")
-        return None
-    if caption and "dc:description" not in seen:
-        text = _add_description(text, caption)
-    return text.encode("utf-8")
-
-
-def _rational(value: float) -> str:
-    return str(round(value)) + "/1" if abs(value - round(value)) < 1e-6 else f"{round(value * 10000)}/10000"
-
-
-def _scaled_rational(old: str, factor: float) -> str:
-    """An XMP rational ("300/1") or number times ``factor``; unchanged when it is neither."""
-    num, _, den = old.strip().partition("/")
-    try:
-        value = float(num) / float(den or 1)
-    except (ValueError, ZeroDivisionError):
-        return old
-    return _rational(value * factor) if value > 0 else old
-
-
-_RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
-_DC_NS = "http://purl.org/dc/elements/1.1/"
-
-
-def _description_xml(caption: str) -> str:
-    return (
-        f'<rdf:Description rdf:about="" xmlns:dc="{_DC_NS}"><dc:description><rdf:Alt>'
-        f'<rdf:li xml:lang="x-default">{xml_escape(caption)}</rdf:li></rdf:Alt>'
-        "</dc:description></rdf:Description>"
-    )
-
-
-def _caption_packet(caption: str) -> str:
-    return (
-        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
-        f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="{_RDF_NS}">'
-        f"{_description_xml(caption)}</rdf:RDF></x:xmpmeta>"
-        '<?xpacket end="w"?>'
-    )
-
-
-def _add_description(text: str, caption: str) -> str:
-    """The packet with one more ``rdf:Description`` holding ``dc:description``, before its
-    ``</rdf:RDF>`` (several descriptions of the same resource are valid RDF); unchanged when
-    it has no ``rdf:RDF`` under that prefix."""
-    end = text.rfind("</rdf:RDF>")
-    return text if end < 0 else text[:end] + _description_xml(caption) + text[end:]
-
-
 def _iptc_caption(iim: bytes) -> str | None:
     """The IPTC-IIM caption (2:120), as text: UTF-8 where the block says so (1:90) or where
     it decodes as such, else Latin-1, as exiftool reads it."""
@@ -519,87 +364,6 @@ def _iptc_caption(iim: bytes) -> str | None:
 # A tag: ``<`` to ``>``, where a quoted value may hold ``>`` but nothing holds ``<`` (XML
 # forbids it in attribute values). A match never crosses a ``<``, so trying one at every
 # ``<`` costs, all together, one pass over the text.
-_XMP_TAG = re.compile(r"""<[^<>"']*(?:(?:"[^"<]*"|'[^'<]*')[^<>"']*)*>""")
-_XMP_NAME = re.compile(r"</?([^\s/>]+)")
-# An attribute with the one whitespace character before it (so a removed one leaves none).
-_XMP_ATTR = re.compile(r"""(\s)([^\s=/>"']+)(\s*=\s*)("[^"]*"|'[^']*')""")
-_XMP_PLACES = frozenset({
-    "photoshop:City", "photoshop:State", "photoshop:Country", "Iptc4xmpCore:Location",
-    "Iptc4xmpCore:CountryCode",
-})
-
-
-def _xmp_removed(name: str, no_gps: bool) -> bool:
-    """XMP properties that hold a thumbnail, or (``no_gps``) locate the photo."""
-    if name == "xmp:Thumbnails" or name.startswith(("xapGImg:", "xmpGImg:")):
-        return True
-    return no_gps and (
-        (name.startswith("exif:GPS") and len(name) > 8)
-        or name.startswith("Iptc4xmpExt:Location") or name in _XMP_PLACES
-    )
-
-
-def edit_xmp(
-    text: str, values: Mapping[str, str | Callable[[str], str]], no_gps: bool,
-    seen: set[str] | None = None,
-) -> str | None:
-    """``text`` with the properties named in ``values`` set (attributes, or elements holding
-    only text; a callable value maps the old text to the new) and the thumbnail (and,
-    ``no_gps``, location) properties removed, nested content included; ``seen`` collects the
-    names of the elements and attributes met. None when an element to remove is never
-    closed: where it ends cannot be known, so the packet is not kept. One pass over the tags:
-    linear in ``len(text)``."""
-    seen = seen if seen is not None else set()
-    out: list[str] = []
-    last = 0  # text[last:] is not written yet
-    skipping, depth = "", 0  # an element being removed, and how deep in it (same name)
-    setting = ""  # the element whose start tag was the last tag: its text may be set
-
-    def attribute(m: re.Match[str]) -> str:
-        name = m.group(2)
-        seen.add(name)
-        if _xmp_removed(name, no_gps):
-            return ""
-        if name in values:
-            quote = m.group(4)[0]
-            return f"{m.group(1)}{name}{m.group(3)}{quote}{new_value(name, m.group(4)[1:-1])}{quote}"
-        return m.group()
-
-    def new_value(name: str, old: str) -> str:
-        value = values[name]
-        return xml_escape(value(old)) if callable(value) else value
-
-    for m in _XMP_TAG.finditer(text):
-        tag = m.group()
-        found = _XMP_NAME.match(tag)
-        name = found.group(1) if found else ""
-        closing, empty = tag.startswith("</"), tag.endswith("/>")
-        if skipping:
-            if name == skipping and not empty:
-                depth += -1 if closing else 1
-                if not depth:
-                    skipping, last = "", m.end()
-            continue
-        if not closing and _xmp_removed(name, no_gps):
-            out.append(text[last:m.start()])
-            last, setting = m.end(), ""
-            if not empty:
-                skipping, depth = name, 1
-            continue
-        seen.add(name)
-        if setting and closing and name == setting:
-            out.append(new_value(name, text[last:m.start()]))
-        else:
-            out.append(text[last:m.start()])
-        out.append(_XMP_ATTR.sub(attribute, tag) if "=" in tag and not closing else tag)
-        last = m.end()
-        setting = name if name in values and not closing and not empty else ""
-    if skipping:
-        return None
-    out.append(text[last:])
-    return "".join(out)
-
-
 def _drop_iptc_places(iim: bytes) -> bytes | None:
     """IPTC-IIM datasets without those of record 2 that name a place."""
     out, pos = bytearray(), 0
@@ -615,92 +379,3 @@ def _drop_iptc_places(iim: bytes) -> bytes | None:
             out += iim[pos:end]
         pos = end
     return bytes(out) or None
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def pillow_args(meta: ImageMetadata) -> dict[str, Any]:
-    """Save arguments for Pillow's WebP and AVIF encoders."""
-    args: dict[str, Any] = {}
-    if meta.exif:
-        args["exif"] = EXIF_PREFIX + meta.exif
-    if meta.xmp:
-        args["xmp"] = meta.xmp
-    if meta.icc_profile:
-        args["icc_profile"] = meta.icc_profile
-    return args
-
-
-def attach(data: bytes, fmt: str, meta: ImageMetadata) -> bytes:
-    """Insert the metadata into encoded JPEG or PNG bytes (other formats pass unchanged)."""
-    if fmt == "jpeg":
-        return _attach_jpeg(data, meta)
-    if fmt == "png":
-        return _attach_png(data, meta)
-    return data
-
-
-_JPEG_SEGMENT_MAX = 65533  # payload of one marker segment, after its 2-byte length
-_XMP_NS = b"http://ns.adobe.com/xap/1.0/\x00"
-_ICC_NAME = b"ICC_PROFILE\x00"
-
-
-def _segment(marker: int, payload: bytes) -> bytes:
-    return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
-
-
-def _attach_jpeg(data: bytes, meta: ImageMetadata) -> bytes:
-    pos = 2
-    head = bytearray(data[:2])
-    if data[2:4] == b"\xff\xe0" and data[6:11] == b"JFIF\x00":  # keep JFIF first, fix density
-        end = 4 + int.from_bytes(data[4:6], "big")
-        app0 = bytearray(data[2:end])
-        if meta.dpi and len(app0) >= 16:
-            app0[11] = 1  # units: dots per inch
-            app0[12:16] = struct.pack(">HH", *(min(65535, max(1, round(v))) for v in meta.dpi))
-        head += app0
-        pos = end
-    segments = []
-    if meta.exif:
-        if len(EXIF_PREFIX) + len(meta.exif) <= _JPEG_SEGMENT_MAX:
-            segments.append(_segment(0xE1, EXIF_PREFIX + meta.exif))
-        else:
-            LOGGER.warning("EXIF of %d bytes does not fit a JPEG segment; dropped", len(meta.exif))
-    if meta.xmp:
-        if len(_XMP_NS) + len(meta.xmp) <= _JPEG_SEGMENT_MAX:
-            segments.append(_segment(0xE1, _XMP_NS + meta.xmp))
-        else:
-            LOGGER.warning("XMP of %d bytes does not fit a JPEG segment; dropped", len(meta.xmp))
-    if meta.icc_profile:
-        step = _JPEG_SEGMENT_MAX - len(_ICC_NAME) - 2
-        chunks = [meta.icc_profile[i:i + step] for i in range(0, len(meta.icc_profile), step)]
-        if len(chunks) <= 255:
-            for i, chunk in enumerate(chunks, 1):
-                segments.append(_segment(0xE2, _ICC_NAME + bytes([i, len(chunks)]) + chunk))
-    if meta.iptc:
-        resource = b"8BIM" + struct.pack(">H", 0x0404) + b"\x00\x00" + struct.pack(">I", len(meta.iptc))
-        resource += meta.iptc + (b"\x00" if len(meta.iptc) % 2 else b"")
-        payload = b"Photoshop 3.0\x00" + resource
-        if len(payload) <= _JPEG_SEGMENT_MAX:
-            segments.append(_segment(0xED, payload))
-    return bytes(head) + b"".join(segments) + data[pos:]
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _attach_png(data: bytes, meta: ImageMetadata) -> bytes:
-    ihdr_end = 8 + 8 + int.from_bytes(data[8:12], "big") + 4
-    chunks = []
-    if meta.icc_profile:
-        chunks.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(meta.icc_profile)))
-    if meta.dpi:
-        ppm = [max(1, round(v / 0.0254)) for v in meta.dpi]
-        chunks.append(_png_chunk(b"pHYs", struct.pack(">IIB", ppm[0], ppm[1], 1)))
-    if meta.exif:
-        chunks.append(_png_chunk(b"eXIf", meta.exif))
-    if meta.xmp:
-        chunks.append(_png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + meta.xmp))
-    return data[:ihdr_end] + b"".join(chunks) + data[ihdr_end:]

@@ -10,7 +10,7 @@ import warnings
 
 from PIL import Image
 
-from serve_app.codec.metadata import png_for_pillow
+from serve_app.codec.pngtext import png_for_pillow
 from serve_app.codec.types import InputFormat
 from serve_app.errors import InvalidImage, TooManyPixels
 
