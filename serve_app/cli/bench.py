@@ -116,6 +116,70 @@ def _spread(values: list[float]) -> dict[str, float]:
 _FORWARD = ("detect", "restore", "parse", "upsample")
 
 
+def _bench_batch(eng, ref, imgs, opt, repeats: int, device: str, no_upstream: bool) -> dict:
+    """One batch size: ``repeats`` runs of the engine then upstream; medians and spreads."""
+    import torch
+
+    n = len(imgs)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    runs: list[dict[str, float]] = []
+    load = []
+    for _ in range(repeats):
+        load.append(os.getloadavg()[0])
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        c0, t0 = _cpu_s(), time.perf_counter()
+        res = eng.enhance_batch(imgs, [opt] * n)
+        sync()
+        run = {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0,
+               "faces": sum(getattr(r, "faces", 0) for r in res)}
+        timings = next((r.timings for r in res if hasattr(r, "timings")), {})
+        run["forward_s"] = sum(timings.get(k, 0.0) for k in _FORWARD)
+        run["paste_s"] = timings.get("paste", 0.0)
+        if not no_upstream:
+            c0, t0 = _cpu_s(), time.perf_counter()
+            with _quiet():
+                for img in imgs:
+                    ref.enhance(img, opt)
+            sync()
+            run["upstream_seconds"] = time.perf_counter() - t0
+            run["upstream_cpu_s"] = _cpu_s() - c0
+            run["ratio"] = run["upstream_seconds"] / run["seconds"]
+        runs.append(run)
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    faces = int(med["faces"])
+    tb = med["seconds"]
+    row = {"batch": n, "repeats": repeats, "images_per_s": n / tb, "faces_per_s": faces / tb,
+           "seconds": tb, "faces": faces, "peak_mb": _peak_mb(eng.device),
+           "cpu_ms_per_image": 1000 * med["cpu_s"] / n,
+           "forward_s": med["forward_s"], "paste_s": med["paste_s"],
+           "load_avg": _spread(load)}
+    if not no_upstream:
+        tu = med["upstream_seconds"]
+        row.update(upstream_images_per_s=n / tu, upstream_faces_per_s=faces / tu,
+                   upstream_seconds=tu, speedup=tu / tb,
+                   ratio=_spread([r["ratio"] for r in runs]),
+                   upstream_cpu_ms_per_image=1000 * med["upstream_cpu_s"] / n)
+    return row
+
+
+def _print_table(rows: list[dict], header: str) -> None:
+    click.echo(header)
+    click.echo(f"{'batch':>5} {'img/s':>7} {'faces/s':>7} {'up img/s':>8} "
+               f"{'ratio (min..max)':>17} {'CPU ms/img':>10} {'up CPU ms':>9} "
+               f"{'fwd s':>6} {'paste s':>7} {'peak MB':>7} {'load':>5}")
+    nan = float("nan")
+    for r in rows:
+        spread = r.get("ratio", {"median": nan, "min": nan, "max": nan})
+        click.echo(f"{r['batch']:>5} {r['images_per_s']:>7.2f} {r['faces_per_s']:>7.2f} "
+                   f"{r.get('upstream_images_per_s', nan):>8.2f} "
+                   f"{spread['median']:>5.2f} ({spread['min']:.2f}..{spread['max']:.2f}) "
+                   f"{r['cpu_ms_per_image']:>10.0f} {r.get('upstream_cpu_ms_per_image', nan):>9.0f} "
+                   f"{r['forward_s']:>6.2f} {r['paste_s']:>7.3f} {r['peak_mb']:>7.0f} "
+                   f"{r['load_avg']['median']:>5.1f}")
+
+
 @click.command("bench")
 @click.option("--profile", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -161,71 +225,19 @@ def bench(profile, device, batches, images_dir, max_side, upscale, repeats, no_u
             for img in pool:
                 ref.enhance(img, opt)
     info = eng.info()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     for n in [int(b) for b in batches.split(",") if b.strip()]:
         imgs = [pool[i % len(pool)] for i in range(n)]
-        runs: list[dict[str, float]] = []
-        load = []
-        for _ in range(repeats):
-            load.append(os.getloadavg()[0])
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync()
-            c0, t0 = _cpu_s(), time.perf_counter()
-            res = eng.enhance_batch(imgs, [opt] * n)
-            sync()
-            run = {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0,
-                   "faces": sum(getattr(r, "faces", 0) for r in res)}
-            timings = next((r.timings for r in res if hasattr(r, "timings")), {})
-            run["forward_s"] = sum(timings.get(k, 0.0) for k in _FORWARD)
-            run["paste_s"] = timings.get("paste", 0.0)
-            if not no_upstream:
-                c0, t0 = _cpu_s(), time.perf_counter()
-                with _quiet():
-                    for img in imgs:
-                        ref.enhance(img, opt)
-                sync()
-                run["upstream_seconds"] = time.perf_counter() - t0
-                run["upstream_cpu_s"] = _cpu_s() - c0
-                run["ratio"] = run["upstream_seconds"] / run["seconds"]
-            runs.append(run)
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        faces = int(med["faces"])
-        tb = med["seconds"]
-        row = {"batch": n, "repeats": repeats, "images_per_s": n / tb, "faces_per_s": faces / tb,
-               "seconds": tb, "faces": faces, "peak_mb": _peak_mb(eng.device),
-               "cpu_ms_per_image": 1000 * med["cpu_s"] / n,
-               "forward_s": med["forward_s"], "paste_s": med["paste_s"],
-               "load_avg": _spread(load)}
-        if not no_upstream:
-            tu = med["upstream_seconds"]
-            row.update(upstream_images_per_s=n / tu, upstream_faces_per_s=faces / tu,
-                       upstream_seconds=tu, speedup=tu / tb,
-                       ratio=_spread([r["ratio"] for r in runs]),
-                       upstream_cpu_ms_per_image=1000 * med["upstream_cpu_s"] / n)
+        row = _bench_batch(eng, ref, imgs, opt, repeats, device, no_upstream)
         rows.append(row)
         if as_json:
             click.echo(json.dumps({**row, "device": info["device_name"], "profile": profile,
                                    "upscale": int(upscale), "threads": torch.get_num_threads(),
                                    "cv2_threads": cv2.getNumThreads()}))
     if not as_json:
-        click.echo(f"device: {info['device_name']} ({platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} torch threads, {cv2.getNumThreads()} OpenCV "
-                   f"threads), profile: {profile}, x{upscale}, images: {images_dir} "
-                   f"({len(pool)} files, max side {max_side or 'as is'}), repeats: {repeats}")
-        click.echo(f"{'batch':>5} {'img/s':>7} {'faces/s':>7} {'up img/s':>8} "
-                   f"{'ratio (min..max)':>17} {'CPU ms/img':>10} {'up CPU ms':>9} "
-                   f"{'fwd s':>6} {'paste s':>7} {'peak MB':>7} {'load':>5}")
-        nan = float("nan")
-        for r in rows:
-            spread = r.get("ratio", {"median": nan, "min": nan, "max": nan})
-            click.echo(f"{r['batch']:>5} {r['images_per_s']:>7.2f} {r['faces_per_s']:>7.2f} "
-                       f"{r.get('upstream_images_per_s', nan):>8.2f} "
-                       f"{spread['median']:>5.2f} ({spread['min']:.2f}..{spread['max']:.2f}) "
-                       f"{r['cpu_ms_per_image']:>10.0f} {r.get('upstream_cpu_ms_per_image', nan):>9.0f} "
-                       f"{r['forward_s']:>6.2f} {r['paste_s']:>7.3f} {r['peak_mb']:>7.0f} "
-                       f"{r['load_avg']['median']:>5.1f}")
-
+        _print_table(rows, f"device: {info['device_name']} ({platform.processor() or platform.machine()}, "
+                     f"{torch.get_num_threads()} torch threads, {cv2.getNumThreads()} OpenCV "
+                     f"threads), profile: {profile}, x{upscale}, images: {images_dir} "
+                     f"({len(pool)} files, max side {max_side or 'as is'}), repeats: {repeats}")
 
 COMMANDS = [verify_upstream, bench]
