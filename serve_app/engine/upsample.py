@@ -118,31 +118,10 @@ def _finish(planes: list[_Plane], meta: dict, scale: int, pre_pad: int, outscale
     return out
 
 
-def upsample(
-    nets: dict[str, nn.Module], scales: dict[str, int], reqs: list[Request], *,
-    tile_pad: int, pre_pad: int, budget_mb: int, no_mod_pad: set[str] | frozenset[str] = frozenset(),
-) -> list[np.ndarray | ImageTooLargeForDevice]:
-    """``RealESRGANer.enhance(img, outscale)`` for every request, tiles batched across them.
-
-    Inputs go to each network in its parameters' dtype (fp16 or fp32). ``no_mod_pad`` names
-    the networks that pad to their own size requirements (added models).
-    """
-    results: list[np.ndarray | ImageTooLargeForDevice | None] = [None] * len(reqs)
-    planes: list[_Plane] = []
-    metas: dict[int, dict] = {}
-    # (model, tile h, tile w) -> list of (plane, src, dst, sub)
-    groups: dict[tuple[str, int, int], list] = defaultdict(list)
-    for i, r in enumerate(reqs):
-        scale = scales[r.model]
-        ps, metas[i] = _prepare(r, scale, pre_pad, r.model not in no_mod_pad)
-        for p in ps:
-            p.req = i
-            h, w = p.x.shape[1:]
-            p.out = torch.zeros((3, h * scale, w * scale), dtype=torch.float32)
-            planes.append(p)
-            for src, dst, sub in _tiles(h, w, r.tile, tile_pad, scale):
-                th, tw = src[0].stop - src[0].start, src[1].stop - src[1].start
-                groups[(r.model, th, tw)].append((p, src, dst, sub))
+def _run_tiles(nets: dict[str, nn.Module], scales: dict[str, int], groups: dict, budget_mb: int) -> set[int]:
+    """Forward every tile group (one model and tile size), chunked within ``budget_mb``, each
+    tile written into its plane's output; the requests one of whose tiles did not fit the
+    device alone, whose remaining tiles are skipped."""
     failed: set[int] = set()
     for (model, th, tw), tiles in groups.items():
         net = nets[model]
@@ -169,6 +148,35 @@ def upsample(
                 bad = pending[done + exc.index][0].req
                 failed.add(bad)
                 pending = [t for t in pending[done:] if t[0].req != bad]
+    return failed
+
+
+def upsample(
+    nets: dict[str, nn.Module], scales: dict[str, int], reqs: list[Request], *,
+    tile_pad: int, pre_pad: int, budget_mb: int, no_mod_pad: set[str] | frozenset[str] = frozenset(),
+) -> list[np.ndarray | ImageTooLargeForDevice]:
+    """``RealESRGANer.enhance(img, outscale)`` for every request, tiles batched across them.
+
+    Inputs go to each network in its parameters' dtype (fp16 or fp32). ``no_mod_pad`` names
+    the networks that pad to their own size requirements (added models).
+    """
+    results: list[np.ndarray | ImageTooLargeForDevice | None] = [None] * len(reqs)
+    planes: list[_Plane] = []
+    metas: dict[int, dict] = {}
+    # (model, tile h, tile w) -> list of (plane, src, dst, sub)
+    groups: dict[tuple[str, int, int], list] = defaultdict(list)
+    for i, r in enumerate(reqs):
+        scale = scales[r.model]
+        ps, metas[i] = _prepare(r, scale, pre_pad, r.model not in no_mod_pad)
+        for p in ps:
+            p.req = i
+            h, w = p.x.shape[1:]
+            p.out = torch.zeros((3, h * scale, w * scale), dtype=torch.float32)
+            planes.append(p)
+            for src, dst, sub in _tiles(h, w, r.tile, tile_pad, scale):
+                th, tw = src[0].stop - src[0].start, src[1].stop - src[1].start
+                groups[(r.model, th, tw)].append((p, src, dst, sub))
+    failed = _run_tiles(nets, scales, groups, budget_mb)
     for i, r in enumerate(reqs):
         if i in failed:
             continue
