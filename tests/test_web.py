@@ -697,6 +697,9 @@ def test_stream_cut_by_the_network_reconnects(browser, serve_url, http, images):
         page.goto(f"/jobs/{job_id}")
         wait_state(page, "paused")
         images_loaded(page)
+        # The page's start-up reads (presets, then the job list) are done before the cut.
+        expect(page.locator('#preset option[value="portrait"]')).to_have_count(1)
+        expect(page.locator(f'#job-list a[data-job="{job_id}"]')).to_be_visible()
         # What the cut itself breaks (the stream, the reconnects it refuses, a job-list refresh
         # that falls in it), and nothing else: a connection reset or closed, on /v1/jobs (which
         # of these Chromium names depends on where in its read the cut falls).
