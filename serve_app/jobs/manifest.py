@@ -22,7 +22,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -41,15 +40,15 @@ class ItemError(BaseModel):
     stage: str | None = None
 
 
-class ManifestRecord(BaseModel):
-    """One finished item. ``name`` is the output's name inside the job's output storage."""
+class ItemOutcome(BaseModel):
+    """A finished item as ``item.py`` hands it on once it is written: a ``ManifestRecord``
+    but ``index``, ``status`` and ``finished_at``, which ``record`` adds. ``job.ITEM_FIELDS``
+    (an item page's fields) is derived from these."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    index: int = Field(ge=0)
     source: str = Field(description="The input as the client named it (URI or upload filename).")
     name: str | None = None
-    status: Literal["succeeded", "failed"]
     error: ItemError | None = None
     attempts: int = 1
     timings: dict[str, float] = Field(default_factory=dict)
@@ -62,35 +61,6 @@ class ManifestRecord(BaseModel):
     faces: int | None = None
     # The restored faces in the output: [x, y, width, height] in its pixels.
     face_boxes: list[tuple[int, int, int, int]] | None = None
-    finished_at: float = 0.0
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == "succeeded"
-
-    def line(self) -> bytes:
-        return self.model_dump_json().encode() + b"\n"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ItemOutcome:
-    """A finished item: the fields of its ``ManifestRecord`` but ``index``, ``status`` and
-    ``finished_at``, which ``record`` adds: what ``item.py`` hands on once an item is written.
-    ``job.ITEM_FIELDS`` (an item page's fields) is derived from these."""
-
-    source: str
-    attempts: int
-    timings: dict[str, float]
-    error: ItemError | None = None
-    name: str | None = None
-    bytes: int | None = None
-    sha256: str | None = None
-    crc32: int | None = None
-    width: int | None = None
-    height: int | None = None
-    format: str | None = None
-    faces: int | None = None
-    face_boxes: list[tuple[int, int, int, int]] | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -101,11 +71,29 @@ class ItemOutcome:
             index=index,
             status="succeeded" if self.succeeded else "failed",
             finished_at=round(time.time(), 3),
-            **{f.name: getattr(self, f.name) for f in fields(self)},
+            **dict(self),
         )
 
 
-OUTCOME_FIELDS = frozenset(f.name for f in fields(ItemOutcome))
+class ManifestRecord(ItemOutcome):
+    """One finished item. ``name`` is the output's name inside the job's output storage."""
+
+    index: int = Field(ge=0)
+    status: Literal["succeeded", "failed"]
+    finished_at: float = 0.0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+    def line(self) -> bytes:
+        # Index and status first, as the manifest always began: people read these files.
+        head = self.model_dump_json(include={"index", "status"})[:-1]
+        rest = self.model_dump_json(exclude={"index", "status"})[1:]
+        return f"{head},{rest}".encode() + b"\n"
+
+
+OUTCOME_FIELDS = frozenset(ItemOutcome.model_fields)
 
 
 class ManifestWriter:
