@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -23,12 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import job_ended, wait_job
 
 from serve_app.auth import append_key
 from serve_app.config import AppConfig
 
 FAST = {"face": False, "bg_model": "none", "upscale": 1}
-ENDED = {"completed", "partial", "failed", "cancelled"}
 JSON = {"content-type": "application/json"}
 
 
@@ -38,15 +37,6 @@ def png(images: Any) -> bytes:
 
 def error_of(r: httpx.Response) -> tuple[int, str]:
     return r.status_code, r.json()["error"]["code"]
-
-
-def wait_ended(client: httpx.Client, job_id: str, timeout: float = 180.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] in ENDED or time.monotonic() > deadline:
-            return job
-        time.sleep(0.5)
 
 
 # ----------------------------------------------------------------- JSON job bodies
@@ -120,7 +110,7 @@ def test_json_job_bodies_are_bounded_before_they_are_parsed(
     # A normal JSON job beside it is taken.
     good = http.post("/v1/jobs", json={"input_prefix": str(prefix_folder), "options": FAST})
     assert good.status_code == 202, good.text
-    assert wait_ended(http, good.json()["job_id"])["state"] == "completed"
+    assert wait_job(http, good.json()["job_id"], job_ended)["state"] == "completed"
 
 
 def test_json_job_at_exactly_max_json_inputs_is_counted_not_refused(http, app_config):
@@ -140,7 +130,7 @@ def done_upload(http, images) -> str:
     r = http.post("/v1/jobs", files=files, data={"options": json.dumps(FAST)})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    assert wait_ended(http, job_id)["state"] == "completed"
+    assert wait_job(http, job_id, job_ended)["state"] == "completed"
     return job_id
 
 
