@@ -50,21 +50,25 @@ def test_nodes_follow_pending_replicas(tmp_path: Path) -> None:
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
-def test_a_node_dies_mid_job_and_mid_traffic(tmp_path: Path) -> None:
-    """SIGKILL the fake node that holds the model replica (its raylet, workers and agents)
-    while a job of 80 items runs and two clients send requests (cluster/fake_cluster.py
-    --node-death): no request fails for good, hangs or answers 500, the job records every
-    item exactly once, and Serve and the autoscaler put a replica and a node back."""
+def _scenario(flag: str, out: Path) -> dict:
+    """Run a fake_cluster.py failure scenario (80 items, 2 clients) and read its report."""
     from conftest import free_port
 
-    out = tmp_path / "node-death"
-    cmd = [sys.executable, str(ROOT / "cluster" / "fake_cluster.py"), "--node-death",
+    cmd = [sys.executable, str(ROOT / "cluster" / "fake_cluster.py"), flag,
            "--items", "80", "--clients", "2", "--idle-timeout-min", "5", "--out", str(out),
            "--port", str(free_port())]
     done = subprocess.run(cmd, cwd=ROOT, timeout=1200, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     print(done.stdout)  # the figures docs/SCALING.md quotes
-    report = json.loads(out.with_suffix(".json").read_text())
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def test_a_node_dies_mid_job_and_mid_traffic(tmp_path: Path) -> None:
+    """SIGKILL the fake node that holds the model replica (its raylet, workers and agents)
+    while a job of 80 items runs and two clients send requests (cluster/fake_cluster.py
+    --node-death): no request fails for good, hangs or answers 500, the job records every
+    item exactly once, and Serve and the autoscaler put a replica and a node back."""
+    report = _scenario("--node-death", tmp_path / "node-death")
 
     assert "timed_out" not in report, report["events_s"]
     assert report["kill"]["names"].count("raylet") == 1
@@ -97,16 +101,7 @@ def test_the_whole_head_restarts_with_gcs_fault_tolerance(tmp_path: Path) -> Non
     Serve controller, job actor, autoscaler) SIGKILLed mid-job and mid-traffic and started
     again as a new head pod would (cluster/fake_cluster.py --head-restart): the model
     replica on the worker node lives through it, serving resumes, the job loses nothing."""
-    from conftest import free_port
-
-    out = tmp_path / "head-restart"
-    cmd = [sys.executable, str(ROOT / "cluster" / "fake_cluster.py"), "--head-restart",
-           "--items", "80", "--clients", "2", "--idle-timeout-min", "5", "--out", str(out),
-           "--port", str(free_port())]
-    done = subprocess.run(cmd, cwd=ROOT, timeout=1200, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-    print(done.stdout)  # the figures docs/SCALING.md quotes
-    report = json.loads(out.with_suffix(".json").read_text())
+    report = _scenario("--head-restart", tmp_path / "head-restart")
 
     assert "timed_out" not in report
     assert {"gcs_server", "raylet", "ray::ServeController", "ray::ProxyActor"} <= set(report["killed"])
