@@ -86,6 +86,13 @@ class EngineConfig(_Section):
     det_threshold: float = Field(0.97, gt=0, lt=1)
     use_parse: bool = Field(True, description="Blend pasted faces with parsing masks.")
     torch_threads: int = Field(0, ge=0, description="0: torch's default.")
+    cpu_lanes: int | None = Field(
+        None, ge=1, le=256, description="On the CPU, a batch's crops, tiles and images go "
+        "through this many forwards side by side, each with one torch thread (on 2 cores "
+        "1.25x to 2.2x the items per second of one at a time with torch's threads; "
+        "docs/BENCHMARKS.md); one item alone still gets every torch thread. None: one lane "
+        "per torch thread; 1: off.",
+    )
     warmup: bool = True
 
 

@@ -90,6 +90,93 @@ def test_an_item_that_does_not_fit_alone_is_named_after_the_ones_before_it():
     assert torch.cat([y for _, y in done]).flatten().tolist() == [2.0, 4.0]
 
 
+@pytest.fixture(scope="module")
+def lanes():
+    from serve_app.engine.chunks import Lanes
+
+    before = torch.get_num_threads()
+    lanes = Lanes(3)
+    yield lanes
+    lanes.close()
+    assert torch.get_num_threads() == before
+
+
+def test_lanes_run_one_torch_thread_each_and_leave_everyone_elses(lanes):
+    """torch keeps a thread count per thread, and new threads copy the last one set: the
+    lanes must hold 1 without handing it to threads started later (the replica's)."""
+    import threading
+
+    before = torch.get_num_threads()
+    assert lanes.map(lambda _: torch.get_num_threads(), range(6)) == [1] * 6
+    assert torch.get_num_threads() == before
+    seen: list[int] = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [before]
+    assert lanes.map(lambda _: torch.is_inference_mode_enabled(), range(3)) == [True] * 3
+
+
+def test_lanes_give_every_chunk_back_once_in_order(lanes):
+    import threading
+
+    names: set[str] = set()
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        names.add(threading.current_thread().name)
+        return x * 2
+
+    items = [torch.full((2,), float(i)) for i in range(11)]
+    got = list(forward_chunks(fn, items, chunk=2, lanes=lanes))
+    assert [s for s, _ in got] == [0, 2, 4, 6, 8, 10]
+    torch.testing.assert_close(torch.cat([y for _, y in got]), torch.stack(items) * 2)
+    assert names and all(n.startswith("engine-lane") for n in names)
+    # One chunk only: in the caller's thread, with all its torch threads.
+    names.clear()
+    assert len(list(forward_chunks(fn, items[:2], chunk=2, lanes=lanes))) == 1
+    assert names == {threading.current_thread().name}
+
+
+def test_lanes_out_of_memory_goes_on_one_chunk_at_a_time(lanes):
+    fn, calls = _device(max_items=1, max_value=100)
+    items = [torch.tensor([float(i)]) for i in range(7)]
+    got = list(forward_chunks(fn, items, chunk=2, lanes=lanes))
+    assert [s for s, _ in got] == list(range(7))
+    assert torch.cat([y for _, y in got]).flatten().tolist() == [2.0 * i for i in range(7)]
+    assert 2 in calls and calls[-1] == 1
+
+    items[5] = torch.tensor([500.0])  # does not fit alone: named by its place in the whole
+    done: list[int] = []
+    with pytest.raises(ItemTooLarge) as err:
+        for start, _ in forward_chunks(fn, items, chunk=2, lanes=lanes):
+            done.append(start)
+    assert err.value.index == 5 and done == [0, 1, 2, 3, 4]
+
+
+def test_lanes_pass_other_errors_on(lanes):
+    def fn(x):
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError):
+        list(forward_chunks(fn, [torch.zeros(1)] * 5, chunk=1, lanes=lanes))
+
+
+def test_the_cpu_engine_has_lanes_unless_told_one(tiny_weights):
+    from serve_app.config import AppConfig
+    from serve_app.engine.engine import Engine
+
+    def engine(lanes):
+        return Engine.from_config(AppConfig.model_validate({
+            "weights": {"dir": str(tiny_weights.dir)},
+            "engine": {"device": "cpu", "cpu_lanes": lanes, "warmup": False},
+        }))
+
+    assert engine(1).lanes is None
+    assert engine(3).lanes.n == 3
+    default = engine(None).lanes
+    assert (default.n if default else 1) == torch.get_num_threads()
+
+
 def test_item_too_large_fails_its_image_only():
     """A stage whose chunked forward cannot fit one image's item: that image gets
     ImageTooLargeForDevice (413), the others of the batch go through."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import serve_app.engine.compat  # noqa: F401
-from serve_app.engine.chunks import chunk_size, detect_bytes, forward_chunks
+from serve_app.engine.chunks import Lanes, by_group, chunk_size, detect_bytes, forward_chunks
 
 FACE_TEMPLATE = np.array(
     [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
@@ -57,7 +57,8 @@ def _decode(net: nn.Module, loc, conf, landms, h: int, w: int, threshold: float)
 
 
 def detect(
-    net: nn.Module, images: Sequence[np.ndarray], threshold: float, budget_mb: int
+    net: nn.Module, images: Sequence[np.ndarray], threshold: float, budget_mb: int,
+    lanes: Lanes | None = None,
 ) -> list[np.ndarray]:
     """Per image, an (n, 15) array: box (4), score, 5 landmarks (x, y), as facexlib's."""
     device = next(net.parameters()).device
@@ -66,16 +67,19 @@ def detect(
         by_shape[img.shape[:2]].append(i)
     out: list[np.ndarray] = [np.zeros((0, 15), np.float32)] * len(images)
     mean = torch.tensor(_MEAN, device=device).view(1, 3, 1, 1)
-    for (h, w), idx in by_shape.items():
+
+    def fwd(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return net(x.to(device).float() - mean)
+
+    def shape(group: tuple[tuple[int, int], list[int]], lanes: Lanes | None) -> None:
+        (h, w), idx = group
         tensors = [torch.from_numpy(images[i]).permute(2, 0, 1) for i in idx]
-
-        def fwd(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return net(x.to(device).float() - mean)
-
         chunk = chunk_size(budget_mb, detect_bytes(h, w, 4))
-        for start, (loc, conf, landms) in forward_chunks(fwd, tensors, chunk):
+        for start, (loc, conf, landms) in forward_chunks(fwd, tensors, chunk, lanes):
             for k in range(loc.shape[0]):
                 out[idx[start + k]] = _decode(net, loc[k], conf[k], landms[k], h, w, threshold)
+
+    by_group(shape, list(by_shape.items()), lanes)
     return out
 
 

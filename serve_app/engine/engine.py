@@ -21,6 +21,7 @@ import serve_app.engine.compat  # noqa: F401
 from serve_app.config import AppConfig, EngineConfig
 from serve_app.engine import models, stages
 from serve_app.engine.catalog import AddedModel, Catalog
+from serve_app.engine.chunks import Lanes
 from serve_app.engine.types import EnhanceResult
 from serve_app.engine.weights import REGISTRY, LoadedWeightsInfo, spec
 from serve_app.engine.weights_folder import resolve
@@ -56,6 +57,8 @@ class Engine:
         self.dtype = torch.float16 if (cfg.half and self.device.type == "cuda") else torch.float32
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
+        lanes = cfg.cpu_lanes or torch.get_num_threads()
+        self.lanes = Lanes(lanes) if self.device.type == "cpu" and lanes > 1 else None
         self._nets: dict[str, nn.Module] = {}
         self._lock = threading.Lock()
         # Set when a stage met a CUDA fault (the device is unusable until the process

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serve_app.engine.added import Served
-from serve_app.engine.chunks import chunk_size, forward_chunks, gfpgan_bytes, parse_bytes
+from serve_app.engine.chunks import Lanes, chunk_size, forward_chunks, gfpgan_bytes, parse_bytes
 
 # facexlib's parsing classes kept in the paste mask (255) or dropped (0)
 _MASK_COLORMAP = torch.tensor(
@@ -31,7 +31,8 @@ def _to_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.sub_(0.5).div_(0.5).to(dtype).contiguous()
 
 
-def restore(net: nn.Module, crops: Sequence[np.ndarray], budget_mb: int) -> list[np.ndarray]:
+def restore(net: nn.Module, crops: Sequence[np.ndarray], budget_mb: int,
+            lanes: Lanes | None = None) -> list[np.ndarray]:
     """Restored uint8 BGR faces, one per crop (GFPGANer.enhance's per-face loop, batched).
 
     GFPGAN networks take [-1, 1] as upstream feeds them; an added face model other than
@@ -59,7 +60,7 @@ def restore(net: nn.Module, crops: Sequence[np.ndarray], budget_mb: int) -> list
             y = y.float().clamp_(-1, 1).add_(1).div_(2).mul_(255.0).round_()
         return y.flip(1).permute(0, 2, 3, 1).to(torch.uint8).cpu()
 
-    for _, y in forward_chunks(fwd, items, chunk):
+    for _, y in forward_chunks(fwd, items, chunk, lanes):
         out.extend(y.numpy())
     return out
 
@@ -81,7 +82,7 @@ def _blur(m: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def paste_masks(net: nn.Module, faces: Sequence[np.ndarray], budget_mb: int,
-                pool: Executor | None = None) -> list[np.ndarray]:
+                pool: Executor | None = None, lanes: Lanes | None = None) -> list[np.ndarray]:
     """facexlib's soft paste mask (512x512 float64 in [0, 1]) of each restored face."""
     if not faces:
         return []
@@ -102,7 +103,7 @@ def paste_masks(net: nn.Module, faces: Sequence[np.ndarray], budget_mb: int,
             m = _blur(_blur(m, kernel), kernel)
         return m.to(torch.float64).cpu()
 
-    for _, m in forward_chunks(fwd, items, chunk):
+    for _, m in forward_chunks(fwd, items, chunk, lanes):
         out.extend(m.numpy())
     if not on_gpu:
         out = list(pool.map(_blur_cv2, out)) if pool is not None else [_blur_cv2(m) for m in out]

@@ -28,6 +28,7 @@ from torch import nn
 from serve_app.config import EngineConfig
 from serve_app.engine import detect, paste, paste_device, restore, upsample
 from serve_app.engine.catalog import AddedModel
+from serve_app.engine.chunks import Lanes
 from serve_app.engine.pixels import check_image, to_8bit
 from serve_app.engine.types import EnhanceResult
 from serve_app.errors import PhotoEnhanceError, engine_error
@@ -52,6 +53,9 @@ class Host(Protocol):
 
     @property
     def budget_mb(self) -> int: ...
+
+    @property
+    def lanes(self) -> Lanes | None: ...
 
     @property
     def paste_on_device(self) -> bool: ...
@@ -120,7 +124,7 @@ def _detect(engine: Host, items: list[BatchItem]) -> None:
         return
     bgrs = [np.ascontiguousarray(j.work[:, :, :3]) for j in todo]
     dets = detect.detect(engine.net(DETECTOR), bgrs, engine.cfg.det_threshold,
-                         engine.budget_mb)
+                         engine.budget_mb, engine.lanes)
     found = [detect.select(d, b.shape[0], b.shape[1], j.opt.only_center_face)
              for d, b, j in zip(dets, bgrs, todo, strict=True)]
     work = [(j, b, f) for j, b, fs in zip(todo, bgrs, found, strict=True) for f in fs]
@@ -138,7 +142,7 @@ def _restore(engine: Host, items: list[BatchItem]) -> None:
             by_model[j.opt.face_model].append(j)
     for model, group in by_model.items():
         crops = [c for j in group for c in j.crops]
-        faces = restore.restore(engine.net(model), crops, engine.budget_mb)
+        faces = restore.restore(engine.net(model), crops, engine.budget_mb, engine.lanes)
         k = 0
         for j in group:
             j.restored, k = faces[k : k + len(j.crops)], k + len(j.crops)
@@ -149,7 +153,8 @@ def _parse(engine: Host, items: list[BatchItem]) -> None:
     if not group or not engine.cfg.use_parse:
         return
     faces = [f for j in group for f in j.restored]
-    masks = restore.paste_masks(engine.net(PARSER), faces, engine.budget_mb, _pool())
+    masks = restore.paste_masks(engine.net(PARSER), faces, engine.budget_mb, _pool(),
+                                engine.lanes)
     k = 0
     for j in group:
         j.masks, k = masks[k : k + len(j.restored)], k + len(j.restored)
@@ -188,7 +193,8 @@ def _upsample(engine: Host, items: list[BatchItem]) -> None:
     unpadded = {n for n in names if engine.added_model(n) is not None}
     cfg = engine.cfg
     outs = upsample.upsample(nets, scales, reqs, tile_pad=cfg.tile_pad, pre_pad=cfg.pre_pad,
-                             budget_mb=engine.budget_mb, no_mod_pad=unpadded)
+                             budget_mb=engine.budget_mb, no_mod_pad=unpadded,
+                             lanes=engine.lanes)
     for j, out in zip(owners, outs, strict=True):
         if isinstance(out, PhotoEnhanceError):
             j.error = out

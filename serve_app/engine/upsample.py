@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve_app.engine.chunks import ItemTooLarge, chunk_size, forward_chunks, sr_bytes
+from serve_app.engine.chunks import (
+    ItemTooLarge,
+    Lanes,
+    by_group,
+    chunk_size,
+    forward_chunks,
+    sr_bytes,
+)
 from serve_app.errors import ImageTooLargeForDevice
 
 MIN_TILE = 32
@@ -118,12 +125,15 @@ def _finish(planes: list[_Plane], meta: dict, scale: int, pre_pad: int, outscale
     return out
 
 
-def _run_tiles(nets: dict[str, nn.Module], scales: dict[str, int], groups: dict, budget_mb: int) -> set[int]:
+def _run_tiles(nets: dict[str, nn.Module], scales: dict[str, int], groups: dict, budget_mb: int,
+               lanes: Lanes | None = None) -> set[int]:
     """Forward every tile group (one model and tile size), chunked within ``budget_mb``, each
     tile written into its plane's output; the requests one of whose tiles did not fit the
     device alone, whose remaining tiles are skipped."""
     failed: set[int] = set()
-    for (model, th, tw), tiles in groups.items():
+
+    def group(key_tiles: tuple[tuple[str, int, int], list], lanes: Lanes | None) -> None:
+        (model, th, tw), tiles = key_tiles
         net = nets[model]
         param = next(net.parameters())
         device, dtype = param.device, param.dtype
@@ -138,7 +148,7 @@ def _run_tiles(nets: dict[str, nn.Module], scales: dict[str, int], groups: dict,
 
             done = 0
             try:
-                for start, y in forward_chunks(fwd, items, chunk):
+                for start, y in forward_chunks(fwd, items, chunk, lanes):
                     for k in range(y.shape[0]):
                         p, _, dst, sub = pending[start + k]
                         p.out[:, dst[0], dst[1]] = y[k][:, sub[0], sub[1]]
@@ -148,12 +158,17 @@ def _run_tiles(nets: dict[str, nn.Module], scales: dict[str, int], groups: dict,
                 bad = pending[done + exc.index][0].req
                 failed.add(bad)
                 pending = [t for t in pending[done:] if t[0].req != bad]
+
+    # Groups side by side write different tiles' pixels; one request's tiles may sit in
+    # several groups, each marking it failed on its own.
+    by_group(group, list(groups.items()), lanes)
     return failed
 
 
 def upsample(
     nets: dict[str, nn.Module], scales: dict[str, int], reqs: list[Request], *,
     tile_pad: int, pre_pad: int, budget_mb: int, no_mod_pad: set[str] | frozenset[str] = frozenset(),
+    lanes: Lanes | None = None,
 ) -> list[np.ndarray | ImageTooLargeForDevice]:
     """``RealESRGANer.enhance(img, outscale)`` for every request, tiles batched across them.
 
@@ -176,7 +191,7 @@ def upsample(
             for src, dst, sub in _tiles(h, w, r.tile, tile_pad, scale):
                 th, tw = src[0].stop - src[0].start, src[1].stop - src[1].start
                 groups[(r.model, th, tw)].append((p, src, dst, sub))
-    failed = _run_tiles(nets, scales, groups, budget_mb)
+    failed = _run_tiles(nets, scales, groups, budget_mb, lanes)
     for i, r in enumerate(reqs):
         if i in failed:
             continue
@@ -193,5 +208,5 @@ def upsample(
             continue
         smaller = Request(r.img, r.model, r.outscale, r.tile // 2)
         results[i] = upsample(nets, scales, [smaller], tile_pad=tile_pad, pre_pad=pre_pad,
-                              budget_mb=budget_mb, no_mod_pad=no_mod_pad)[0]
+                              budget_mb=budget_mb, no_mod_pad=no_mod_pad, lanes=lanes)[0]
     return results  # type: ignore[return-value]
