@@ -197,8 +197,9 @@ def test_item_too_large_fails_its_image_only():
 
 
 def test_gpu_switches_stay_off_on_the_cpu(tiny_weights):
-    """half / channels_last / compile are CUDA-only: on the CPU they must leave fp32 eager
-    networks (the path equal to upstream)."""
+    """half and compile are CUDA-only: on the CPU they must leave fp32 eager networks (the
+    path equal to upstream). channels_last holds on the CPU too, for the plain conv stacks
+    (the upsampler, the parser) and never GFPGAN, which .view()s its features."""
     from serve_app.config import AppConfig
     from serve_app.engine.engine import Engine
 
@@ -212,8 +213,16 @@ def test_gpu_switches_stay_off_on_the_cpu(tiny_weights):
     assert isinstance(net, torch.nn.Module) and not hasattr(net, "_orig_mod")
     p = next(net.parameters())
     assert p.dtype == torch.float32
-    w = net.conv_first.weight
-    assert w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
+    assert net.conv_first.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not net.conv_first.weight.is_contiguous()
+    parser = next(m for m in eng.net("parsing_parsenet").modules()
+                  if isinstance(m, torch.nn.Conv2d))
+    assert parser.weight.is_contiguous(memory_format=torch.channels_last)
+    face = eng.net("GFPGANv1.4").conv_body_first.weight
+    assert face.dtype == torch.float32 and face.is_contiguous()
+    plain = Engine.from_config(cfg.model_copy(update={"engine": cfg.engine.model_copy(
+        update={"channels_last": False})}))
+    assert plain.net("RealESRGAN_x2plus").conv_first.weight.is_contiguous()
 
 
 def test_fp16_and_channels_last_forward_on_the_cpu(engine):

@@ -209,7 +209,7 @@ def bench(profile, device, batches, images_dir, max_side, upscale, repeats, no_u
     from serve_app.options import EnhanceOptions
 
     eng = _engine(profile, device, weights_dir)
-    ref = Reference.sharing(eng)
+    ref = Reference.alongside(eng)  # upstream as it runs: its own networks, its own layout
     paths = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in _EXTS)
     pool = [_read(p, max_side) for p in paths]
     if not pool:

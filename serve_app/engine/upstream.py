@@ -65,8 +65,9 @@ class Reference:
     """Upstream's one-image-at-a-time pipeline with this engine's option semantics."""
 
     def __init__(self, info: LoadedWeightsInfo, *, device: str | torch.device = "cpu",
-                 tile: int = 512, tile_pad: int = 10, pre_pad: int = 0) -> None:
-        self.info, self.device = info, torch.device(device)
+                 tile: int = 512, tile_pad: int = 10, pre_pad: int = 0,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.info, self.device, self.dtype = info, torch.device(device), dtype
         self.tile, self.tile_pad, self.pre_pad = tile, tile_pad, pre_pad
         self._nets: dict[str, nn.Module] = {}
         self._lock = threading.Lock()
@@ -82,10 +83,20 @@ class Reference:
         ref.net = engine.net  # type: ignore[method-assign]
         return ref
 
+    @classmethod
+    def alongside(cls, engine) -> Reference:
+        """A reference with its own networks, laid out as upstream lays them out (the
+        engine's may be channels-last or compiled), in the engine's dtype for the face and
+        background models: what ``photoenhance bench`` times the engine against."""
+        cfg = engine.cfg
+        return cls(engine.weights, device=engine.device, tile=cfg.tile, tile_pad=cfg.tile_pad,
+                   pre_pad=cfg.pre_pad, dtype=engine.dtype)
+
     def net(self, name: str) -> nn.Module:
         with self._lock:
             if name not in self._nets:
-                self._nets[name] = models.build(name, self.info, self.device)
+                dtype = self.dtype if spec(name).kind in ("face", "bg") else torch.float32
+                self._nets[name] = models.build(name, self.info, self.device, dtype)
             return self._nets[name]
 
     def bg(self, name: str, tile: int = 0):
