@@ -191,12 +191,13 @@ def idle_rates(seconds: float = 5.0) -> dict[str, float]:
 
 
 async def http_window(
-    url: str, case: Case, concurrency: int, seconds: float, idle: dict[str, float] | None = None
+    url: str, case: Case, concurrency: int, seconds: float, idle: dict[str, float] | None = None,
+    extra_headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     import aiohttp
 
     query = f"upscale={case.upscale}&face=false&bg_model=none"
-    headers = {"Content-Type": f"image/{case.fmt}"}
+    headers = {"Content-Type": f"image/{case.fmt}", **(extra_headers or {})}
     done = errors = 0
     out_bytes = 0
     latencies: list[float] = []

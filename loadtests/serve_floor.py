@@ -12,10 +12,16 @@ so both see the same machine. The report is the ratio of CPU per request, ours /
   (issue 18's target: <= 1.15).
 - ``512-jpeg-x2``: ours also decodes, resizes and encodes; its serving overhead is ours minus
   the same image work in process (``plumbing_bench.inproc``), against the floor moving the
-  512 px bytes (target: <= 1.15).
+  same bytes: the 512 px JPEG in, and as many bytes back as ours answers (a 1024 px JPEG,
+  5x the input; before 2026-12-05 the floor echoed the input) (target: <= 1.15).
 
     .venv/bin/python loadtests/serve_floor.py --config configs/local.yaml --repeats 5 \
-        [--serve-env RAY_SERVE_ENABLE_HA_PROXY=1] --out docs/serve-floor.json
+        [--serve-env RAY_SERVE_ENABLE_HA_PROXY=1] [--steps] --out docs/serve-floor.json
+
+``--steps`` adds apps between the floor and ours (``STEPS``), so that a gap can be placed:
+each is the floor plus one thing ours does. Besides the ratio of all processes' CPU, each row
+has the ratio of the request path's own processes (``path_ms``), which Ray's periodic work
+(the controller, the GCS) does not blur.
 
 Not a test: run it alone on a quiet machine; it prints the table and writes JSON.
 """
@@ -38,58 +44,130 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import plumbing_bench as pb  # noqa: E402
 
-FLOOR_APP, FLOOR_PREFIX = "floor", "/floor"
+FLOOR = "floor"
+# Steps from the floor towards ours, each one thing of ours more (``--steps``):
+# "objects": the ingress calls the model's ``enhance`` method with our argument types
+# (bytes, ``EnhanceOptions``) and answers from our result type (``EnhancedImage``, its
+# headers); "batch": that, plus the model's shape of work: a thread hop before and after,
+# and ``@serve.batch`` (4 at most, 10 ms) between.
+STEPS = ("objects", "batch")
+OUT_BYTES = "x-floor-out-bytes"  # how many bytes the floor answers with (0: the body)
 
 
-def deploy_floor() -> None:
-    """Serve's minimal ingress + model pair, as its docs write it."""
+def deploy_floor(step: str = FLOOR) -> str:
+    """Serve's minimal ingress + model pair, as its docs write it (``step`` = "floor"), or
+    one of ``STEPS``; returns its route prefix. Zero CPUs each: they fit beside ours."""
+    import asyncio
+
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import Response
 
-    @serve.deployment(max_ongoing_requests=64)
-    class FloorModel:
-        async def __call__(self, data: bytes) -> bytes:
-            return data
+    from serve_app.api.schemas import EnhancedImage
+    from serve_app.options import EnhanceOptions
 
-    @serve.deployment(max_ongoing_requests=64)
+    zero = {"num_cpus": 0}
+
+    @serve.deployment(name="FloorModel", max_ongoing_requests=64, ray_actor_options=zero)
+    class FloorModel:
+        def __init__(self) -> None:
+            self.answers: dict[int, bytes] = {}
+
+        def answer(self, data: bytes, out_bytes: int) -> bytes:
+            if not out_bytes:
+                return data
+            # As many bytes back as ours answers (a 512 px x2 JPEG is 5x its input).
+            if out_bytes not in self.answers:
+                self.answers[out_bytes] = os.urandom(out_bytes)
+            return self.answers[out_bytes]
+
+        async def __call__(self, data: bytes, out_bytes: int = 0) -> bytes:
+            return self.answer(data, out_bytes)
+
+        async def enhance(self, data: bytes, options: EnhanceOptions,
+                          out_bytes: int = 0) -> EnhancedImage:
+            if step == "batch":
+                data = await asyncio.to_thread(bytes, data)
+                data = await self.batched(data)
+                data = await asyncio.to_thread(bytes, data)
+            data = self.answer(data, out_bytes)
+            return EnhancedImage(data=data, media_type="image/png", format="png", width=16,
+                                 height=16, faces=0, face_boxes=(), synthetic=False,
+                                 timings={"decode": 0.0, "engine": 0.0, "encode": 0.0})
+
+        @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+        async def batched(self, items: list[bytes]) -> list[bytes]:
+            return items
+
+    @serve.deployment(name="FloorIngress", max_ongoing_requests=64, ray_actor_options=zero)
     class FloorIngress:
         def __init__(self, model: Any) -> None:
             self.model = model
 
         async def __call__(self, request: Request) -> Response:
             body = await request.body()
-            out = await self.model.remote(body)
-            return Response(out, media_type=request.headers.get("content-type", "image/png"))
+            out_bytes = int(request.headers.get(OUT_BYTES, "0"))
+            if step == FLOOR:
+                out = await self.model.remote(body, out_bytes)
+                return Response(out, media_type=request.headers.get("content-type", "image/png"))
+            opts = EnhanceOptions(upscale=1, face=False, bg_model="none")
+            result = await self.model.enhance.remote(body, opts, out_bytes)
+            return Response(result.data, media_type=result.media_type, headers=result.headers())
 
-    serve.run(FloorIngress.bind(FloorModel.bind()), name=FLOOR_APP, route_prefix=FLOOR_PREFIX)
+    serve.run(FloorIngress.bind(FloorModel.bind()), name=step, route_prefix=f"/{step}")
+    return f"/{step}"
 
 
-def measure(url: str, case: pb.Case, concurrency: int, seconds: float, repeats: int) -> dict[str, Any]:
-    """Alternating windows of ours and the floor; medians and the spread of the ratio."""
-    floor_url = url + FLOOR_PREFIX
-    for target in (url, floor_url):  # warm both
-        asyncio.run(pb.http_window(target, case, concurrency, 2.0))
+def path_ms(window: dict[str, Any]) -> float:
+    """CPU ms per request of the request's own processes (the client, the proxy, the two
+    replicas, our codec workers), without Ray's periodic work (the controller, the GCS),
+    which falls in one window or another at random."""
+    return sum(v for k, v in window["cpu_ms_by_process"].items()
+               if k in pb.REQUEST_PATH or k.startswith("ServeReplica:"))
+
+
+def measure(url: str, case: pb.Case, concurrency: int, seconds: float, repeats: int,
+            steps: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Alternating windows of ours, the floor and the ``steps``; medians and the spread of
+    each one's ratio to the floor."""
+    targets = {"ours": url, FLOOR: url + f"/{FLOOR}", **{s: url + f"/{s}" for s in steps}}
+    warm = {name: asyncio.run(pb.http_window(target, case, concurrency, 2.0))
+            for name, target in targets.items()}
+    # The floor (and each step) moves the same bytes both ways: as many back as ours answers.
+    size = {OUT_BYTES: str(round(warm["ours"]["out_bytes"] or 0))}
     idle = pb.idle_rates()
-    ours, floor = [], []
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     # ABBA order: the controller's periodic work (seconds apart) would otherwise fall in the
-    # same one of two alternating windows every time.
+    # same one of the alternating windows every time.
     for r in range(repeats):
-        pair = [(url, ours), (floor_url, floor)]
-        for target, runs in pair if r % 2 == 0 else pair[::-1]:
-            runs.append(asyncio.run(pb.http_window(target, case, concurrency, seconds, idle)))
-    ratios = [o["cpu_ms"] / f["cpu_ms"] for o, f in zip(ours, floor, strict=True)]
-    return {
-        "ours_rps": statistics.median(r["rps"] for r in ours),
-        "ours_cpu_ms": statistics.median(r["cpu_ms"] for r in ours),
-        "floor_rps": statistics.median(r["rps"] for r in floor),
-        "floor_cpu_ms": statistics.median(r["cpu_ms"] for r in floor),
-        "ratio_runs": [round(r, 3) for r in ratios],
-        "ratio": statistics.median(ratios),
-        "errors": sum(r["errors"] for r in ours + floor),
-        "ours_cpu_ms_by_process": ours[len(ours) // 2]["cpu_ms_by_process"],
-        "floor_cpu_ms_by_process": floor[len(floor) // 2]["cpu_ms_by_process"],
-    }
+        order = list(targets.items())
+        for name, target in order if r % 2 == 0 else order[::-1]:
+            runs[name].append(asyncio.run(pb.http_window(
+                target, case, concurrency, seconds, idle, None if name == "ours" else size)))
+    floor = runs[FLOOR]
+    row: dict[str, Any] = {"floor_out_bytes": int(size[OUT_BYTES])}
+    for name, windows in runs.items():
+        mid = sorted(windows, key=lambda w: w["cpu_ms"])[len(windows) // 2]
+        ratios = [w["cpu_ms"] / f["cpu_ms"] for w, f in zip(windows, floor, strict=True)]
+        path_ratios = [path_ms(w) / path_ms(f) for w, f in zip(windows, floor, strict=True)]
+        row[name] = {
+            "rps": statistics.median(w["rps"] for w in windows),
+            "cpu_ms": statistics.median(w["cpu_ms"] for w in windows),
+            "path_cpu_ms": statistics.median(path_ms(w) for w in windows),
+            "ratio_runs": [round(x, 3) for x in ratios],
+            "ratio": statistics.median(ratios),
+            "path_ratio_runs": [round(x, 3) for x in path_ratios],
+            "path_ratio": statistics.median(path_ratios),
+            "errors": sum(w["errors"] for w in windows),
+            "cpu_ms_by_process": mid["cpu_ms_by_process"],
+        }
+    # The fields earlier reports had, for ours against the floor.
+    ours = row["ours"]
+    row.update({"ours_rps": ours["rps"], "ours_cpu_ms": ours["cpu_ms"],
+                "floor_rps": row[FLOOR]["rps"], "floor_cpu_ms": row[FLOOR]["cpu_ms"],
+                "ratio_runs": ours["ratio_runs"], "ratio": ours["ratio"],
+                "errors": sum(r["errors"] for r in row.values() if isinstance(r, dict))})
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--num-cpus", type=int, default=4)
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", action="store_true",
+                   help=f"also the steps from the floor towards ours: {', '.join(STEPS)}")
     p.add_argument("--out", type=Path)
     opts = p.parse_args(argv)
 
@@ -124,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
 
         engine = Engine.from_config(AppConfig.model_validate(args))
         url, ray_mod = pb.start_server(args, base, opts.num_cpus)
-        deploy_floor()
+        steps = STEPS if opts.steps else ()
+        for step in (FLOOR, *steps):
+            deploy_floor(step)
         for case in todo:
-            row = measure(url, case, opts.concurrency, opts.seconds, opts.repeats)
+            row = measure(url, case, opts.concurrency, opts.seconds, opts.repeats, steps)
             if case.upscale > 1 or case.name.startswith("512"):
                 runs = [pb.inproc(case, args, opts.threads, opts.seconds, engine)
                         for _ in range(opts.repeats)]
@@ -139,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"ratio {row['ratio']:.2f} {row['ratio_runs']}"
                   + (f", overhead ratio {row['overhead_ratio']:.2f}" if "overhead_ratio" in row else ""),
                   flush=True)
+            for name in ("ours", *steps):
+                r = row[name]
+                print(f"  {name}: path {r['path_cpu_ms']:.2f} cpu-ms, path ratio "
+                      f"{r['path_ratio']:.2f} {r['path_ratio_runs']}, "
+                      f"by process {r['cpu_ms_by_process']}", flush=True)
     finally:
         report["load_after"] = os.getloadavg()
         pb.stop_server(ray_mod, base)

@@ -89,7 +89,7 @@ class EngineConfig(_Section):
     cpu_lanes: int | None = Field(
         None, ge=1, le=256, description="On the CPU, a batch's crops, tiles and images go "
         "through this many forwards side by side, each with one torch thread (on 2 cores "
-        "1.25x to 2.2x the items per second of one at a time with torch's threads; "
+        "1.1x to 1.9x the items per second of one at a time with torch's threads; "
         "docs/BENCHMARKS.md); one item alone still gets every torch thread. None: one lane "
         "per torch thread; 1: off.",
     )

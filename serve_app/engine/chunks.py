@@ -45,8 +45,8 @@ class Lanes:
     """``n`` threads that run forwards side by side on the CPU, each with one torch thread.
 
     On the CPU small convolutions use torch's intra-op threads poorly: on 2 cores, two tiny
-    GFPGAN forwards at once with one thread each ran 2.2x the crops per second of one at a
-    time with two threads (ParseNet 1.6x, Real-ESRGAN x2plus 1.25x; docs/BENCHMARKS.md). A
+    GFPGAN forwards at once with one thread each ran 1.9x the crops per second of one at a
+    time with two threads (ParseNet 1.3x, Real-ESRGAN x2plus 1.1x; loadtests/lanes_bench.py). A
     batch has many items, so its chunks go through the lanes, while one item alone still
     gets every torch thread in its caller's thread. Each lane holds one chunk's activations
     at a time, so the CPU's memory budget is per lane.

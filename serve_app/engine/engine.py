@@ -153,8 +153,8 @@ class Engine:
         dtype = self.dtype if kind in ("face", "bg") else torch.float32
         net = models.build(name, self.weights, self.device, dtype)
         # channels-last helps the plain conv stacks; GFPGAN .view()s its features, so not it.
-        # On the CPU (oneDNN) it also speeds up ParseNet: x2plus 1.5-1.9x, ParseNet 1.35x
-        # (tiny profile, one lane each; docs/BENCHMARKS.md).
+        # On the CPU (oneDNN) it also speeds up ParseNet: both 1.2x (tiny profile, in lanes;
+        # loadtests/lanes_bench.py).
         if self.cfg.channels_last and (
                 kind == "bg" or (kind == "parse" and self.device.type == "cpu")):
             net = net.to(memory_format=torch.channels_last)
