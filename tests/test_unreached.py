@@ -2,8 +2,9 @@
 
 A second, tight application (``pe-tight`` at ``/tight``) is deployed into the session's Ray
 beside the dev one: one request past the ingress's door, one waiting, a 1.5 s queue deadline
-and a 4 s model deadline. A slow request (a 640 px image at x4 in 32 px tiles) holds the
-door, so the next ones are shed; killing its model replica gives ``replica_unavailable`` and
+and a 4 s model deadline. A slow request (a 960 px image at x4 in 32 px tiles: 6.8 s of
+engine work on a quiet 2-core machine, which the 640 px one no longer took once the engine
+ran its tiles side by side) holds the door, so the next ones are shed; killing its model replica gives ``replica_unavailable`` and
 ``not_ready``. Every answer is checked for status, code and ``Retry-After``. Its added-model
 folder's path says "CUDA error", so a request naming its added model whose file is gone
 fails with those words, as a broken device would (the fault's health-check replacement).
@@ -81,7 +82,7 @@ def tight_args(serve_args: dict[str, Any], tmp_path_factory) -> dict[str, Any]:
     args["jobs"]["data_dir"] = str(tmp_path_factory.mktemp("tight"))
     args["model"].update(num_cpus=0, max_ongoing_requests=4, health_check_period_s=2)
     # The model replica may grow by 512 MiB after loading: the x4 canvas of a 2000 px image
-    # (768 MB of float32; outputs up to 64 MP here) does not fit, the slow request's (79 MB)
+    # (768 MB of float32; outputs up to 64 MP here) does not fit, the slow request's (177 MB)
     # does.
     args["engine"] = {**args.get("engine", {}), "cpu_memory_mb": 512}
     args["limits"] = {**args["limits"], "max_output_pixels": 64_000_000}
@@ -126,7 +127,7 @@ def _post(url: str, data: bytes, params: dict[str, str]) -> httpx.Response:
 
 
 def test_full_queue_queue_deadline_and_model_deadline_are_503s(tight: str) -> None:
-    slow_image, small = noise_png(1, 640, 640), noise_png(2, 16, 16)
+    slow_image, small = noise_png(1, 960, 960), noise_png(2, 16, 16)
     with ThreadPoolExecutor(4) as pool:
         started = time.monotonic()
         slow = pool.submit(_post, tight, slow_image, SLOW)
@@ -174,8 +175,9 @@ def test_a_killed_model_replica_is_replica_unavailable_then_not_ready(tight: str
     wait_ready(tight, 300)
     actor, replica_id = _replica_actor(TIGHT_APP, "Enhancer")
     with ThreadPoolExecutor(2) as pool:
-        # A request that takes seconds, in the model when the replica dies.
-        slow = pool.submit(_post, tight, noise_png(3, 256, 256), {**SLOW, "upscale": "2"})
+        # A request that takes seconds (2 s on a quiet 2-core machine), in the model when the
+        # replica dies.
+        slow = pool.submit(_post, tight, noise_png(3, 512, 512), SLOW)
         until(lambda: _door(tight)[0] == 1.0)
         # In the model replica (its own count, as the autoscaling policy reads it): the
         # engine's seconds of 32 px tiles are most of the call, so the kill lands mid-work.
