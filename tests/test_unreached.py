@@ -2,9 +2,9 @@
 
 A second, tight application (``pe-tight`` at ``/tight``) is deployed into the session's Ray
 beside the dev one: one request past the ingress's door, one waiting, a 1.5 s queue deadline
-and a 4 s model deadline. A slow request (a 960 px image at x4 in 32 px tiles: 6.8 s of
-engine work on a quiet 2-core machine, which the 640 px one no longer took once the engine
-ran its tiles side by side) holds the door, so the next ones are shed; killing its model replica gives ``replica_unavailable`` and
+and a 4 s model deadline. A slow request (a 960 px image at x4 in 32 px tiles: well past
+4 s of engine work on a quiet 2-core machine, where 900 px took 5.4 s and 640 px, once the
+engine ran its tiles side by side, 3.0 s) holds the door, so the next ones are shed; killing its model replica gives ``replica_unavailable`` and
 ``not_ready``. Every answer is checked for status, code and ``Retry-After``. Its added-model
 folder's path says "CUDA error", so a request naming its added model whose file is gone
 fails with those words, as a broken device would (the fault's health-check replacement).
