@@ -160,6 +160,24 @@ def test_lanes_pass_other_errors_on(lanes):
     with pytest.raises(ValueError):
         list(forward_chunks(fn, [torch.zeros(1)] * 5, chunk=1, lanes=lanes))
 
+    # map: the first error, raised once every call has ended (none still holds a lane).
+    import threading
+
+    done: list[int] = []
+    release = threading.Event()
+
+    def item(i: int) -> int:
+        if i == 0:
+            raise ValueError("first")
+        release.wait(5)
+        done.append(i)
+        return i
+
+    threading.Timer(0.2, release.set).start()
+    with pytest.raises(ValueError, match="first"):
+        lanes.map(item, range(3))
+    assert sorted(done) == [1, 2]
+
 
 def test_the_cpu_engine_has_lanes_unless_told_one(tiny_weights):
     from serve_app.config import AppConfig

@@ -72,8 +72,11 @@ class Lanes:
         torch.set_num_threads(previous)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """``fn`` of each item, side by side, in no-grad inference mode (which is per thread)."""
-        return [f.result() for f in [self._pool.submit(_inferring, fn, x) for x in items]]
+        """``fn`` of each item, side by side, in no-grad inference mode (which is per thread).
+        Every call has ended when this returns or raises (the first error, in item order)."""
+        futures = [self._pool.submit(_inferring, fn, x) for x in items]
+        wait(futures)
+        return [f.result() for f in futures]
 
     def forward(
         self, fn: Callable[[torch.Tensor], Any], items: Sequence[torch.Tensor], chunk: int,
