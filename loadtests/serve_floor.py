@@ -54,9 +54,9 @@ STEPS = ("objects", "batch")
 OUT_BYTES = "x-floor-out-bytes"  # how many bytes the floor answers with (0: the body)
 
 
-def deploy_floor(step: str = FLOOR) -> str:
+def deploy_floor(step: str = FLOOR) -> None:
     """Serve's minimal ingress + model pair, as its docs write it (``step`` = "floor"), or
-    one of ``STEPS``; returns its route prefix. Zero CPUs each: they fit beside ours."""
+    one of ``STEPS``, at ``/<step>``. Zero CPUs each: they fit beside ours."""
     import asyncio
 
     from ray import serve
@@ -115,7 +115,6 @@ def deploy_floor(step: str = FLOOR) -> str:
             return Response(result.data, media_type=result.media_type, headers=result.headers())
 
     serve.run(FloorIngress.bind(FloorModel.bind()), name=step, route_prefix=f"/{step}")
-    return f"/{step}"
 
 
 def path_ms(window: dict[str, Any]) -> float:

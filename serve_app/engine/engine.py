@@ -148,10 +148,8 @@ class Engine:
         added = self.added_model(name)
         if added is not None:
             return self._load_added(added)
-        # Detection and parsing stay fp32: their outputs feed thresholds and argmax.
         kind = spec(name).kind
-        dtype = self.dtype if kind in ("face", "bg") else torch.float32
-        net = models.build(name, self.weights, self.device, dtype)
+        net = models.build(name, self.weights, self.device, self.dtype)
         # channels-last helps the plain conv stacks; GFPGAN .view()s its features, so not it.
         # On the CPU (oneDNN) it also speeds up ParseNet: both 1.2x (tiny profile, in lanes;
         # loadtests/lanes_bench.py).

@@ -93,8 +93,12 @@ def build(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """Build network ``name`` from the resolved weights; strict load, eval mode."""
+    """Build network ``name`` from the resolved weights; strict load, eval mode. ``dtype``
+    is the face and background models'; detection and parsing stay fp32 (their outputs feed
+    thresholds and argmax)."""
     s = spec(name)
+    if s.kind not in ("face", "bg"):
+        dtype = torch.float32
     net = construct(s, weights_info.profile)
     path = weights_info.path(name)
     try:

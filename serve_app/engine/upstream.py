@@ -77,9 +77,7 @@ class Reference:
     @classmethod
     def sharing(cls, engine) -> Reference:
         """A reference that uses ``engine``'s networks (no second copy of the weights)."""
-        cfg = engine.cfg
-        ref = cls(engine.weights, device=engine.device, tile=cfg.tile, tile_pad=cfg.tile_pad,
-                  pre_pad=cfg.pre_pad)
+        ref = cls.alongside(engine)
         ref.net = engine.net  # type: ignore[method-assign]
         return ref
 
@@ -95,8 +93,7 @@ class Reference:
     def net(self, name: str) -> nn.Module:
         with self._lock:
             if name not in self._nets:
-                dtype = self.dtype if spec(name).kind in ("face", "bg") else torch.float32
-                self._nets[name] = models.build(name, self.info, self.device, dtype)
+                self._nets[name] = models.build(name, self.info, self.device, self.dtype)
             return self._nets[name]
 
     def bg(self, name: str, tile: int = 0):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import threading
 import time
@@ -88,9 +89,9 @@ class ManifestRecord(ItemOutcome):
 
     def line(self) -> bytes:
         # Index and status first, as the manifest always began: people read these files.
-        head = self.model_dump_json(include={"index", "status"})[:-1]
-        rest = self.model_dump_json(exclude={"index", "status"})[1:]
-        return f"{head},{rest}".encode() + b"\n"
+        fields = self.model_dump(mode="json")
+        first = {"index": fields.pop("index"), "status": fields.pop("status")}
+        return json.dumps({**first, **fields}, separators=(",", ":")).encode() + b"\n"
 
 
 OUTCOME_FIELDS = frozenset(ItemOutcome.model_fields)
