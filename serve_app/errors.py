@@ -134,6 +134,13 @@ class NotReady(Overloaded):
     default_code = "not_ready"
 
 
+class Abandoned(Overloaded):
+    """Every caller of a batch has gone (its deadline passed, its client left): the batch's
+    remaining device work is dropped. No caller receives it; the replica's metrics count it."""
+
+    default_code = "abandoned"
+
+
 class InsufficientStorage(PhotoEnhanceError):
     status = 507
     default_code = "insufficient_storage"

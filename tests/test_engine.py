@@ -188,6 +188,37 @@ def test_a_cuda_fault_fails_the_image_and_marks_the_engine(engine):
         engine.fault = None
 
 
+def test_a_stopped_batch_fails_abandoned_without_marking_the_engine(engine):
+    """Setting ``stop`` mid-batch (every caller gone) ends its device stages at the next
+    tile: the upsampler's forward runs for a few of the many tiles, every image fails with
+    ``Abandoned``, the engine stays healthy, and the next batch runs whole."""
+    from serve_app.errors import Abandoned
+
+    img = read("0014.jpg", 256)
+    opt = [EnhanceOptions(upscale=2, face=False, bg_model="RealESRGAN_x2plus", tile=32)] * 2
+    stop = threading.Event()
+    forwards: list[int] = []
+
+    def count(_module, _inputs):
+        forwards.append(1)
+        stop.set()
+
+    net = engine.net("RealESRGAN_x2plus")
+    hook = net.register_forward_pre_hook(count)
+    try:
+        staged = engine.forward_batch([img, img], opt, stop)
+        stopped = len(forwards)
+        forwards.clear()
+        whole = engine.enhance_batch([img, img], opt)  # no stop: every tile
+    finally:
+        hook.remove()
+    res = engine.finish_batch(staged)
+    assert all(isinstance(r, Abandoned) and r.code == "abandoned" for r in res), res
+    assert engine.fault is None
+    assert all(isinstance(r, EnhanceResult) for r in whole)
+    assert 1 <= stopped < len(forwards), (stopped, len(forwards))
+
+
 def test_one_bad_image_does_not_fail_the_others(engine):
     good = read("0014.jpg", 96)
     bad = [np.zeros((4,), np.uint8), np.zeros((8, 8, 3), np.float32), "nope", np.zeros((1, 9), np.uint8)]

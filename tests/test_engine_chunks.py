@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from serve_app.engine import stages
-from serve_app.engine.chunks import ItemTooLarge, chunk_size, forward_chunks, is_oom
-from serve_app.errors import ImageTooLargeForDevice, engine_error
+from serve_app.engine.chunks import ItemTooLarge, chunk_size, forward_chunks, is_oom, stopping
+from serve_app.errors import Abandoned, ImageTooLargeForDevice, engine_error
 from serve_app.options import EnhanceOptions
 
 
@@ -177,6 +177,28 @@ def test_lanes_pass_other_errors_on(lanes):
     with pytest.raises(ValueError, match="first"):
         lanes.map(item, range(3))
     assert sorted(done) == [1, 2]
+
+
+@pytest.mark.parametrize("with_lanes", [False, True])
+def test_a_set_stop_ends_the_forwards_at_the_next_chunk(lanes, with_lanes):
+    """Chunks (in this thread or in lanes) check the stop before they run: once it is set,
+    the rest raise ``Abandoned`` and are not forwarded; outside ``stopping`` it has no say."""
+    import threading
+
+    stop = threading.Event()
+    ran: list[int] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        ran.append(int(x[0]))
+        stop.set()  # the caller left during the first chunk
+        return x
+
+    items = [torch.tensor([float(i)]) for i in range(20)]
+    with stopping(stop), pytest.raises(Abandoned):
+        list(forward_chunks(fn, items, chunk=1, lanes=lanes if with_lanes else None))
+    # The chunks already running end (at most one per lane); none starts after the stop.
+    assert 1 <= len(ran) <= (lanes.n if with_lanes else 1)
+    assert len(list(forward_chunks(fn, items, chunk=1, lanes=lanes if with_lanes else None))) == 20
 
 
 def test_the_cpu_engine_has_lanes_unless_told_one(tiny_weights):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,29 @@ class _Work:
     options: EnhanceOptions
     cost: float
     enqueued: float
+    gone: bool = False  # its caller went away (its deadline passed, its client left)
+    batch: _Callers | None = None  # once its batch has reached the engine
+
+    def leave(self) -> None:
+        self.gone = True
+        if self.batch is not None:
+            self.batch.update()
+
+
+class _Callers:
+    """A batch's callers. Once every one has gone its device stages stop at their next chunk
+    (the engine's ``stop``): a timed-out image must not hold the device for seconds more."""
+
+    def __init__(self, works: list[_Work]) -> None:
+        self.works = works
+        self.stop = threading.Event()
+        for w in works:
+            w.batch = self
+        self.update()
+
+    def update(self) -> None:
+        if all(w.gone for w in self.works):
+            self.stop.set()
 
 
 def _batch_cost(items: list[_Work]) -> float:
@@ -226,12 +250,16 @@ class Enhancer:
         now = time.perf_counter()
         pixels = int(image.shape[0]) * int(image.shape[1])
         work = _Work(image, options, max(self._count * pixels / self._budget, 1.0), now)
-        if pixels > self._budget:
-            [(paste, i)] = await self._run_engine([work])
-        else:
-            paste, i = await self._run_batch(work)
-        # Shielded: this request's end (say, its client left) must not cancel the others'.
-        result = (await asyncio.shield(paste))[i]
+        try:
+            if pixels > self._budget:
+                [(paste, i)] = await self._run_engine([work])
+            else:
+                paste, i = await self._run_batch(work)
+            # Shielded: this request's end (say, its client left) must not cancel the others'.
+            result = (await asyncio.shield(paste))[i]
+        except asyncio.CancelledError:
+            work.leave()
+            raise
         if isinstance(result, BaseException):
             raise result
         return result
@@ -272,23 +300,24 @@ class Enhancer:
         return await self._run_engine(works)
 
     async def _run_engine(self, works: list[_Work]) -> list[tuple[asyncio.Task, int]]:
-        """Run the batch's device stages; return at once with, per image, its batch's paste
-        (a task) and its place in it. The batch handler is then free for the next batch,
-        whose device stages overlap this one's paste: the device does not wait on CPU work."""
+        """Start the batch (device stages, then paste) as a task of its own, which no caller's
+        leaving cancels; return once its device stages have ended, with, per image, that task
+        and its place in the batch. The batch handler is then free for the next batch, whose
+        device stages overlap this one's paste: the device does not wait on CPU work."""
         await self._pasting.acquire()  # bounds the batches held between device and paste
-        try:
-            started, staged = await self._call_engine(works)
-        except BaseException:
-            self._pasting.release()
-            raise
-        task = asyncio.create_task(self._paste(works, started, staged))
+        forwarded = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._batch(works, forwarded))
         self._pastes.add(task)
         task.add_done_callback(self._pastes.discard)
+        await asyncio.shield(forwarded)
         return [(task, i) for i in range(len(works))]
 
-    async def _paste(self, works: list[_Work], started: float,
-                     staged: Staged) -> list[EnhanceResult | PhotoEnhanceError]:
+    async def _batch(self, works: list[_Work],
+                     forwarded: asyncio.Future) -> list[EnhanceResult | PhotoEnhanceError]:
+        started = time.perf_counter()
         try:
+            started, staged = await self._forward(works)
+            forwarded.set_result(None)
             results = [_safe(r) for r in await asyncio.to_thread(self.engine.finish_batch, staged)]
             if len(results) != len(works):
                 raise EngineFailure(f"engine returned {len(results)} results for {len(works)}")
@@ -296,6 +325,8 @@ class Enhancer:
             results = [engine_error(exc) for _ in works]
         finally:
             self._pasting.release()
+            if not forwarded.done():
+                forwarded.set_result(None)
         for work, result in zip(works, results, strict=True):
             if isinstance(result, EnhanceResult):
                 result.timings = {"queue": started - work.enqueued, **result.timings}
@@ -306,16 +337,19 @@ class Enhancer:
                 LOGGER.debug("replica metrics not recorded", exc_info=True)
         return results
 
-    async def _call_engine(self, works: list[_Work]) -> tuple[float, Staged]:
+    async def _forward(self, works: list[_Work]) -> tuple[float, Staged]:
         """(when the engine took the batch, its device stages, as ``Engine.forward_batch``
-        returns them)."""
+        returns them). The engine lock is held until the engine's thread has ended, whoever
+        still waits: two batches never share the device's memory."""
         images = [w.image for w in works]
         options = [w.options for w in works]
+        stop = _Callers(works).stop
         started = time.perf_counter()
         try:
             async with self._engine_lock:  # one batch in the device stages at a time
                 started = time.perf_counter()
-                return started, await asyncio.to_thread(self.engine.forward_batch, images, options)
+                staged = await asyncio.to_thread(self.engine.forward_batch, images, options, stop)
+                return started, staged
         except Exception as exc:  # a bug outside the stages (they keep errors per image)
             return started, self.engine.staged_failure(images, options, engine_error(exc))
 

@@ -1,5 +1,6 @@
-"""Chunked forwards: chunk sizes from a memory budget, out-of-memory turned into splits, and
-on the CPU chunks side by side in ``Lanes``."""
+"""Chunked forwards: chunk sizes from a memory budget, out-of-memory turned into splits, on
+the CPU chunks side by side in ``Lanes``, and a batch whose callers have all gone stopped at
+its next chunk (``stopping``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
 
-from serve_app.errors import is_out_of_memory
+from serve_app.errors import Abandoned, is_out_of_memory
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,6 +41,27 @@ def chunk_size(budget_mb: int, bytes_per_item: float, cap: int = 64) -> int:
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+_local = threading.local()
+
+
+@contextmanager
+def stopping(stop: threading.Event | None) -> Iterator[None]:
+    """While inside, every chunk this thread runs (or hands to lanes) first checks ``stop``:
+    once it is set, ``Abandoned`` is raised in place of the forward. A deadline or a client
+    that left then frees the device within one chunk, not after the whole image."""
+    before = getattr(_local, "stop", None)
+    _local.stop = stop
+    try:
+        yield
+    finally:
+        _local.stop = before
+
+
+def check_stop() -> None:
+    stop = getattr(_local, "stop", None)
+    if stop is not None and stop.is_set():
+        raise Abandoned("every caller of this batch has gone")
 
 
 class Lanes:
@@ -74,7 +97,8 @@ class Lanes:
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """``fn`` of each item, side by side, in no-grad inference mode (which is per thread).
         Every call has ended when this returns or raises (the first error, in item order)."""
-        futures = [self._pool.submit(_inferring, fn, x) for x in items]
+        stop = getattr(_local, "stop", None)
+        futures = [self._pool.submit(_inferring, stop, fn, x) for x in items]
         wait(futures)
         return [f.result() for f in futures]
 
@@ -84,8 +108,9 @@ class Lanes:
         """``forward_chunks`` with every chunk started at once; results in order. On out of
         memory the rest runs one chunk at a time in the caller, halving as there."""
         starts = range(0, len(items), chunk)
+        stop = getattr(_local, "stop", None)
         futures: list[Future] = [
-            self._pool.submit(_inferring, fn, torch.stack(list(items[s : s + chunk])))
+            self._pool.submit(_inferring, stop, fn, torch.stack(list(items[s : s + chunk])))
             for s in starts
         ]
         try:
@@ -124,8 +149,10 @@ def by_group(fn: Callable[[T, Lanes | None], Any], groups: Sequence[T],
             fn(group, lanes)
 
 
-def _inferring(fn: Callable[[T], R], x: T) -> R:
-    with torch.inference_mode():
+def _inferring(stop: threading.Event | None, fn: Callable[[T], R], x: T) -> R:
+    """``fn(x)`` in a lane: in no-grad inference mode (per thread), under its caller's stop."""
+    with stopping(stop), torch.inference_mode():
+        check_stop()
         return fn(x)
 
 
@@ -155,6 +182,7 @@ def forward_chunks(
     i, n = 0, len(items)
     while i < n:
         k = min(chunk, n - i)
+        check_stop()
         try:
             out = fn(torch.stack(list(items[i : i + k])))
         except Exception as exc:

@@ -219,13 +219,15 @@ class Engine:
         return self.finish_batch(self.forward_batch(images, options))
 
     def forward_batch(
-        self, images: Sequence[np.ndarray], options: Sequence[EnhanceOptions]
+        self, images: Sequence[np.ndarray], options: Sequence[EnhanceOptions],
+        stop: threading.Event | None = None,
     ) -> stages.Staged:
         """The device's part of ``enhance_batch``; ``finish_batch`` (CPU only) completes it, so
-        a caller may run the next batch's ``forward_batch`` meanwhile."""
+        a caller may run the next batch's ``forward_batch`` meanwhile. Setting ``stop`` ends
+        it at the next chunk, every image still in it failing with ``Abandoned``."""
         if len(images) != len(options):
             raise ValueError(f"{len(images)} images but {len(options)} options")
-        return stages.forward(self, list(images), list(options))
+        return stages.forward(self, list(images), list(options), stop)
 
     def finish_batch(self, staged: stages.Staged) -> list[EnhanceResult | PhotoEnhanceError]:
         """Paste and results of a ``forward_batch``: CPU work only."""

@@ -12,6 +12,7 @@ one), so this module does not import ``engine.py``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -28,10 +29,10 @@ from torch import nn
 from serve_app.config import EngineConfig
 from serve_app.engine import detect, paste, paste_device, restore, upsample
 from serve_app.engine.catalog import AddedModel
-from serve_app.engine.chunks import Lanes
+from serve_app.engine.chunks import Lanes, check_stop, stopping
 from serve_app.engine.pixels import check_image, to_8bit
 from serve_app.engine.types import EnhanceResult
-from serve_app.errors import PhotoEnhanceError, engine_error
+from serve_app.errors import Abandoned, PhotoEnhanceError, engine_error
 from serve_app.options import EnhanceOptions
 
 LOGGER = logging.getLogger(__name__)
@@ -266,7 +267,12 @@ def _failure(engine: Host, exc: Exception) -> PhotoEnhanceError:
 def _run_stage(engine: Host, name: str, fn, items: list[BatchItem]) -> None:
     t0 = time.perf_counter()
     try:
+        check_stop()
         fn(engine, items)
+    except Abandoned as exc:  # no one waits for these images: nothing to isolate
+        for j in items:
+            j.error = exc
+        return
     except Exception as exc:
         if len(items) == 1:
             items[0].error = _failure(engine, exc)
@@ -301,8 +307,10 @@ def run(engine: Host, images: list[np.ndarray], options: list[EnhanceOptions]):
     return finish(engine, forward(engine, images, options))
 
 
-def forward(engine: Host, images: list[np.ndarray], options: list[EnhanceOptions]) -> Staged:
-    """Check, detect, restore, parse, upsample: every stage that uses the device."""
+def forward(engine: Host, images: list[np.ndarray], options: list[EnhanceOptions],
+            stop: threading.Event | None = None) -> Staged:
+    """Check, detect, restore, parse, upsample: every stage that uses the device. Once
+    ``stop`` is set, the rest of the batch fails with ``Abandoned`` at its next chunk."""
     items = [BatchItem(src=img, opt=opt) for img, opt in zip(images, options, strict=True)]
     t0 = time.perf_counter()
     for j in items:
@@ -310,7 +318,7 @@ def forward(engine: Host, images: list[np.ndarray], options: list[EnhanceOptions
             _prepare(engine, j)
         except Exception as exc:
             j.error = _failure(engine, exc)
-    with torch.inference_mode():
+    with torch.inference_mode(), stopping(stop):
         for name, fn in _DEVICE_STAGES:
             live = [j for j in items if j.error is None]
             if live:
