@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -117,6 +118,33 @@ def deploy_floor(step: str = FLOOR) -> None:
     serve.run(FloorIngress.bind(FloorModel.bind()), name=step, route_prefix=f"/{step}")
 
 
+def set_affinity(pid: int, cores: set[int]) -> None:
+    """Every thread of ``pid`` (affinity is per thread; new threads inherit their creator's)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # a thread that ended
+            os.sched_setaffinity(int(tid), cores)
+
+
+def pin_models(core: int) -> None:
+    """Every model replica (ours with its codec workers, the floor's and the steps') on
+    ``core`` alone, every other process of the tree on the other cores: the model replica
+    has a core of its own, as on a GPU node (configs/gpu.yaml gives it cores per GPU), so its
+    image work is not preempted by the proxy, the ingress and the client, which the
+    in-process loop (run on that core too, see ``main``) is not either."""
+    import psutil
+
+    rest = set(range(os.cpu_count() or 1)) - {core}
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    models: set[int] = set()
+    for p in procs:
+        title = pb._title(p)
+        if "Enhancer" in title or "FloorModel" in title:
+            models |= {p.pid, *(c.pid for c in p.children(recursive=True))}
+    for p in procs:
+        set_affinity(p.pid, {core} if p.pid in models else rest)
+
+
 def path_ms(window: dict[str, Any]) -> float:
     """CPU ms per request of the request's own processes (the client, the proxy, the two
     replicas, our codec workers), without Ray's periodic work (the controller, the GCS),
@@ -181,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", action="store_true",
                    help=f"also the steps from the floor towards ours: {', '.join(STEPS)}")
+    p.add_argument("--pin-model", type=int, metavar="CORE",
+                   help="model replicas on this core alone, the rest elsewhere; the "
+                   "in-process loop then runs on it too (see pin_models)")
     p.add_argument("--out", type=Path)
     opts = p.parse_args(argv)
 
@@ -193,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "config": str(opts.config),
         "serve_env": opts.serve_env, "concurrency": opts.concurrency, "seconds": opts.seconds,
-        "repeats": opts.repeats, "load_before": os.getloadavg(),
+        "repeats": opts.repeats, "pin_model": opts.pin_model, "load_before": os.getloadavg(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": {},
     }
     ray_mod = None
@@ -206,11 +237,17 @@ def main(argv: list[str] | None = None) -> int:
         steps = STEPS if opts.steps else ()
         for step in (FLOOR, *steps):
             deploy_floor(step)
+        if opts.pin_model is not None:
+            pin_models(opts.pin_model)
         for case in todo:
             row = measure(url, case, opts.concurrency, opts.seconds, opts.repeats, steps)
             if case.upscale > 1 or case.name.startswith("512"):
+                if opts.pin_model is not None:  # the image work alone on the model's core
+                    set_affinity(os.getpid(), {opts.pin_model})
                 runs = [pb.inproc(case, args, opts.threads, opts.seconds, engine)
                         for _ in range(opts.repeats)]
+                if opts.pin_model is not None:
+                    pin_models(opts.pin_model)
                 row["inproc_cpu_ms"] = statistics.median(r["cpu_ms"] for r in runs)
                 row["ours_overhead_cpu_ms"] = row["ours_cpu_ms"] - row["inproc_cpu_ms"]
                 row["overhead_ratio"] = row["ours_overhead_cpu_ms"] / row["floor_cpu_ms"]
