@@ -422,10 +422,15 @@ def test_cli_submit_watch_status_download(
 
     from serve_app.cli import main
 
+    # A folder tree as a camera card leaves it: a subfolder whose names repeat the top's,
+    # and files that are not photos (hidden, or not images), which are not sent.
     folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(4):
+    (folder / "day2").mkdir(parents=True)
+    for i in range(2):
         (folder / f"p{i}.png").write_bytes(noise_png(300 + i, 32))
+        (folder / "day2" / f"p{i}.png").write_bytes(noise_png(310 + i, 32))
+    (folder / ".hidden.png").write_bytes(noise_png(320, 32))
+    (folder / "day2" / "notes.txt").write_text("not a photo")
     runner = CliRunner()
     env = {"PHOTOENHANCE_SERVER": serve_url}
     r = runner.invoke(main, ["job", "submit", str(folder), "--no-face", "--upscale", "1",
@@ -439,6 +444,7 @@ def test_cli_submit_watch_status_download(
     r = runner.invoke(main, ["job", "download", job_id, "--out", str(out)], env=env)
     assert r.exit_code == 0, r.output
     with zipfile.ZipFile(out) as archive:
-        assert len(archive.namelist()) == 4
+        # The tree is kept: two p0.png stay two.
+        assert sorted(archive.namelist()) == ["day2/p0.png", "day2/p1.png", "p0.png", "p1.png"]
     r = runner.invoke(main, ["job", "cancel", job_id], env=env)
     assert r.exit_code == 1 and "invalid_state" in r.output

@@ -132,11 +132,14 @@ def test_ready_at_zero_and_woken_by_a_request(zero_url: str, images: Any) -> Non
         assert body["models"]["enhancer"] == {"state": "scaled_to_zero", "replicas": 0,
                                               "scale_to_zero": True}
 
-        # Probing at zero wakes nothing.
+        # Probing at zero wakes nothing, nor does a page or a monitor reading /v1/models.
         probed_from = len(probe.seen)
         deadline = time.monotonic() + PROBE_AT_ZERO_S
         while time.monotonic() < deadline:
-            assert at_zero(), f"the probe woke the model: {replicas()}"
+            listing = httpx.get(f"{zero_url}/v1/models", timeout=60)
+            assert listing.status_code == 200 and listing.json()["ready"] is True
+            assert "RealESRGAN_x2plus" in listing.json()["models"]["background"]
+            assert at_zero(), f"the probe or /v1/models woke the model: {replicas()}"
             time.sleep(0.5)
         assert len(probe.seen) - probed_from >= 5
 

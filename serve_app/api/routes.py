@@ -225,14 +225,25 @@ class _Api:
         return Response(result.data, media_type=result.media_type, headers=result.headers())
 
     async def models(self, request: Request) -> Response:
-        try:
-            info: dict[str, Any] | None = await self.service.model_info()
-        except Exception:
-            info = None
+        """What the server offers. A model asleep by policy (scale to zero, or waking from it)
+        is not asked, as ``readyz`` does not ask it: a page or a monitor reading this would
+        otherwise start a GPU replica for nothing. The engine facts are then those the model
+        last gave, or none yet."""
+        state = await self.service.model_state()
+        asleep = (state is not None and state["scale_to_zero"]
+                  and state["state"] in ("scaled_to_zero", "starting"))
+        info: dict[str, Any] | None
+        if asleep:
+            info = self.service.last_model_info()
+        else:
+            try:
+                info = await self.service.model_info()
+            except Exception:
+                info = None
         synthetic = bool(info and info.get("synthetic"))
         principal = principal_of(request)
         body: dict[str, Any] = {
-            "ready": info is not None,
+            "ready": info is not None or asleep,  # asleep: a request starts a replica
             "synthetic": synthetic,
             "engine": public_engine_info(info, admin=principal is not None and principal.is_admin),
             "models": _model_names(info),

@@ -14,20 +14,8 @@ from typing import Any
 
 import click
 
-from serve_app.cli.files import FORMAT_EXTENSIONS, IMAGE_SUFFIXES, Plan, output_path, plan
+from serve_app.cli.files import FORMAT_EXTENSIONS, Plan, output_path, plan
 from serve_app.options import EnhanceOptions
-
-
-def expand_paths(paths: tuple[Path, ...]) -> list[Path]:
-    """Files as given; a folder contributes its image files (not recursively): what
-    ``photoenhance job submit`` uploads."""
-    out: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            out += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(path)
-    return out
 
 
 def _choices(annotation: Any) -> list[str] | None:

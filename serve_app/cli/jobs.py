@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from serve_app.cli.enhance import expand_paths
+from serve_app.cli.files import plan
 from serve_app.options import OUTPUT_FORMATS
 
 TERMINAL = {"completed", "partial", "failed", "cancelled"}
@@ -68,15 +68,21 @@ def job_group() -> None:
 @click.option("--upscale", type=click.Choice(["1", "2", "4"]), default=None)
 @click.option("--face/--no-face", default=None)
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default=None)
+@click.option("--recursive/--no-recursive", default=True, show_default=True,
+              help="Walk folders into their subfolders (symlinked folders are not followed).")
 @click.option("--watch", "follow", is_flag=True, help="Follow progress until the job ends.")
 @server_option
 def submit_cmd(
     files: tuple[Path, ...], inputs: tuple[str, ...], input_prefix: str | None,
     output: str | None, priority: int | None, max_inflight: int | None,
     extra: tuple[str, ...], preset: str | None, upscale: str | None, face: bool | None,
-    fmt: str | None, follow: bool, server: str,
+    fmt: str | None, recursive: bool, follow: bool, server: str,
 ) -> None:
-    """Upload FILES (or folders' images), or name server-side --input/--input-prefix."""
+    """Upload FILES (or the images in folders, recursively), or name server-side --input or
+    --input-prefix. Each upload is named by its path inside its folder argument, as the web
+    page names a dropped folder's files: the job's outputs keep the tree, and two
+    ``IMG_0001.jpg`` in different subfolders stay two (``photoenhance enhance`` picks and
+    names files the same way)."""
     options: dict[str, Any] = {"preset": preset, "upscale": upscale, "face": face, "format": fmt}
     for item in extra:
         name, _, value = item.partition("=")
@@ -88,10 +94,13 @@ def submit_cmd(
         raise click.UsageError("give FILES, or --input URIs, or --input-prefix (one kind)")
     with _client(server) as client:
         if files:
-            paths = expand_paths(files)
+            found = plan(files, recursive=recursive)
+            if not found.inputs:
+                raise click.UsageError("no image files in FILES")
             with contextlib.ExitStack() as stack:
                 # httpx streams open files part by part; nothing is read whole.
-                parts = [("files", (p.name, stack.enter_context(open(p, "rb")))) for p in paths]
+                parts = [("files", (rel.as_posix(), stack.enter_context(open(p, "rb"))))
+                         for p, rel in found.inputs]
                 data = {**{k: str(v).lower() if isinstance(v, bool) else str(v)
                            for k, v in options.items()},
                         **{k: str(v) for k, v in job_fields.items()}}
