@@ -12,6 +12,9 @@
 3. Bounded decoding: a decode in a worker process against one in the caller's thread (512 px
    and 12 MP), how long stopping a worker takes, and the bombs of docs/SECURITY.md before
    (the decoder alone) and after (``codec.probe`` refuses them).
+4. ``--only sixteen``: a 12 MP 16-bit image from Display P3 and Adobe RGB to sRGB
+   (``color=srgb``): CPU seconds by the tables ``codec.color`` uses, against the exact
+   per-pixel interpolation it used before, and the largest difference in 16-bit levels.
 """
 
 from __future__ import annotations
@@ -267,11 +270,42 @@ def _refused(data: bytes, limits: LimitsConfig) -> None:
     raise AssertionError("not refused")
 
 
+def section_sixteen(runs: int) -> dict[str, Any]:
+    import _icc
+
+    from serve_app.codec import color as colorm
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 65536, (3000, 4000, 3), dtype=np.uint16)  # BGR, every level
+    srgb = colorm.matrix_shaper(colorm.srgb_profile())
+    assert srgb is not None
+    out: dict[str, Any] = {"image": "4000x3000 16-bit, uniform random levels"}
+    for space in ("p3", "adobe"):
+        shaper = colorm.matrix_shaper(_icc.make_profile(space))
+        assert shaper is not None
+
+        def exact(s: colorm.MatrixShaper = shaper) -> np.ndarray:
+            m = (np.linalg.inv(srgb.matrix) @ s.matrix).astype(np.float32)
+            lin = np.clip(s.to_linear(image[..., ::-1].astype(np.float32) / 65535.0) @ m.T, 0, 1)
+            return (srgb.from_linear(lin)[..., ::-1] * 65535.0 + 0.5).astype(np.uint16)
+
+        tabled = shaper.convert(image, to_srgb=True)  # builds the tables once
+        diff = np.abs(tabled.astype(np.int64) - exact().astype(np.int64))
+        out[space] = {
+            "tables_s": round(cpu(lambda s=shaper: s.convert(image, to_srgb=True), runs), 3),
+            "exact_s": round(cpu(exact, max(1, runs // 2)), 3),
+            "max_diff_levels": int(diff.max()),
+            "mean_diff_levels": round(float(diff.mean()), 4),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--libs", type=Path, default=None, help="folder with piexif/pyvips")
-    parser.add_argument("--only", choices=["cost", "libraries", "bounded"], default=None)
+    parser.add_argument("--only", choices=["cost", "libraries", "bounded", "sixteen"],
+                        default=None)
     args = parser.parse_args()
     if args.libs:
         sys.path.append(str(args.libs))
@@ -280,7 +314,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.processor() or '?'}, "
                    f"{__import__('os').cpu_count()} CPUs, Python {platform.python_version()}",
     }
-    sections = {"cost": section_cost, "libraries": section_libraries, "bounded": section_bounded}
+    sections = {"cost": section_cost, "libraries": section_libraries, "bounded": section_bounded,
+                "sixteen": section_sixteen}
     for name, fn in sections.items():
         if args.only in (None, name):
             report[name] = fn(args.runs)

@@ -276,6 +276,23 @@ def test_sixteen_bits_stay_sixteen_bits_kept_and_converted():
     assert len(np.unique(back[16, :16, 0])) > 8  # the detail below one 8-bit level is kept
 
 
+@pytest.mark.parametrize("space", ["p3", "adobe"])
+def test_sixteen_bit_conversion_by_tables_is_within_two_levels_of_the_exact_one(space):
+    """Every one of the 65536 levels in each channel (shuffled across channels), to sRGB by
+    the tables against the per-pixel interpolation of the same curves."""
+    shaper = colorm.matrix_shaper(_icc.make_profile(space))
+    srgb = colorm.matrix_shaper(colorm.srgb_profile())
+    levels = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    rng = np.random.default_rng(1)
+    image = np.dstack([levels, rng.permutation(levels), rng.permutation(levels.T)])
+    m = (np.linalg.inv(srgb.matrix) @ shaper.matrix).astype(np.float32)
+    lin = np.clip(shaper.to_linear(image[..., ::-1].astype(np.float32) / 65535.0) @ m.T, 0, 1)
+    exact = (srgb.from_linear(lin)[..., ::-1] * 65535.0 + 0.5).astype(np.int64)
+    got = shaper.convert(image, to_srgb=True)
+    assert got.dtype == np.uint16
+    assert np.abs(got.astype(np.int64) - exact).max() <= 2
+
+
 def test_an_srgb_profile_is_kept_without_conversion():
     rgb = np.zeros((16, 16, 3), np.uint8)
     rgb[:] = PATCH
