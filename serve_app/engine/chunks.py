@@ -50,7 +50,7 @@ def stopping(stop: threading.Event | None) -> Iterator[None]:
     """While inside, every chunk this thread runs (or hands to lanes) first checks ``stop``:
     once it is set, ``Abandoned`` is raised in place of the forward. A deadline or a client
     that left then frees the device within one chunk, not after the whole image."""
-    before = getattr(_local, "stop", None)
+    before = _current_stop()
     _local.stop = stop
     try:
         yield
@@ -58,8 +58,12 @@ def stopping(stop: threading.Event | None) -> Iterator[None]:
         _local.stop = before
 
 
+def _current_stop() -> threading.Event | None:
+    return getattr(_local, "stop", None)
+
+
 def check_stop() -> None:
-    stop = getattr(_local, "stop", None)
+    stop = _current_stop()
     if stop is not None and stop.is_set():
         raise Abandoned("every caller of this batch has gone")
 
@@ -97,7 +101,7 @@ class Lanes:
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """``fn`` of each item, side by side, in no-grad inference mode (which is per thread).
         Every call has ended when this returns or raises (the first error, in item order)."""
-        stop = getattr(_local, "stop", None)
+        stop = _current_stop()  # the lanes run under their caller's stop
         futures = [self._pool.submit(_inferring, stop, fn, x) for x in items]
         wait(futures)
         return [f.result() for f in futures]
@@ -108,7 +112,7 @@ class Lanes:
         """``forward_chunks`` with every chunk started at once; results in order. On out of
         memory the rest runs one chunk at a time in the caller, halving as there."""
         starts = range(0, len(items), chunk)
-        stop = getattr(_local, "stop", None)
+        stop = _current_stop()
         futures: list[Future] = [
             self._pool.submit(_inferring, stop, fn, torch.stack(list(items[s : s + chunk])))
             for s in starts
