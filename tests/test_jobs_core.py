@@ -227,6 +227,17 @@ def test_an_item_outcome_is_its_manifest_record_less_what_recording_adds() -> No
     assert done.record(0).succeeded and done.record(0).face_boxes == [(1, 2, 3, 4)]
 
 
+def test_a_manifest_line_begins_with_index_and_status_and_keeps_names_readable() -> None:
+    record = ManifestRecord(index=3, source="Été/café.jpg", status="succeeded",
+                            name="Été/café.png")
+    line = record.line()
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    text = line.decode("utf-8")
+    assert text.startswith('{"index":3,"status":"succeeded",')
+    assert "café" in text and "\\u" not in text  # UTF-8 as written, not escaped
+    assert ManifestRecord.model_validate_json(line) == record
+
+
 # ---------------------------------------------------------------------- the scheduler
 
 

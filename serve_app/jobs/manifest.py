@@ -91,7 +91,9 @@ class ManifestRecord(ItemOutcome):
         # Index and status first, as the manifest always began: people read these files.
         fields = self.model_dump(mode="json")
         first = {"index": fields.pop("index"), "status": fields.pop("status")}
-        return json.dumps({**first, **fields}, separators=(",", ":")).encode() + b"\n"
+        # UTF-8 as written, not \u escapes: names stay readable (what pydantic's dump wrote).
+        line = json.dumps({**first, **fields}, separators=(",", ":"), ensure_ascii=False)
+        return line.encode() + b"\n"
 
 
 OUTCOME_FIELDS = frozenset(ItemOutcome.model_fields)
