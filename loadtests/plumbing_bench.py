@@ -115,24 +115,32 @@ def app_args(config: Path, base: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ in-process loop
 
 
-def inproc(case: Case, args: dict[str, Any], threads: int, seconds: float, engine: Any) -> dict[str, float]:
+def image_work(data: bytes, upscale: int, limits: Any, engine: Any) -> bytes:
+    """One image's work as the model replica does it, null engine: probe, decode, the
+    engine (upscale only), encode. The in-process loop runs it; so does serve_floor's "work"
+    step, inside a minimal Serve app."""
     from serve_app import codec
-    from serve_app.config import AppConfig
     from serve_app.options import EnhanceOptions
 
+    opt = EnhanceOptions(upscale=upscale, face=False, bg_model="none")
+    info = codec.probe(data, limits, upscale)
+    decoded = codec.decode(data, info)
+    [res] = engine.enhance_batch([decoded.image], [opt])
+    fmt = codec.output_format(None, decoded.format, res.image)
+    return codec.encode(res.image, fmt, opt.quality)
+
+
+def inproc(case: Case, args: dict[str, Any], threads: int, seconds: float, engine: Any) -> dict[str, float]:
+    from serve_app.config import AppConfig
+
     limits = AppConfig.model_validate(args).limits
-    opt = EnhanceOptions(upscale=case.upscale, face=False, bg_model="none")
     done = [0] * threads
     stop = time.perf_counter() + seconds
     start_at = time.perf_counter()
 
     def work(i: int) -> None:
         while time.perf_counter() < stop:
-            info = codec.probe(case.data, limits, case.upscale)
-            decoded = codec.decode(case.data, info)
-            [res] = engine.enhance_batch([decoded.image], [opt])
-            fmt = codec.output_format(None, decoded.format, res.image)
-            codec.encode(res.image, fmt, opt.quality)
+            image_work(case.data, case.upscale, limits, engine)
             done[i] += 1
 
     cpu0 = time.process_time()

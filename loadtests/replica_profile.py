@@ -7,7 +7,10 @@ null engine), then the in-process loop (``plumbing_bench.inproc``) in a child pr
 reports per request the CPU ms that fell in each library (OpenCV, libjpeg, the kernel, the
 Python interpreter, libc, Ray's ``_raylet.so``). A library's ms = its share of the process's
 samples x the process's CPU per request; the difference between the two columns is what
-running inside a Serve replica adds to the same work.
+running inside a Serve replica adds to the same work. The same load, in a window of its own,
+also goes to serve_floor's "work" step (Serve's least app doing the same image work in one
+thread hop), whose model replica is sampled too: ours minus it is what our own serving
+code costs beyond Serve's.
 
     .venv/bin/python loadtests/replica_profile.py --case 512-jpeg-x2 --repeats 3 \
         --out docs/replica-profile.json
@@ -36,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plumbing_bench as pb  # noqa: E402
 
 PROCESSES = ("Enhancer", "Ingress")
+# serve_floor's "work" step: Serve's least app doing the same image work in one thread hop.
+WORK_PROCESSES = {"ServeReplica:work:FloorModel": "work model",
+                  "ServeReplica:work:FloorIngress": "work ingress"}
 # perf's dso names, shortened to what they are.
 LIBRARIES = {"cv2": "opencv", "libjpeg": "libjpeg (Pillow)", "kernel": "kernel",
              "libpython": "python", "libc.so": "libc", "_raylet": "ray (_raylet.so)",
@@ -66,32 +72,38 @@ def record(pid: int, seconds: float, data: Path) -> subprocess.Popen:
 def served(args: dict[str, Any], base: Path, case: pb.Case, seconds: float,
            concurrency: int, work: Path) -> dict[str, Any]:
     import psutil
+    from serve_floor import deploy_floor
 
     url, ray_mod = pb.start_server(args, base, 4)
+    out: dict[str, Any] = {}
     try:
-        asyncio.run(pb.http_window(url, case, concurrency, 3.0))  # warm
-        pids = {pb._title(p): p.pid for p in psutil.Process().children(recursive=True)
-                if pb._title(p) in PROCESSES}
-        idle = pb.idle_rates()
-        window: dict[str, Any] = {}
+        deploy_floor("work", args)
+        titles = {pb._title(p): p.pid for p in psutil.Process().children(recursive=True)}
+        for target, names in ((url, {n: n for n in PROCESSES}), (url + "/work", WORK_PROCESSES)):
+            asyncio.run(pb.http_window(target, case, concurrency, 3.0))  # warm
+            pids = {label: titles[title] for title, label in names.items()}
+            idle = pb.idle_rates()
+            window: dict[str, Any] = {}
 
-        def load() -> None:
-            window.update(asyncio.run(pb.http_window(url, case, concurrency, seconds + 4, idle)))
+            def load(target: str = target, idle: dict[str, float] = idle,
+                     window: dict[str, Any] = window) -> None:
+                window.update(asyncio.run(
+                    pb.http_window(target, case, concurrency, seconds + 4, idle)))
 
-        loader = threading.Thread(target=load)
-        loader.start()
-        time.sleep(2)  # sample the middle of the window, not its ramp
-        for p in [record(pid, seconds, work / f"{name}.data") for name, pid in pids.items()]:
-            p.wait()
-        loader.join()
+            loader = threading.Thread(target=load)
+            loader.start()
+            time.sleep(2)  # sample the middle of the window, not its ramp
+            for p in [record(pid, seconds, work / f"{label}.data") for label, pid in pids.items()]:
+                p.wait()
+            loader.join()
+            out["rps" if target == url else "work_rps"] = window["rps"]
+            for title, label in names.items():
+                cpu_ms = window["cpu_ms_by_process"].get(title, 0.0)  # none above idle
+                shares = dso_shares(work / f"{label}.data")
+                out[label] = {"cpu_ms": cpu_ms, "ms_by_library": {
+                    k: round(v * cpu_ms, 2) for k, v in shares.items()}}
     finally:
         pb.stop_server(ray_mod, base)
-    out: dict[str, Any] = {"rps": window["rps"]}
-    for name in pids:
-        cpu_ms = window["cpu_ms_by_process"][name]
-        shares = dso_shares(work / f"{name}.data")
-        out[name] = {"cpu_ms": cpu_ms, "ms_by_library": {k: round(v * cpu_ms, 2)
-                                                         for k, v in shares.items()}}
     return out
 
 
@@ -152,12 +164,18 @@ def main(argv: list[str] | None = None) -> int:
                                         work)}
         report["runs"].append(run)
         model, alone = run["served"]["Enhancer"], run["in_process"]
+        least = run["served"]["work model"]
         print(f"{opts.case}: model replica {model['cpu_ms']:.1f} CPU ms per request, "
-              f"in process {alone['cpu_ms']:.1f}", flush=True)
-        for lib in sorted(set(model["ms_by_library"]) | set(alone["ms_by_library"])):
-            a, b = model["ms_by_library"].get(lib, 0.0), alone["ms_by_library"].get(lib, 0.0)
-            print(f"  {lib:18s} replica {a:6.2f}  in process {b:6.2f}  difference {a - b:+.2f}")
-        print("  ingress:", run["served"].get("Ingress"), flush=True)
+              f"Serve's least app's {least['cpu_ms']:.1f}, in process {alone['cpu_ms']:.1f}",
+              flush=True)
+        libs = set(model["ms_by_library"]) | set(alone["ms_by_library"]) | set(
+            least["ms_by_library"])
+        for lib in sorted(libs):
+            a, w, b = (x["ms_by_library"].get(lib, 0.0) for x in (model, least, alone))
+            print(f"  {lib:18s} replica {a:6.2f}  least app {w:6.2f}  in process {b:6.2f}  "
+                  f"replica - least {a - w:+.2f}")
+        for name in ("Ingress", "work ingress"):
+            print(f"  {name}:", run["served"].get(name), flush=True)
     report["load_after"] = os.getloadavg()
     if opts.out:
         opts.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -16,7 +16,7 @@ so both see the same machine. The report is the ratio of CPU per request, ours /
   5x the input; before 2026-12-05 the floor echoed the input) (target: <= 1.15).
 
     .venv/bin/python loadtests/serve_floor.py --config configs/local.yaml --repeats 5 \
-        [--serve-env RAY_SERVE_ENABLE_HA_PROXY=1] [--steps] --out docs/serve-floor.json
+        [--serve-env RAY_SERVE_ENABLE_HA_PROXY=1] [--steps [objects,batch,work]] --out docs/serve-floor.json
 
 ``--steps`` adds apps between the floor and ours (``STEPS``), so that a gap can be placed:
 each is the floor plus one thing ours does. Besides the ratio of all processes' CPU, each row
@@ -50,17 +50,21 @@ FLOOR = "floor"
 # "objects": the ingress calls the model's ``enhance`` method with our argument types
 # (bytes, ``EnhanceOptions``) and answers from our result type (``EnhancedImage``, its
 # headers); "batch": that, plus the model's shape of work: a thread hop before and after,
-# and ``@serve.batch`` (4 at most, 10 ms) between.
-STEPS = ("objects", "batch")
+# and ``@serve.batch`` (4 at most, 10 ms) between; "work": "objects" plus our image work
+# (``plumbing_bench.image_work``: probe, decode, the null engine, encode) in one thread hop
+# in the model, the least any Serve app doing that work spends, so that what doing image
+# work in a replica costs on this machine (preemption, caches) is counted apart from ours.
+STEPS = ("objects", "batch", "work")
 OUT_BYTES = "x-floor-out-bytes"  # how many bytes the floor answers with (0: the body)
 
 
-def deploy_floor(step: str = FLOOR) -> None:
+def deploy_floor(step: str = FLOOR, args: dict[str, Any] | None = None) -> None:
     """Serve's minimal ingress + model pair, as its docs write it (``step`` = "floor"), or
-    one of ``STEPS``, at ``/<step>``. Zero CPUs each: they fit beside ours."""
+    one of ``STEPS``, at ``/<step>`` ("work" builds the engine from the app's ``args``).
+    Zero CPUs each: they fit beside ours."""
     import asyncio
 
-    from ray import serve
+    from ray import cloudpickle, serve
     from starlette.requests import Request
     from starlette.responses import Response
 
@@ -68,11 +72,18 @@ def deploy_floor(step: str = FLOOR) -> None:
     from serve_app.options import EnhanceOptions
 
     zero = {"num_cpus": 0}
+    cloudpickle.register_pickle_by_value(pb)  # the replicas cannot import loadtests/
 
     @serve.deployment(name="FloorModel", max_ongoing_requests=64, ray_actor_options=zero)
     class FloorModel:
         def __init__(self) -> None:
             self.answers: dict[int, bytes] = {}
+            if step == "work":
+                from serve_app.config import AppConfig
+                from serve_app.engine import Engine
+
+                config = AppConfig.model_validate(args)
+                self.limits, self.engine = config.limits, Engine.from_config(config)
 
         def answer(self, data: bytes, out_bytes: int) -> bytes:
             if not out_bytes:
@@ -91,7 +102,11 @@ def deploy_floor(step: str = FLOOR) -> None:
                 data = await asyncio.to_thread(bytes, data)
                 data = await self.batched(data)
                 data = await asyncio.to_thread(bytes, data)
-            data = self.answer(data, out_bytes)
+            if step == "work":
+                data = await asyncio.to_thread(
+                    pb.image_work, data, options.upscale, self.limits, self.engine)
+            else:
+                data = self.answer(data, out_bytes)
             return EnhancedImage(data=data, media_type="image/png", format="png", width=16,
                                  height=16, faces=0, face_boxes=(), synthetic=False,
                                  timings={"decode": 0.0, "engine": 0.0, "encode": 0.0})
@@ -111,7 +126,8 @@ def deploy_floor(step: str = FLOOR) -> None:
             if step == FLOOR:
                 out = await self.model.remote(body, out_bytes)
                 return Response(out, media_type=request.headers.get("content-type", "image/png"))
-            opts = EnhanceOptions(upscale=1, face=False, bg_model="none")
+            upscale = int(request.query_params.get("upscale", "1"))
+            opts = EnhanceOptions(upscale=upscale, face=False, bg_model="none")
             result = await self.model.enhance.remote(body, opts, out_bytes)
             return Response(result.data, media_type=result.media_type, headers=result.headers())
 
@@ -207,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--num-cpus", type=int, default=4)
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--steps", action="store_true",
-                   help=f"also the steps from the floor towards ours: {', '.join(STEPS)}")
+    p.add_argument("--steps", nargs="?", const=",".join(STEPS), default="",
+                   help=f"also these steps from the floor towards ours (all if none named): "
+                   f"{', '.join(STEPS)}")
     p.add_argument("--pin-model", type=int, metavar="CORE",
                    help="model replicas on this core alone, the rest elsewhere; the "
                    "in-process loop then runs on it too (see pin_models)")
@@ -234,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
 
         engine = Engine.from_config(AppConfig.model_validate(args))
         url, ray_mod = pb.start_server(args, base, opts.num_cpus)
-        steps = STEPS if opts.steps else ()
+        steps = tuple(s for s in opts.steps.split(",") if s)
+        if unknown := set(steps) - set(STEPS):
+            p.error(f"unknown steps: {', '.join(sorted(unknown))}")
         for step in (FLOOR, *steps):
-            deploy_floor(step)
+            deploy_floor(step, args)
         if opts.pin_model is not None:
             pin_models(opts.pin_model)
         for case in todo:
@@ -251,11 +270,18 @@ def main(argv: list[str] | None = None) -> int:
                 row["inproc_cpu_ms"] = statistics.median(r["cpu_ms"] for r in runs)
                 row["ours_overhead_cpu_ms"] = row["ours_cpu_ms"] - row["inproc_cpu_ms"]
                 row["overhead_ratio"] = row["ours_overhead_cpu_ms"] / row["floor_cpu_ms"]
+                if "work" in row:  # the same image work in Serve's least app, same windows
+                    work = row["work"]
+                    row["work_overhead_cpu_ms"] = work["cpu_ms"] - row["inproc_cpu_ms"]
+                    row["work_overhead_ratio"] = row["work_overhead_cpu_ms"] / row["floor_cpu_ms"]
+                    row["ours_over_work"] = row["ours_cpu_ms"] / work["cpu_ms"]
             report["cases"][case.name] = row
             print(f"{case.name}: ours {row['ours_rps']:.1f}/s {row['ours_cpu_ms']:.2f} cpu-ms, "
                   f"floor {row['floor_rps']:.1f}/s {row['floor_cpu_ms']:.2f} cpu-ms, "
                   f"ratio {row['ratio']:.2f} {row['ratio_runs']}"
-                  + (f", overhead ratio {row['overhead_ratio']:.2f}" if "overhead_ratio" in row else ""),
+                  + (f", overhead ratio {row['overhead_ratio']:.2f}" if "overhead_ratio" in row else "")
+                  + (f", work's overhead ratio {row['work_overhead_ratio']:.2f}, ours / work "
+                     f"{row['ours_over_work']:.2f}" if "ours_over_work" in row else ""),
                   flush=True)
             for name in ("ours", *steps):
                 r = row[name]

@@ -84,7 +84,9 @@ def tight_args(serve_args: dict[str, Any], tmp_path_factory) -> dict[str, Any]:
     # The model replica may grow by 512 MiB after loading: the x4 canvas of a 2000 px image
     # (768 MB of float32; outputs up to 64 MP here) does not fit, the slow request's (177 MB)
     # does.
-    args["engine"] = {**args.get("engine", {}), "cpu_memory_mb": 512}
+    # Pastes not overlapped (the CPU default; dev.yaml overlaps them): each batch runs whole
+    # in one thread hop, the path whose abandonment and faults these tests reach.
+    args["engine"] = {**args.get("engine", {}), "cpu_memory_mb": 512, "overlap_paste": False}
     args["limits"] = {**args["limits"], "max_output_pixels": 64_000_000}
     args["ingress"].update(num_cpus=0, max_inflight=1, max_queued_requests=1,
                            queue_timeout_s=1.5, request_timeout_s=4)

@@ -27,7 +27,7 @@ import resource
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -40,9 +40,6 @@ from serve_app.deployments.transcode import Transcoder, accelerator_for
 from serve_app.engine import EnhanceResult
 from serve_app.errors import EngineFailure, PhotoEnhanceError, engine_error
 from serve_app.options import EnhanceOptions
-
-if TYPE_CHECKING:  # the engine (torch) loads inside the replica only
-    from serve_app.engine import Staged
 
 LOGGER = logging.getLogger(__name__)
 
@@ -188,6 +185,7 @@ class Enhancer:
         if overlap is None:
             overlap = getattr(self.engine.device, "type", "cpu") != "cpu"
         self._pasting = asyncio.Semaphore(2 if overlap else 1)
+        self._overlap = overlap
         self._pastes: set[asyncio.Task] = set()  # held here: a task whose clients left runs on
         self._in_flight = 0
         self._backlog = BacklogProbe.for_app(self.config)
@@ -316,9 +314,13 @@ class Enhancer:
                      forwarded: asyncio.Future) -> list[EnhanceResult | PhotoEnhanceError]:
         started = time.perf_counter()
         try:
-            started, staged = await self._forward(works)
-            forwarded.set_result(None)
-            results = [_safe(r) for r in await asyncio.to_thread(self.engine.finish_batch, staged)]
+            if self._overlap:
+                started, staged = await self._forward(works)
+                forwarded.set_result(None)
+                raw = await asyncio.to_thread(self.engine.finish_batch, staged)
+            else:  # nothing runs beside the paste: the whole batch in one thread hop
+                started, raw = await self._forward(works, finish=True)
+            results = [_safe(r) for r in raw]
             if len(results) != len(works):
                 raise EngineFailure(f"engine returned {len(results)} results for {len(works)}")
         except Exception as exc:
@@ -337,21 +339,27 @@ class Enhancer:
                 LOGGER.debug("replica metrics not recorded", exc_info=True)
         return results
 
-    async def _forward(self, works: list[_Work]) -> tuple[float, Staged]:
-        """(when the engine took the batch, its device stages, as ``Engine.forward_batch``
-        returns them). The engine lock is held until the engine's thread has ended, whoever
-        still waits: two batches never share the device's memory."""
+    async def _forward(self, works: list[_Work], finish: bool = False) -> tuple[float, Any]:
+        """(when the engine took the batch, its device stages as ``Engine.forward_batch``
+        returns them; with ``finish``, its results, pasted in the same thread). The engine
+        lock is held until the engine's thread has ended, whoever still waits: two batches
+        never share the device's memory."""
         images = [w.image for w in works]
         options = [w.options for w in works]
         stop = _Callers(works).stop
+
+        def run() -> Any:
+            staged = self.engine.forward_batch(images, options, stop)
+            return self.engine.finish_batch(staged) if finish else staged
+
         started = time.perf_counter()
         try:
             async with self._engine_lock:  # one batch in the device stages at a time
                 started = time.perf_counter()
-                staged = await asyncio.to_thread(self.engine.forward_batch, images, options, stop)
-                return started, staged
+                return started, await asyncio.to_thread(run)
         except Exception as exc:  # a bug outside the stages (they keep errors per image)
-            return started, self.engine.staged_failure(images, options, engine_error(exc))
+            staged = self.engine.staged_failure(images, options, engine_error(exc))
+            return started, self.engine.finish_batch(staged) if finish else staged
 
 
 def cap_private_memory(headroom_mb: int) -> int:
