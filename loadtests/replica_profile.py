@@ -110,20 +110,11 @@ def served(args: dict[str, Any], base: Path, case: pb.Case, seconds: float,
 def in_process(config: Path, case_name: str, seconds: float, threads: int,
                work: Path) -> dict[str, Any]:
     """The in-process loop in a child (so that perf samples it alone), as serve_floor runs it."""
-    code = (
-        "import sys, tempfile; from pathlib import Path\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-        "import plumbing_bench as pb, json\n"
-        "from serve_app.config import AppConfig\nfrom serve_app.engine.engine import Engine\n"
-        f"args = pb.app_args(Path({str(config)!r}), Path(tempfile.mkdtemp()))\n"
-        f"[case] = pb.cases([{case_name!r}])\n"
-        "engine = Engine.from_config(AppConfig.model_validate(args))\n"
-        f"pb.inproc(case, args, {threads}, 3.0, engine)\n"
-        "print('READY', flush=True)\n"
-        f"print(json.dumps(pb.inproc(case, args, {threads}, {seconds + 4}, engine)), flush=True)\n"
-    )
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                             cwd=pb.ROOT, env={**os.environ, "PYTHONPATH": str(pb.ROOT)})
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--child", "--config", str(config), "--case", case_name,
+         "--seconds", str(seconds + 4), "--threads", str(threads)],
+        stdout=subprocess.PIPE, text=True, cwd=pb.ROOT,
+        env={**os.environ, "PYTHONPATH": str(pb.ROOT)})
     assert child.stdout is not None
     for line in child.stdout:
         if line.startswith("READY"):
@@ -137,6 +128,19 @@ def in_process(config: Path, case_name: str, seconds: float, threads: int,
             "ms_by_library": {k: round(v * result["cpu_ms"], 2) for k, v in shares.items()}}
 
 
+def child_loop(config: Path, case_name: str, seconds: float, threads: int) -> None:
+    """``--child``: warm up, say READY, run the loop for ``seconds``, print its figures."""
+    from serve_app.config import AppConfig
+    from serve_app.engine.engine import Engine
+
+    args = pb.app_args(config, Path(tempfile.mkdtemp(prefix="pe-profile-child-")))
+    [case] = pb.cases([case_name])
+    engine = Engine.from_config(AppConfig.model_validate(args))
+    pb.inproc(case, args, threads, 3.0, engine)
+    print("READY", flush=True)
+    print(json.dumps(pb.inproc(case, args, threads, seconds, engine)), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="threads of the in-process loop")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
+    if opts.child:  # the in-process loop, started by in_process()
+        child_loop(opts.config, opts.case, opts.seconds, opts.threads)
+        return 0
 
     [case] = pb.cases([opts.case])
     report: dict[str, Any] = {
