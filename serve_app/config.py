@@ -76,7 +76,8 @@ class EngineConfig(_Section):
     overlap_paste: bool | None = Field(
         None, description="Paste a batch's faces (CPU work) outside the device lock, so the "
         "next batch's device stages overlap it. None: on for a GPU, off on the CPU (where "
-        "the CPU is the device and overlapping only adds contention).",
+        "the CPU is the device and overlapping only adds contention; off, a batch's device "
+        "stages and paste run in one thread hop).",
     )
     paste_on_device: bool | None = Field(
         None, description="Warp and blend pasted faces with torch on the model's device "
