@@ -301,7 +301,8 @@ class Enhancer:
         """Start the batch (device stages, then paste) as a task of its own, which no caller's
         leaving cancels; return once its device stages have ended, with, per image, that task
         and its place in the batch. The batch handler is then free for the next batch, whose
-        device stages overlap this one's paste: the device does not wait on CPU work."""
+        device stages overlap this one's paste: the device does not wait on CPU work. (Pastes
+        not overlapped: it returns once the whole batch has ended.)"""
         await self._pasting.acquire()  # bounds the batches held between device and paste
         forwarded = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(self._batch(works, forwarded))
