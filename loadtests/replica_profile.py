@@ -30,8 +30,8 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +82,14 @@ def served(args: dict[str, Any], base: Path, case: pb.Case, seconds: float,
         for target, names in ((url, {n: n for n in PROCESSES}), (url + "/work", WORK_PROCESSES)):
             asyncio.run(pb.http_window(target, case, concurrency, 3.0))  # warm
             pids = {label: titles[title] for title, label in names.items()}
-            idle = pb.idle_rates()
-            window: dict[str, Any] = {}
-
-            def load(target: str = target, idle: dict[str, float] = idle,
-                     window: dict[str, Any] = window) -> None:
-                window.update(asyncio.run(
-                    pb.http_window(target, case, concurrency, seconds + 4, idle)))
-
-            loader = threading.Thread(target=load)
-            loader.start()
-            time.sleep(2)  # sample the middle of the window, not its ramp
-            for p in [record(pid, seconds, work / f"{label}.data") for label, pid in pids.items()]:
-                p.wait()
-            loader.join()
+            with ThreadPoolExecutor(1) as pool:
+                loading = pool.submit(asyncio.run, pb.http_window(
+                    target, case, concurrency, seconds + 4, pb.idle_rates()))
+                time.sleep(2)  # sample the middle of the window, not its ramp
+                for p in [record(pid, seconds, work / f"{label}.data")
+                          for label, pid in pids.items()]:
+                    p.wait()
+                window = loading.result()
             out["rps" if target == url else "work_rps"] = window["rps"]
             for title, label in names.items():
                 cpu_ms = window["cpu_ms_by_process"].get(title, 0.0)  # none above idle
@@ -133,12 +127,13 @@ def child_loop(config: Path, case_name: str, seconds: float, threads: int) -> No
     from serve_app.config import AppConfig
     from serve_app.engine.engine import Engine
 
-    args = pb.app_args(config, Path(tempfile.mkdtemp(prefix="pe-profile-child-")))
-    [case] = pb.cases([case_name])
-    engine = Engine.from_config(AppConfig.model_validate(args))
-    pb.inproc(case, args, threads, 3.0, engine)
-    print("READY", flush=True)
-    print(json.dumps(pb.inproc(case, args, threads, seconds, engine)), flush=True)
+    with tempfile.TemporaryDirectory(prefix="pe-profile-child-") as base:
+        args = pb.app_args(config, Path(base))
+        [case] = pb.cases([case_name])
+        engine = Engine.from_config(AppConfig.model_validate(args))
+        pb.inproc(case, args, threads, 3.0, engine)
+        print("READY", flush=True)
+        print(json.dumps(pb.inproc(case, args, threads, seconds, engine)), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

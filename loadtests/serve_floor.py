@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                    "in-process loop then runs on it too (see pin_models)")
     p.add_argument("--out", type=Path)
     opts = p.parse_args(argv)
+    steps = tuple(s for s in opts.steps.split(",") if s)
+    if unknown := set(steps) - set(STEPS):
+        p.error(f"unknown steps: {', '.join(sorted(unknown))}")
 
     for item in opts.serve_env:  # inherited by the raylet and every worker it starts
         key, _, value = item.partition("=")
@@ -251,9 +254,6 @@ def main(argv: list[str] | None = None) -> int:
 
         engine = Engine.from_config(AppConfig.model_validate(args))
         url, ray_mod = pb.start_server(args, base, opts.num_cpus)
-        steps = tuple(s for s in opts.steps.split(",") if s)
-        if unknown := set(steps) - set(STEPS):
-            p.error(f"unknown steps: {', '.join(sorted(unknown))}")
         for step in (FLOOR, *steps):
             deploy_floor(step, args)
         if opts.pin_model is not None:

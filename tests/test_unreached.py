@@ -164,12 +164,13 @@ def test_full_queue_queue_deadline_and_model_deadline_are_503s(tight: str) -> No
 
 def _images_abandoned(app: str) -> float:
     import ray
+    from prometheus_client.parser import text_string_to_metric_families
 
     node = ray._private.worker.global_worker.node
     text = httpx.get(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("ray_photoenhance_images_total")
-               and f'application="{app}"' in line and 'outcome="abandoned"' in line)
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "ray_photoenhance_images_total"
+               and s.labels.get("application") == app and s.labels.get("outcome") == "abandoned")
 
 
 def _replica_actor(app: str, deployment: str) -> Any:
